@@ -1,0 +1,557 @@
+"""Run one benchmark scenario in this interpreter and write the result as JSON.
+
+``compare.py`` starts this script with the Python of the implementation under test, once per
+scenario (or once per repetition), so two packages named ``torchrunx`` never meet in one
+interpreter.
+
+- ``--mode launcher`` imports ``torchrunx`` (whichever package this interpreter finds) and times
+  ``Launcher.run``.
+- ``--mode torchrun`` times ``python -m torch.distributed.run`` of ``torchrun_worker.py``.
+
+The file given by ``--out`` receives ``{"values": [...], "extra": {...}}`` or ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import itertools
+import json
+import os
+import select
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import torch
+import workloads
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+HERE = Path(__file__).resolve().parent
+WORKERS = 2
+NUMEL = 64 * 2**20  # float32 elements returned by each worker: 256 MiB
+GIB_PER_RUN = WORKERS * NUMEL * 4 / 2**30
+SLEEP_S = 2.0  # how long the workers run while the agent's memory is sampled
+TORCHRUN_TIMEOUT_S = 300.0
+MIB = 2**20
+
+Result = dict[str, Any]
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+
+def load_torchrunx() -> Any:
+    """Import the ``torchrunx`` package that this interpreter finds (ours or the reference)."""
+    return importlib.import_module("torchrunx")
+
+
+def new_launcher(trx: Any) -> Any:
+    """The launcher configuration shared by all scenarios."""
+    return trx.Launcher(hostnames=["localhost"], workers_per_host=WORKERS, backend="gloo")
+
+
+def close_launcher(launcher: Any) -> None:
+    """Release a launcher's resources, where the implementation has a ``close()``."""
+    if hasattr(launcher, "close"):
+        launcher.close()
+
+
+@contextlib.contextmanager
+def open_launcher(trx: Any) -> Iterator[Any]:
+    """A launcher that is closed on exit."""
+    launcher = new_launcher(trx)
+    try:
+        yield launcher
+    finally:
+        close_launcher(launcher)
+
+
+def timed_run(launcher: Any, fn: Callable[..., Any], *args: Any) -> tuple[float, float, Any]:
+    """Run ``fn`` on the workers; return (seconds, wall-clock time of return, result)."""
+    start = time.perf_counter()
+    result = launcher.run(fn, *args)
+    elapsed = time.perf_counter() - start
+    return elapsed, time.time(), result
+
+
+def exception_name(exc: BaseException) -> str:
+    """Short name of an exception type."""
+    return type(exc).__name__
+
+
+def exception_detail(exc: BaseException) -> str:
+    """Qualified type and message of an exception, shortened."""
+    kind = type(exc)
+    return f"{kind.__module__}.{kind.__qualname__}: {exc}"[:300]
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+def cmdline(proc: psutil.Process) -> list[str]:
+    """Command line of a process, empty where it is gone or unreadable."""
+    try:
+        return list(proc.cmdline())
+    except psutil.Error:
+        return []
+
+
+def is_agent_command(cmd: list[str]) -> bool:
+    """Whether a command line runs ``python ... -m torchrunx``."""
+    return any(a == "-m" and b == "torchrunx" for a, b in itertools.pairwise(cmd))
+
+
+def find_agents(root: psutil.Process) -> list[psutil.Process]:
+    """Agent processes below ``root``: the outermost ones that run ``-m torchrunx``."""
+    try:
+        below = root.children(recursive=True)
+    except psutil.Error:
+        return []
+    agents = [p for p in below if is_agent_command(cmdline(p))]
+    pids = {p.pid for p in agents}
+    outermost = []
+    for proc in agents:
+        with contextlib.suppress(psutil.Error):
+            if proc.ppid() not in pids:
+                outermost.append(proc)
+    return outermost
+
+
+def rss_mib(procs: list[psutil.Process]) -> float:
+    """Summed resident set size in MiB of the processes still alive."""
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total / MIB
+
+
+def describe(proc: psutil.Process) -> dict[str, Any]:
+    """Pid, parent, RSS and command line of a process, for the report."""
+    info: dict[str, Any] = {"pid": proc.pid, "cmdline": " ".join(cmdline(proc))[:300]}
+    with contextlib.suppress(psutil.Error):
+        info["ppid"] = proc.ppid()
+        info["name"] = proc.name()
+        info["rss_mib"] = round(proc.memory_info().rss / MIB, 1)
+    return info
+
+
+def descendants(root: psutil.Process) -> list[psutil.Process]:
+    """Living descendants of ``root``."""
+    try:
+        below = root.children(recursive=True)
+    except psutil.Error:
+        return []
+    alive = []
+    for proc in below:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants."""
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for proc in [*root.children(recursive=True), root]:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+class RssSampler:
+    """Samples the summed RSS of the processes returned by ``find`` in a background thread."""
+
+    def __init__(
+        self, find: Callable[[], list[psutil.Process]], root: psutil.Process, interval: float = 0.05
+    ) -> None:
+        self.find = find
+        self.root = root
+        self.interval = interval
+        self.samples: list[float] = []
+        self.seen: list[dict[str, Any]] = []
+        self.tree: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            procs = self.find()
+            if procs:
+                self.samples.append(rss_mib(procs))
+                if not self.seen:
+                    self.seen = [describe(p) for p in procs]
+                    for proc in procs:
+                        with contextlib.suppress(psutil.Error):
+                            parent = proc.parent()
+                            if parent is not None:
+                                self.seen.append({"parent_of": proc.pid, **describe(parent)})
+                tree = descendants(self.root)
+                if len(tree) > len(self.tree):
+                    self.tree = [describe(p) for p in tree]
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+# --- torchrun -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_torchrun(mode: str, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """Start ``torchrun`` with two local workers running ``torchrun_worker.py MODE``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(WORKERS),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(HERE / "torchrun_worker.py"),
+        mode,
+        str(workdir),
+        *extra,
+    ]
+    with (workdir / "torchrun.log").open("ab") as log:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wait for ``proc`` to exit, waking up the moment it does; kill its tree on timeout."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    try:
+        if pidfd is not None:
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+            if ready:
+                return proc.wait()
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return proc.wait(timeout)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    kill_tree(proc.pid)
+    proc.wait()
+    msg = f"torchrun did not exit within {timeout:g} s"
+    raise TimeoutError(msg)
+
+
+def log_tail(workdir: Path) -> str:
+    """Last line of the torchrun log, for error messages."""
+    log = workdir / "torchrun.log"
+    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+    return lines[-1] if lines else ""
+
+
+def torchrun_noop(workdir: Path) -> float:
+    """Wall time of one complete ``torchrun`` of the noop workload."""
+    start = time.perf_counter()
+    code = wait_exit(start_torchrun("noop", workdir), TORCHRUN_TIMEOUT_S)
+    elapsed = time.perf_counter() - start
+    if code != 0:
+        msg = f"torchrun exited with {code}: {log_tail(workdir)}"
+        raise RuntimeError(msg)
+    return elapsed
+
+
+# --- scenarios ----------------------------------------------------------------------------------
+
+
+def first_run(opts: argparse.Namespace) -> Result:
+    """Time the first ``Launcher(...).run(noop)`` of a fresh process."""
+    if opts.mode == "torchrun":
+        return {"values": [torchrun_noop(opts.workdir)]}
+    trx = load_torchrunx()
+    imported = time.time()
+    start = time.perf_counter()
+    launcher = new_launcher(trx)
+    launcher.run(workloads.noop)
+    elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    close_launcher(launcher)
+    closed = time.perf_counter() - start
+    return {"values": [elapsed], "extra": {"startup_s": imported - opts.t0, "close_s": closed}}
+
+
+def later_run(opts: argparse.Namespace) -> Result:
+    """Time noop runs of one launcher after a warm-up run."""
+    if opts.mode == "torchrun":
+        return {"values": [torchrun_noop(opts.workdir) for _ in range(opts.reps)]}
+    with open_launcher(load_torchrunx()) as launcher:
+        warmup, _, _ = timed_run(launcher, workloads.noop)
+        values = [timed_run(launcher, workloads.noop)[0] for _ in range(opts.reps)]
+    return {"values": values, "extra": {"warmup_s": warmup}}
+
+
+def failure_latency(opts: argparse.Namespace, fn: Callable[[str], None], mode: str) -> Result:
+    """Time from an injected failure on rank 1 to the launcher (or torchrun) reporting it."""
+    stamp = opts.workdir / workloads.EVENT_STAMP
+    values: list[float] = []
+    raised: list[str] = []
+    details: list[str] = []
+    trx = None if opts.mode == "torchrun" else load_torchrunx()
+    for _ in range(opts.reps):
+        stamp.unlink(missing_ok=True)
+        if trx is None:
+            code = wait_exit(start_torchrun(mode, opts.workdir), TORCHRUN_TIMEOUT_S)
+            reported = time.time()
+            raised.append(f"exit code {code}")
+            details.append(log_tail(opts.workdir)[:300])
+        else:
+            with open_launcher(trx) as launcher:
+                try:
+                    launcher.run(fn, str(opts.workdir))
+                except Exception as exc:
+                    reported = time.time()
+                    raised.append(exception_name(exc))
+                    details.append(exception_detail(exc))
+                else:
+                    reported = time.time()
+                    raised.append("none (returned)")
+                    details.append("")
+        if not stamp.exists():
+            msg = f"the failure was never injected (raised {raised[-1]}: {details[-1]})"
+            raise RuntimeError(msg)
+        values.append(reported - workloads.read_stamp(stamp))
+    return {"values": values, "extra": {"raised": raised, "details": details}}
+
+
+def sigkill_latency(opts: argparse.Namespace) -> Result:
+    """Rank 1 is SIGKILLed; time until ``run()`` raises (or torchrun exits)."""
+    return failure_latency(opts, workloads.sigkill_rank1, "sigkill")
+
+
+def exception_in_barrier(opts: argparse.Namespace) -> Result:
+    """Rank 1 raises while rank 0 waits in a barrier; time until ``run()`` raises."""
+    return failure_latency(opts, workloads.raise_in_barrier, "raise_in_barrier")
+
+
+def check_tensors(result: Any) -> None:
+    """Raise unless worker ``r`` returned a float32 tensor of ``NUMEL`` elements equal to r+1."""
+    for r in range(WORKERS):
+        tensor = result.rank(r)
+        ok = (
+            isinstance(tensor, torch.Tensor)
+            and tuple(tensor.shape) == (NUMEL,)
+            and tensor.dtype == torch.float32
+            and bool(torch.all(tensor == r + 1))
+        )
+        if not ok:
+            msg = f"rank {r} returned a wrong value: {type(tensor).__name__}"
+            raise RuntimeError(msg)
+
+
+def results_throughput(opts: argparse.Namespace) -> Result:
+    """GiB/s of returning a 256 MiB tensor from each worker to the launcher."""
+    if opts.mode == "torchrun":
+        msg = "torchrun does not return results"
+        raise RuntimeError(msg)
+    values: list[float] = []
+    transfer: list[float] = []
+    wall: list[float] = []
+    with open_launcher(load_torchrunx()) as launcher:
+        timed_run(launcher, workloads.noop)
+        noop_s = statistics.median(timed_run(launcher, workloads.noop)[0] for _ in range(3))
+        for _ in range(opts.reps):
+            for old in opts.workdir.glob("built.*"):
+                old.unlink()
+            elapsed, returned, result = timed_run(
+                launcher, workloads.build_tensor, str(opts.workdir), NUMEL
+            )
+            check_tensors(result)
+            del result
+            gc.collect()
+            built = max(workloads.read_stamp(opts.workdir / f"built.{r}") for r in range(WORKERS))
+            transfer.append(returned - built)
+            wall.append(elapsed)
+            values.append(GIB_PER_RUN / (returned - built))
+    extra = {
+        "gib_per_run": GIB_PER_RUN,
+        "transfer_s": transfer,
+        "wall_s": wall,
+        "noop_s": noop_s,
+        "gib_per_s_wall_minus_noop": [GIB_PER_RUN / max(w - noop_s, 1e-9) for w in wall],
+    }
+    return {"values": values, "extra": extra}
+
+
+def sample_torchrun_agent(opts: argparse.Namespace, me: psutil.Process) -> RssSampler:
+    """Sample torchrun's own process (its elastic agent) while the workers sleep."""
+    proc = start_torchrun("sleep", opts.workdir, str(SLEEP_S))
+    agent = psutil.Process(proc.pid)
+    with RssSampler(lambda: [agent], me) as sampler:
+        code = wait_exit(proc, TORCHRUN_TIMEOUT_S)
+    if code != 0:
+        msg = f"torchrun exited with {code}: {log_tail(opts.workdir)}"
+        raise RuntimeError(msg)
+    return sampler
+
+
+def sample_launcher_agents(opts: argparse.Namespace, me: psutil.Process) -> list[RssSampler]:
+    """Sample the agents of one launcher while the workers sleep, after a warm-up run."""
+    samplers = []
+    with open_launcher(load_torchrunx()) as launcher:
+        timed_run(launcher, workloads.noop)
+        for _ in range(opts.reps):
+            with RssSampler(lambda: find_agents(me), me) as sampler:
+                launcher.run(workloads.sleep, SLEEP_S)
+            samplers.append(sampler)
+    return samplers
+
+
+def agent_rss(opts: argparse.Namespace) -> Result:
+    """Peak and steady RSS of the agent process while the workers sleep."""
+    me = psutil.Process()
+    if opts.mode == "torchrun":
+        samplers = [sample_torchrun_agent(opts, me) for _ in range(opts.reps)]
+    else:
+        samplers = sample_launcher_agents(opts, me)
+    if not all(s.samples for s in samplers):
+        msg = "no agent process found (no descendant runs 'python -m torchrunx')"
+        raise RuntimeError(msg)
+    extra = {
+        "steady_mib": [statistics.median(s.samples) for s in samplers],
+        "agent": samplers[0].seen,
+        "process_tree": samplers[0].tree,
+    }
+    return {"values": [max(s.samples) for s in samplers], "extra": extra}
+
+
+def snapshot(me: psutil.Process, run: int) -> dict[str, Any]:
+    """Resources of the launcher process and its descendants after ``run`` runs."""
+    below = descendants(me)
+    return {
+        "run": run,
+        "launcher_fds": me.num_fds(),
+        "launcher_threads": me.num_threads(),
+        "launcher_rss_mib": round(me.memory_info().rss / MIB, 1),
+        "agent_rss_mib": round(rss_mib(find_agents(me)), 1),
+        "descendants": [describe(p) for p in below],
+    }
+
+
+def leak_1000(opts: argparse.Namespace) -> Result:
+    """Many noop runs on one launcher: leaked processes, fds and memory growth."""
+    if opts.mode == "torchrun":
+        msg = "not a launcher"
+        raise RuntimeError(msg)
+    me = psutil.Process()
+    count = opts.reps
+    first = min(10, count)
+    snapshots: dict[int, dict[str, Any]] = {}
+    times: list[float] = []
+    launcher = new_launcher(load_torchrunx())
+    for i in range(1, count + 1):
+        times.append(timed_run(launcher, workloads.noop)[0])
+        if i in (first, count):
+            snapshots[i] = snapshot(me, i)
+        if i % 100 == 0:
+            print(f"leak: {i}/{count} runs", file=sys.stderr, flush=True)
+    close_launcher(launcher)
+    deadline = time.monotonic() + 10
+    while descendants(me) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    before = {d["pid"] for d in snapshots[first]["descendants"]}
+    new = [d for d in snapshots[count]["descendants"] if d["pid"] not in before]
+    extra = {
+        "runs": count,
+        "first": snapshots[first],
+        "last": snapshots[count],
+        "new_descendants": new,
+        "left_after_close": [describe(p) for p in descendants(me)],
+        "run_s": {
+            "median": statistics.median(times),
+            "min": min(times),
+            "max": max(times),
+        },
+    }
+    return {"values": [float(len(new))], "extra": extra}
+
+
+def probe(opts: argparse.Namespace) -> Result:
+    """Versions and locations of the interpreter and packages."""
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    if opts.mode == "launcher":
+        trx = load_torchrunx()
+        info["torchrunx"] = getattr(trx, "__version__", "unknown")
+        info["torchrunx_location"] = str(Path(trx.__file__).parent)
+    return {"values": [], "extra": info}
+
+
+SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
+    "probe": probe,
+    "first_run": first_run,
+    "later_run": later_run,
+    "sigkill_latency": sigkill_latency,
+    "exception_in_barrier": exception_in_barrier,
+    "results_throughput": results_throughput,
+    "agent_rss": agent_rss,
+    "leak_1000": leak_1000,
+}
+
+
+def main() -> None:
+    """Parse the arguments, run the scenario and write its result file."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--mode", choices=["launcher", "torchrun"], required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--t0", type=float, default=time.time(), help="driver's start time")
+    opts = parser.parse_args()
+    opts.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = SCENARIOS[opts.scenario](opts)
+    except Exception as exc:
+        traceback.print_exc()
+        result = {"error": f"{exception_name(exc)}: {exc}"[:500]}
+    tmp = opts.out.with_name(f"{opts.out.name}.tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(opts.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Functions that the benchmark scenarios run on the workers.
+
+They live in an importable module (the harness puts this folder on ``PYTHONPATH`` of every
+process it starts), so the workers can load them whether a launcher ships functions by value or
+by reference. The same functions back the ``torchrun`` scenarios through ``torchrun_worker.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+#: How long a healthy rank waits for a failing peer before giving up on its own.
+HOLD_S = 300.0
+
+#: Name of the stamp file that marks the moment of an injected failure.
+EVENT_STAMP = "event"
+
+
+def rank() -> int:
+    """Global rank of this worker."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def write_stamp(path: Path) -> float:
+    """Write the current wall-clock time to ``path`` (atomically) and return it."""
+    now = time.time()
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(repr(now))
+    tmp.replace(path)
+    return now
+
+
+def read_stamp(path: Path) -> float:
+    """Read a time written by :func:`write_stamp`."""
+    return float(path.read_text())
+
+
+def noop() -> None:
+    """Do nothing."""
+
+
+def sleep(seconds: float) -> None:
+    """Sleep on every rank."""
+    time.sleep(seconds)
+
+
+def sigkill_rank1(stamp_dir: str) -> None:
+    """Rank 1 stamps the time and SIGKILLs itself; the other ranks wait."""
+    if rank() == 1:
+        write_stamp(Path(stamp_dir) / EVENT_STAMP)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(HOLD_S)
+
+
+def raise_in_barrier(stamp_dir: str) -> None:
+    """Rank 1 stamps the time and raises; the other ranks enter a barrier."""
+    if rank() == 1:
+        write_stamp(Path(stamp_dir) / EVENT_STAMP)
+        msg = "rank 1 fails on purpose"
+        raise ValueError(msg)
+    dist.barrier()
+
+
+def build_tensor(stamp_dir: str, numel: int) -> torch.Tensor:
+    """Return a float32 tensor filled with ``rank + 1``; stamp the time it was ready."""
+    r = rank()
+    tensor = torch.full((numel,), float(r + 1), dtype=torch.float32)
+    write_stamp(Path(stamp_dir) / f"built.{r}")
+    return tensor

@@ -1,0 +1,18 @@
+"""Run a function on many processes across many machines as one PyTorch distributed job."""
+
+from .environment import DEFAULT_ENV_VARS_FOR_COPY
+from .errors import AgentFailedError, WorkerFailedError
+from .launcher import Launcher, launch
+from .result import LaunchResult
+
+__version__ = "0.5.0"
+
+__all__ = [
+    "DEFAULT_ENV_VARS_FOR_COPY",
+    "AgentFailedError",
+    "LaunchResult",
+    "Launcher",
+    "WorkerFailedError",
+    "__version__",
+    "launch",
+]

@@ -1,0 +1,367 @@
+"""The launcher's side of the control plane: agents, runs, and the thread that serves them.
+
+::
+
+    user thread                         controller thread (owns every socket)
+    run() ── call(start) ──wake pipe──► ROUTER ◄──► agents' DEALERs
+      ▲                                   │  results, errors, deaths, output, heartbeats
+      └──────── RunState.done ◄───────────┘  (agent processes watched by pidfd)
+
+All state below is touched only by the controller thread; user threads hand it closures through
+:meth:`Controller.call` and wait on events. Payloads and results stay opaque bytes here: the
+user's thread unpickles them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AgentHandle", "Controller", "RunState"]
+
+import contextlib
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from .transport.messages import decode, encode
+
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable
+
+logger = logging.getLogger("torchrunx")
+
+HEARTBEAT_INTERVAL_S = 1.0
+"""How often the launcher tells its agents it is alive."""
+_STDERR_TAIL = 30
+
+
+@dataclass
+class AgentHandle:
+    """One agent as the launcher sees it."""
+
+    hostname: str
+    process: subprocess.Popen[bytes]
+    identity: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    facts: dict[str, Any] | None = None
+    failure: str | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=_STDERR_TAIL))
+    pidfd: int = -1
+    partial_err: bytes = b""
+
+    @property
+    def ready(self) -> bool:
+        """Connected and authenticated, and not failed."""
+        return self.facts is not None and self.failure is None
+
+    def describe_failure(self) -> str:
+        """The failure with the last lines the agent wrote to stderr, if any."""
+        tail = [line for line in self.stderr_tail if line.strip()]
+        text = f"{self.failure}"
+        if tail:
+            text += "\nlast lines of its stderr:\n  " + "\n  ".join(tail)
+        return text
+
+
+@dataclass
+class RunState:
+    """One run: what was asked, what came back. Written by the controller thread only."""
+
+    id: str
+    agents: list[AgentHandle]
+    workers_per_host: list[int]
+    emit: Callable[[logging.LogRecord], None]
+    results: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = field(default_factory=dict)
+    failures: list[tuple[str, dict[str, Any], list[zmq.Frame]]] = field(default_factory=list)
+    uncleared: set[int] = field(default_factory=set)  # indexes into agents
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def agent_index(self, agent: AgentHandle) -> int | None:
+        """Position of ``agent`` in this run, or None."""
+        for i, a in enumerate(self.agents):
+            if a is agent:
+                return i
+        return None
+
+
+class Controller(threading.Thread):
+    """Owns the ROUTER socket; serves agents and runs until :meth:`stop`."""
+
+    def __init__(self, secret: str, agent_timeout: float, bind_host: str = "127.0.0.1") -> None:
+        super().__init__(name="torchrunx-controller", daemon=True)
+        self.secret = secret
+        self.agent_timeout = agent_timeout
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.LINGER, 0)
+        port = self.router.bind_to_random_port(f"tcp://{bind_host}")
+        self.address = f"tcp://{bind_host}:{port}"
+        self.agents: dict[bytes, AgentHandle] = {}
+        self.runs: dict[str, RunState] = {}
+        self.changed = threading.Condition()
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._poller = zmq.Poller()
+        self._poller.register(self.router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._fds: dict[int, tuple[str, AgentHandle]] = {}
+        self._next_heartbeat = 0.0
+
+    # ---- called from user threads
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the controller thread, soon."""
+        self._calls.put(fn)
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def stop(self) -> None:
+        """End the thread (after the current iteration) and close the sockets."""
+        self._stopping = True
+        self.call(lambda: None)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds (re-checked on every change) or ``timeout`` passes."""
+        with self.changed:
+            return self.changed.wait_for(predicate, timeout)
+
+    # ---- agents (controller thread)
+
+    def add_agent(self, agent: AgentHandle) -> None:
+        """Watch a newly started agent: its exit (pidfd) and its stderr."""
+        self.agents[agent.identity] = agent
+        agent.pidfd = os.pidfd_open(agent.process.pid)
+        self._watch(agent.pidfd, "exit", agent)
+        if agent.process.stderr is not None:
+            fd = agent.process.stderr.fileno()
+            os.set_blocking(fd, False)
+            self._watch(fd, "stderr", agent)
+
+    def _watch(self, fd: int, what: str, agent: AgentHandle) -> None:
+        self._fds[fd] = (what, agent)
+        self._poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._fds.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+
+    def fail_agent(self, agent: AgentHandle, reason: str) -> None:
+        """Mark ``agent`` failed and fail every run it takes part in."""
+        if agent.failure is not None:
+            return
+        self._drain_stderr(agent)
+        agent.failure = reason
+        for run in list(self.runs.values()):
+            i = run.agent_index(agent)
+            if i is not None:
+                self._fail(run, "agent", {"hostname": agent.hostname}, [])
+                self._cleared(run, i)
+        self._notify()
+
+    def send(self, agent: AgentHandle, kind: str, header: dict[str, Any] | None = None,
+             *frames: Any) -> None:
+        """Send to one agent; an agent that cannot be reached is failed."""
+        if agent.failure is not None:
+            return
+        try:
+            self.router.send_multipart([agent.identity, *encode(kind, header, *frames)],
+                                       copy=False)
+        except zmq.ZMQError as e:
+            self.fail_agent(agent, f"the agent on {agent.hostname} cannot be reached ({e})")
+
+    # ---- runs (controller thread)
+
+    def start_run(self, run: RunState, messages: list[tuple[dict[str, Any], list[Any]]]) -> None:
+        """Register ``run`` and send each agent its part."""
+        self.runs[run.id] = run
+        run.uncleared = set(range(len(run.agents)))
+        for i, (agent, (header, frames)) in enumerate(zip(run.agents, messages)):
+            if agent.failure is not None:
+                self._fail(run, "agent", {"hostname": agent.hostname}, [])
+                self._cleared(run, i)
+            else:
+                self.send(agent, "run", header, *frames)
+
+    def cancel_run(self, run_id: str, reason: str = "cancelled") -> None:
+        """Tear a run down everywhere (its failure, if any, stays the first one)."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            self._fail(run, "cancelled", {"reason": reason}, [])
+
+    def _fail(self, run: RunState, kind: str, header: dict[str, Any], frames: list[Any]) -> None:
+        first = not run.failures
+        run.failures.append((kind, header, frames))
+        if first:
+            for agent in run.agents:
+                self.send(agent, "cancel", {"run": run.id})
+
+    def _cleared(self, run: RunState, index: int) -> None:
+        run.uncleared.discard(index)
+        if not run.uncleared:
+            del self.runs[run.id]
+            run.done.set()
+            self._notify()
+
+    # ---- the loop
+
+    def run(self) -> None:
+        """Serve until stopped."""
+        try:
+            while not self._stopping:
+                self._tick()
+                for sock, _ in self._poller.poll(200):
+                    if sock is self.router:
+                        self._on_router()
+                    elif sock == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                    else:
+                        self._on_fd(sock)
+                while not self._calls.empty():
+                    self._calls.get()()
+        finally:
+            for fd in list(self._fds):
+                self._unwatch(fd)
+            for agent in self.agents.values():
+                if agent.pidfd >= 0:
+                    os.close(agent.pidfd)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.ctx.destroy(linger=0)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+            for agent in list(self.agents.values()):
+                if agent.ready:
+                    self.send(agent, "heartbeat")
+        for agent in list(self.agents.values()):
+            if agent.failure is None and now - agent.last_seen > self.agent_timeout:
+                what = "sent nothing" if agent.ready else "did not connect"
+                self.fail_agent(
+                    agent, f"the agent on {agent.hostname} {what} for {self.agent_timeout} s "
+                    "(agent_timeout): its host is unreachable or the agent hangs",
+                )
+
+    def _on_fd(self, fd: int) -> None:
+        what, agent = self._fds[fd]
+        if what == "stderr":
+            self._drain_stderr(agent)
+            return
+        self._unwatch(fd)
+        code = agent.process.wait()
+        self._drain_stderr(agent)
+        if code < 0:
+            import signal  # noqa: PLC0415
+
+            how = f"was killed by {signal.Signals(-code).name}"
+        else:
+            how = f"exited with code {code}"
+        self.fail_agent(agent, f"the agent on {agent.hostname} (pid {agent.process.pid}) {how}")
+
+    def _drain_stderr(self, agent: AgentHandle) -> None:
+        stream = agent.process.stderr
+        if stream is None or stream.fileno() not in self._fds:
+            return
+        fd = stream.fileno()
+        data = agent.partial_err
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self._unwatch(fd)
+                break
+            data += chunk
+        lines = data.split(b"\n")
+        agent.partial_err = lines.pop()
+        if fd not in self._fds and agent.partial_err:
+            lines.append(agent.partial_err)
+        agent.stderr_tail.extend(line.decode(errors="replace") for line in lines)
+
+    def _on_router(self) -> None:
+        while True:
+            try:
+                identity, *frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            agent = self.agents.get(identity.bytes)
+            if agent is None or agent.failure is not None:
+                continue  # not one of ours (or already given up): never read further
+            try:
+                kind, header, rest = decode(frames)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                continue
+            if agent.facts is None:
+                self._on_hello(agent, kind, header)
+                continue
+            agent.last_seen = time.monotonic()
+            self._on_message(agent, kind, header, rest)
+
+    def _on_hello(self, agent: AgentHandle, kind: str, header: dict[str, Any]) -> None:
+        import hmac  # noqa: PLC0415
+
+        if kind != "hello" or not hmac.compare_digest(str(header.get("secret")), self.secret):
+            return
+        header.pop("secret")
+        agent.facts = header
+        agent.last_seen = time.monotonic()
+        self._notify()
+
+    def _on_message(
+        self, agent: AgentHandle, kind: str, header: dict[str, Any], frames: list[Any]
+    ) -> None:
+        if kind == "heartbeat":
+            return
+        run = self.runs.get(header.get("run", ""))
+        if kind == "output":
+            self._emit(agent, run, header, frames)
+            return
+        if run is None:
+            return
+        if kind == "port":
+            for a in run.agents:
+                self.send(a, "rendezvous", {"run": run.id, "master_port": header["port"]})
+        elif kind == "result":
+            run.results[header["rank"]] = (header, frames)
+        elif kind in ("error", "died"):
+            header["hostname"] = agent.hostname
+            self._fail(run, kind, header, frames)
+        elif kind == "cleared":
+            i = run.agent_index(agent)
+            if i is not None:
+                self._cleared(run, i)
+
+    def _emit(
+        self, agent: AgentHandle, run: RunState | None, header: dict[str, Any], frames: list[Any]
+    ) -> None:
+        local_rank = header.get("local_rank")
+        name = f"torchrunx.{agent.hostname}" + ("" if local_rank is None else f".{local_rank}")
+        stream = header.get("stream", "stderr")
+        level = logging.getLevelName(header["level"]) if "level" in header else (
+            logging.INFO if stream == "stdout" else logging.WARNING)
+        text = bytes(frames[0]).decode(errors="replace") if frames else ""
+        emit = run.emit if run is not None else logging.getLogger(name).handle
+        for line in text.splitlines():
+            record = logging.LogRecord(name, level, "", 0, line, None, None)
+            record.hostname = agent.hostname
+            record.local_rank = local_rank
+            record.stream = stream
+            emit(record)
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()

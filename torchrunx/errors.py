@@ -1,0 +1,59 @@
+"""The errors a run raises when a worker or an agent fails, and remote tracebacks.
+
+An exception raised by the user's function is re-raised in the launcher as its own type, with the
+worker's formatted traceback chained as ``__cause__`` (a :class:`RemoteTraceback`) and the host and
+rank in ``__notes__``: the pattern of :mod:`concurrent.futures.process`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["AgentFailedError", "RemoteTraceback", "TorchrunxError", "WorkerFailedError"]
+
+
+class TorchrunxError(Exception):
+    """Base class of the errors torchrunx raises for failures of its own processes."""
+
+
+class AgentFailedError(TorchrunxError):
+    """An agent died, its host went silent for longer than ``agent_timeout``, or it could not start."""
+
+    def __init__(self, message: str, *, hostname: str | None = None) -> None:
+        super().__init__(message)
+        self.hostname = hostname
+
+
+class WorkerFailedError(TorchrunxError):
+    """A worker ended without a result: killed by a signal, a segfault, ``os._exit``, ``sys.exit``.
+
+    Also raised when a return value or an exception cannot cross back to the launcher (pickling).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hostname: str | None = None,
+        rank: int | None = None,
+        local_rank: int | None = None,
+        exitcode: int | None = None,
+        signal_name: str | None = None,
+        last_lines: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.hostname = hostname
+        self.rank = rank
+        self.local_rank = local_rank
+        self.exitcode = exitcode
+        self.signal_name = signal_name
+        self.last_lines = last_lines
+
+
+class RemoteTraceback(Exception):  # noqa: N818 -- named as in concurrent.futures.process
+    """The formatted traceback of an exception raised in a worker; chained as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb.rstrip()}\n"""'

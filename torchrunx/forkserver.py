@@ -1,0 +1,110 @@
+"""The forkserver: imports torch once, then forks a fresh worker process for every rank of a run.
+
+::
+
+    agent ──socketpair──► forkserver (torch imported, CUDA never initialised)
+      ▲   run: spec, payload, stdout/stderr pipes      │ fork()
+      │                                                ▼
+      └──── forked {pid}, exited {pid, status} ◄──── worker (setsid, one run only)
+
+It is the workers' parent and a child subreaper, so it reaps every process a worker leaves behind,
+and it reports each exit to the agent the moment ``SIGCHLD`` arrives. It dies with the agent
+(``PR_SET_PDEATHSIG``), and its workers die with it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+from .reaper import set_parent_death_signal, set_child_subreaper
+from .transport.unix import recv_message, send_message
+
+_MAX_FD = 1 << 20
+
+
+def _preload() -> None:
+    """Import what every worker needs, so that a fork starts with it in memory."""
+    import cloudpickle  # noqa: F401, PLC0415
+    import torch  # noqa: F401, PLC0415
+    import torch.distributed  # noqa: F401, PLC0415
+    import zmq  # noqa: F401, PLC0415
+
+    from . import worker  # noqa: F401, PLC0415
+
+
+def _fork_worker(
+    spec: dict[str, Any], worker: dict[str, Any], payload: memoryview, fds: tuple[int, int]
+) -> int:
+    pid = os.fork()
+    if pid == 0:  # the worker: forget the forkserver's signal set-up and descriptors
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        out, err = fds
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.closerange(3, _MAX_FD)
+
+        from .worker import run_worker  # noqa: PLC0415
+
+        run_worker(spec, worker, payload)  # never returns
+    return pid
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        send_message(sock, {"kind": "exited", "pid": pid, "status": status})
+
+
+def serve(sock: socket.socket) -> None:
+    """Fork workers on request until the agent closes the socket."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler makes the wakeup fd fire
+    send_message(sock, {"kind": "ready", "pid": os.getpid()})
+    while True:
+        readable, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in readable:
+            while os.read(wake_r, 512) == 512:
+                pass
+            _reap(sock)
+        if sock in readable:
+            try:
+                header, payload, fds = recv_message(sock)
+            except EOFError:
+                return
+            view = memoryview(payload)
+            for i, worker in enumerate(header["workers"]):
+                out, err = fds[2 * i], fds[2 * i + 1]
+                pid = _fork_worker(header, worker, view, (out, err))
+                os.close(out)
+                os.close(err)
+                send_message(
+                    sock,
+                    {"kind": "forked", "run": header["run"], "local_rank": worker["local_rank"],
+                     "pid": pid},
+                )
+            _reap(sock)
+
+
+def main() -> None:
+    """Entry point: ``python -m torchrunx.forkserver FD``."""
+    set_parent_death_signal()
+    set_child_subreaper()
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    _preload()
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Hosts and their facts: hostnames, SLURM, local addresses, GPU and CPU counts.
+
+GPUs are counted from the driver's files, never through CUDA: a process that initialised CUDA
+cannot fork usable children, and agents and forkservers fork.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "count_gpus",
+    "in_slurm_job",
+    "is_local",
+    "local_facts",
+    "resolve_hostnames",
+    "slurm_hostnames",
+]
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+_LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
+
+
+def in_slurm_job() -> bool:
+    """Whether this process runs inside a SLURM allocation."""
+    return "SLURM_JOB_ID" in os.environ or "SLURM_JOBID" in os.environ
+
+
+def slurm_hostnames() -> list[str]:
+    """Hostnames of the current SLURM allocation (``scontrol show hostnames``)."""
+    if not in_slurm_job():
+        msg = 'hostnames="slurm" needs a SLURM allocation, but SLURM_JOB_ID is not set'
+        raise ValueError(msg)
+    if shutil.which("scontrol") is None:
+        msg = 'hostnames="slurm": SLURM_JOB_ID is set but scontrol is not on PATH'
+        raise ValueError(msg)
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames"], capture_output=True, text=True, check=True, timeout=30
+    )
+    return out.stdout.split()
+
+
+def resolve_hostnames(hostnames: list[str] | str) -> list[str]:
+    """``"auto"``: the SLURM allocation's nodes or ``["localhost"]``; ``"slurm"``; or a list."""
+    if hostnames == "auto":
+        return slurm_hostnames() if in_slurm_job() else ["localhost"]
+    if hostnames == "slurm":
+        return slurm_hostnames()
+    return list(hostnames)
+
+
+@cache
+def _own_addresses() -> frozenset[str]:
+    names = {socket.gethostname(), socket.getfqdn()}
+    addresses = set()
+    for name in names:
+        try:
+            addresses |= {info[4][0] for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            continue
+    import psutil  # noqa: PLC0415
+
+    for addrs in psutil.net_if_addrs().values():
+        addresses |= {a.address.split("%")[0] for a in addrs if a.family in (2, 10)}
+    return frozenset(names | addresses | _LOCAL_NAMES)
+
+
+def is_local(hostname: str) -> bool:
+    """Whether ``hostname`` names this machine (so no SSH is needed to reach it)."""
+    return hostname in _LOCAL_NAMES or hostname in _own_addresses()
+
+
+def count_gpus() -> int:
+    """NVIDIA GPUs visible to this process, without initialising CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus_dir = Path("/proc/driver/nvidia/gpus")
+    present = len(list(gpus_dir.iterdir())) if gpus_dir.is_dir() else 0
+    if present == 0:
+        present = sum(1 for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name))
+    if visible is None:
+        return present
+    count = 0
+    for entry in visible.split(","):
+        # CUDA stops at the first invalid entry ("-1" is the usual way to hide all GPUs)
+        if not entry.strip() or entry.strip().startswith("-"):
+            break
+        count += 1
+    return min(count, present)
+
+
+def _loopback_interface() -> str | None:
+    import psutil  # noqa: PLC0415
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return None
+
+
+def local_facts() -> dict[str, object]:
+    """What an agent tells the launcher about its host in its ``hello``."""
+    return {
+        "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "gpus": count_gpus(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "loopback": _loopback_interface(),
+        "python": sys.executable,
+    }

@@ -1,0 +1,457 @@
+"""Launcher: the user's entry point. Configures hosts and workers, keeps agents, runs functions.
+
+::
+
+    launcher.run(fn, *args, **kwargs)
+      │ start agents once (first run, start(), or `with`) ─► hello: host facts
+      │ resolve workers per host and backend from the facts
+      │ pickle (fn, args, kwargs) once ─► run ─► every agent ─► forkserver ─► fresh workers
+      ◄─ results / the first failure, raised as what it was ◄─ cleared (nothing of the run left)
+
+Agents stay up across runs and die with the launcher: ``close()``, the end of a ``with`` block,
+garbage collection, interpreter exit, or -- whatever kills this process -- EOF on their stdin.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Launcher", "launch"]
+
+import functools
+import inspect
+import itertools
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+
+from .controller import AgentHandle, Controller, RunState
+from .environment import DEFAULT_ENV_VARS_FOR_COPY, agent_base_env, copied_env
+from .errors import AgentFailedError
+from .failures import raise_failure, unpickle_result
+from .hosts import is_local, resolve_hostnames
+from .logs import HandlerFactory, default_handlers
+from .result import LaunchResult
+from .transport import serialization
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from typing_extensions import Self
+
+FunctionP = ParamSpec("FunctionP")
+FunctionR = TypeVar("FunctionR")
+
+logger = logging.getLogger("torchrunx")
+
+CANCEL_TIMEOUT_S = 15.0
+"""Longest wait, after a failure or Ctrl-C, for the agents to report a run's processes gone."""
+
+_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "auto")
+_WORKER_COUNTS = ("cpu", "gpu", "auto")
+
+
+@dataclass
+class Launcher:
+    """Where and how to run a function as one PyTorch distributed job.
+
+    A launcher starts its agents (one per host) at the first run and keeps them for the next;
+    ``close()`` (or a ``with`` block) stops them.
+    """
+
+    hostnames: list[str] | Literal["auto", "slurm"] = "auto"
+    """Hosts to run on. ``"auto"``: the SLURM allocation's nodes, else ``["localhost"]``."""
+    workers_per_host: int | list[int] | Literal["cpu", "gpu", "auto"] = "auto"
+    """Workers per host: a number, one per host, or counted on each host: ``"gpu"``, ``"cpu"``,
+    ``"auto"`` (the GPUs, or 1 without GPUs)."""
+    ssh_config_file: str | os.PathLike[str] | None = None
+    """SSH config for reaching hosts. By default ``~/.ssh/config``, then ``/etc/ssh/ssh_config``."""
+    backend: Literal["nccl", "gloo", "mpi", "ucc", "auto"] | None = "auto"
+    """Backend of the workers' process group: ``"auto"`` is NCCL with GPUs, else Gloo. ``None``:
+    no process group (``MASTER_ADDR``/``MASTER_PORT`` are still set)."""
+    worker_timeout: int = 600
+    """Timeout of the workers' process group, in seconds."""
+    agent_timeout: int = 180
+    """Seconds an agent may stay silent (or take to start) before it is declared failed."""
+    copy_env_vars: tuple[str, ...] = DEFAULT_ENV_VARS_FOR_COPY
+    """Launcher environment variables to copy to agents and workers (fnmatch patterns)."""
+    extra_env_vars: dict[str, str] | None = None
+    """More environment variables for agents and workers; override copied ones."""
+    env_file: str | os.PathLike[str] | None = None
+    """A file that each agent's shell sources before the agent starts; it has the last word."""
+    log_dir: str | os.PathLike[str] | None = None
+    """Folder for log files (one folder per run); ``""`` writes none. By default
+    ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``."""
+
+    handler_factory: HandlerFactory | Literal["auto"] | None = field(
+        default="auto", init=False, repr=False
+    )
+    _pool: _Pool | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Check every field now, not at the first run."""
+        _validate(self)
+
+    # ---- lifetime
+
+    def start(self) -> Self:
+        """Start the agents (if not already up); ``run`` does this itself."""
+        _validate(self)
+        hostnames = resolve_hostnames(self.hostnames)
+        _check_hostnames(hostnames, self.workers_per_host)
+        key = (tuple(hostnames), str(self.env_file), self.agent_timeout)
+        if self._pool is not None and self._pool.key != key:
+            self.close()
+        if self._pool is None:
+            self._pool = _Pool(key, hostnames, self)
+        self._pool.ensure_agents(self)
+        return self
+
+    def close(self) -> None:
+        """Stop the agents and every process they run. Idempotent."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_logging_handlers(self, handler_factory: HandlerFactory | Literal["auto"] | None) -> Self:
+        """Replace the default handlers of worker and agent output.
+
+        ``handler_factory()`` is called at each run and returns :class:`logging.Handler` objects;
+        records carry ``hostname`` and ``local_rank`` (``None`` for agents). ``None``: no output
+        is handled. ``"auto"``: the defaults.
+        """
+        if handler_factory is not None and handler_factory != "auto" and not callable(
+            handler_factory
+        ):
+            msg = f"handler_factory must be callable, 'auto' or None, not {handler_factory!r}"
+            raise TypeError(msg)
+        self.handler_factory = handler_factory
+        return self
+
+    # ---- runs
+
+    def run(
+        self,
+        func: Callable[FunctionP, FunctionR],
+        *args: FunctionP.args,
+        **kwargs: FunctionP.kwargs,
+    ) -> LaunchResult[FunctionR]:
+        """Run ``func(*args, **kwargs)`` on every worker and return what each returned.
+
+        Raises:
+            Exception: what a worker's ``func`` raised, as its own type (remote traceback as
+                ``__cause__``, host and rank in ``__notes__``).
+            WorkerFailedError: a worker died without a result, or its result cannot be pickled.
+            AgentFailedError: an agent died, went silent, or could not start.
+        """
+        if not callable(func):
+            msg = f"run() needs a callable, got {func!r} ({type(func).__name__})"
+            raise TypeError(msg)
+        args, kwargs = _legacy_kwargs(func, args, kwargs)
+        self.start()
+        assert self._pool is not None
+        return self._pool.run(self, func, args, kwargs)
+
+
+def launch(
+    func: Callable[..., FunctionR],
+    func_args: Sequence[Any] = (),
+    func_kwargs: dict[str, Any] | None = None,
+    *,
+    logs: str | os.PathLike[str] | None = None,
+    env_vars: tuple[str, ...] | None = None,
+    handler_factory: HandlerFactory | Literal["auto"] | None = "auto",
+    **launcher_fields: Any,
+) -> LaunchResult[FunctionR]:
+    """One call: make a :class:`Launcher` from ``launcher_fields``, run ``func`` once, close.
+
+    ``logs`` and ``env_vars`` are the older names of ``log_dir`` and ``copy_env_vars``.
+    """
+    if logs is not None:
+        launcher_fields.setdefault("log_dir", logs)
+    if env_vars is not None:
+        launcher_fields.setdefault("copy_env_vars", env_vars)
+    with Launcher(**launcher_fields).set_logging_handlers(handler_factory) as launcher:
+        return launcher.run(func, *func_args, **(func_kwargs or {}))
+
+
+# ---- validation
+
+
+def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check per field
+    h = launcher.hostnames
+    if isinstance(h, str):
+        if h not in ("auto", "slurm"):
+            msg = f'hostnames={h!r}: use "auto", "slurm" or a list of hostnames'
+            raise ValueError(msg)
+    elif not isinstance(h, (list, tuple)) or not all(isinstance(x, str) and x for x in h):
+        msg = f'hostnames={h!r}: use "auto", "slurm" or a list of non-empty hostname strings'
+        raise TypeError(msg)
+    elif len(h) == 0:
+        msg = "hostnames=[]: give at least one hostname"
+        raise ValueError(msg)
+    w = launcher.workers_per_host
+    if isinstance(w, str):
+        if w not in _WORKER_COUNTS:
+            msg = f"workers_per_host={w!r}: use a positive int, a list of them, or one of " \
+                f"{_WORKER_COUNTS}"
+            raise ValueError(msg)
+    elif isinstance(w, bool) or not isinstance(w, (int, list, tuple)):
+        msg = f"workers_per_host={w!r}: use a positive int, a list of them, or one of " \
+            f"{_WORKER_COUNTS}"
+        raise TypeError(msg)
+    else:
+        counts = [w] if isinstance(w, int) else list(w)
+        if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                 for c in counts):
+            msg = f"workers_per_host={w!r}: every count must be a positive int"
+            raise ValueError(msg)
+    if launcher.backend is not None and launcher.backend not in _BACKENDS:
+        msg = f"backend={launcher.backend!r}: use one of {_BACKENDS} or None"
+        raise ValueError(msg)
+    for name in ("worker_timeout", "agent_timeout"):
+        value = getattr(launcher, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            msg = f"{name}={value!r}: use a positive number of seconds"
+            raise ValueError(msg)
+    c = launcher.copy_env_vars
+    if isinstance(c, str) or not all(isinstance(p, str) for p in c):
+        msg = f"copy_env_vars={c!r}: use a tuple of fnmatch patterns, e.g. ('PATH', 'CUDA*')"
+        raise TypeError(msg)
+    e = launcher.extra_env_vars
+    if e is not None and not (
+        isinstance(e, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in e.items())
+    ):
+        msg = f"extra_env_vars={e!r}: use a dict of str to str"
+        raise TypeError(msg)
+    f = launcher.env_file
+    if f is not None and not os.path.isfile(f):  # noqa: PTH113
+        msg = f"env_file={f!r}: no such file"
+        raise ValueError(msg)
+
+
+def _check_hostnames(hostnames: list[str], workers_per_host: object) -> None:
+    if len(set(hostnames)) != len(hostnames):
+        msg = f"hostnames={hostnames!r}: each host may appear only once"
+        raise ValueError(msg)
+    if isinstance(workers_per_host, (list, tuple)) and len(workers_per_host) != len(hostnames):
+        msg = f"workers_per_host={list(workers_per_host)!r} has {len(workers_per_host)} " \
+            f"entries for {len(hostnames)} hosts {hostnames!r}"
+        raise ValueError(msg)
+    remote = [h for h in hostnames if not is_local(h)]
+    if remote:
+        msg = f"hosts {remote!r} are not this machine: only local hosts can be reached so far"
+        raise ValueError(msg)
+
+
+def _legacy_kwargs(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``run(fn, {...})`` of older releases: a kwargs dict for a function with no positionals."""
+    if len(args) != 1 or kwargs or not isinstance(args[0], dict):
+        return args, kwargs
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return args, kwargs
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    if any(p.kind in positional for p in params):
+        return args, kwargs
+    return (), dict(args[0])
+
+
+# ---- agents and runs
+
+
+class _Pool:
+    """The agents of one launcher and the controller thread that talks to them."""
+
+    def __init__(self, key: tuple[Any, ...], hostnames: list[str], launcher: Launcher) -> None:
+        self.key = key
+        self.hostnames = hostnames
+        self.secret = secrets.token_hex(32)
+        self.controller = Controller(self.secret, launcher.agent_timeout)
+        self.controller.start()
+        self.agents: list[AgentHandle | None] = [None] * len(hostnames)
+        self.lock = threading.Lock()
+        self._finalizer = weakref.finalize(launcher, _close_pool, self.controller, self.agents)
+
+    def ensure_agents(self, launcher: Launcher) -> list[AgentHandle]:
+        """Start the agents not up yet (or failed), then wait for their hello."""
+        with self.lock:
+            env = agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars))
+            for i, hostname in enumerate(self.hostnames):
+                agent = self.agents[i]
+                if agent is None or agent.failure is not None:
+                    if agent is not None:
+                        _stop_agent(agent)
+                    agent = self._start_local(hostname, env, launcher)
+                    self.agents[i] = agent
+                    self.controller.call(functools.partial(self.controller.add_agent, agent))
+            agents = [a for a in self.agents if a is not None]
+        settled = self.controller.wait_for(
+            lambda: all(a.facts is not None or a.failure is not None for a in agents),
+            launcher.agent_timeout + 5,
+        )
+        for agent in agents:
+            if agent.failure is not None or not settled:
+                raise AgentFailedError(
+                    agent.describe_failure() if agent.failure
+                    else f"the agent on {agent.hostname} did not start in time",
+                    hostname=agent.hostname,
+                )
+        return agents
+
+    def _start_local(self, hostname: str, env: dict[str, str], launcher: Launcher) -> AgentHandle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "torchrunx"], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=os.getcwd(),
+            start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the agent's
+        )
+        agent = AgentHandle(hostname, process)
+        boot = {
+            "address": self.controller.address, "identity": agent.identity.hex(),
+            "secret": self.secret, "hostname": hostname,
+            "agent_timeout": launcher.agent_timeout,
+            "env_file": None if launcher.env_file is None else os.fspath(launcher.env_file),
+        }
+        assert process.stdin is not None
+        process.stdin.write(json.dumps(boot).encode() + b"\n")
+        process.stdin.flush()  # stdin stays open: it is the agent's lifeline
+        return agent
+
+    def run(
+        self, launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> LaunchResult[Any]:
+        agents = [a for a in self.agents if a is not None]
+        workers = _workers_per_host(launcher.workers_per_host, agents)
+        backend = _backend(launcher.backend, agents)
+        payload = serialization.dumps((func, args, kwargs))
+        env = copied_env(launcher.copy_env_vars, launcher.extra_env_vars)
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
+            # one machine: talk over loopback, whatever the hostname resolves to
+            loopback = agents[0].facts.get("loopback") if agents[0].facts else None
+            if loopback:
+                env["GLOO_SOCKET_IFNAME"] = loopback
+        run_id = uuid.uuid4().hex[:12]
+        handlers = _handlers(launcher, self.hostnames, workers)
+        run = RunState(run_id, agents, workers, _dispatch(handlers))
+        offsets = [0, *itertools.accumulate(workers)]
+        common = {
+            "run": run_id, "world_size": offsets[-1], "backend": backend,
+            "master_addr": "127.0.0.1", "env": env, "cwd": os.getcwd(), "sys_path": sys.path,
+            "worker_timeout": launcher.worker_timeout,
+        }
+        messages = [
+            ({**common, "group_rank": i, "local_world_size": n,
+              "workers": [{"rank": offsets[i] + r, "local_rank": r} for r in range(n)]}, payload)
+            for i, n in enumerate(workers)
+        ]
+        try:
+            self.controller.call(functools.partial(self.controller.start_run, run, messages))
+            try:
+                run.done.wait()
+            except BaseException:
+                self.controller.call(functools.partial(
+                    self.controller.cancel_run, run_id, "interrupted in the launcher"))
+                run.done.wait(CANCEL_TIMEOUT_S)
+                raise
+            if run.failures:
+                raise_failure(run, self.hostnames)
+            return LaunchResult({
+                host: [unpickle_result(run, offsets[i] + r, host) for r in range(workers[i])]
+                for i, host in enumerate(self.hostnames)
+            })
+        finally:
+            for handler in handlers:
+                handler.close()
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close_pool(controller: Controller, agents: list[AgentHandle | None]) -> None:
+    """Stop every agent (bounded) and the controller; safe at interpreter exit."""
+    for agent in agents:
+        if agent is not None:
+            _stop_agent(agent)
+    controller.stop()
+
+
+def _stop_agent(agent: AgentHandle, timeout: float = 5.0) -> None:
+    """Cut the agent's lifeline (it kills its runs and exits), then make sure it is gone."""
+    process = agent.process
+    if process.stdin is not None:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+    if process.stderr is not None:
+        process.stderr.close()
+
+
+def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:
+    facts = [a.facts or {} for a in agents]
+    if isinstance(spec, int):
+        return [spec] * len(agents)
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    if spec == "cpu":
+        return [int(f["cpus"]) for f in facts]
+    gpus = [int(f["gpus"]) for f in facts]
+    if spec == "gpu":
+        missing = [a.hostname for a, g in zip(agents, gpus) if g == 0]
+        if missing:
+            msg = f'workers_per_host="gpu", but no GPU was found on {missing}'
+            raise ValueError(msg)
+        return gpus
+    return [g or 1 for g in gpus]
+
+
+def _backend(backend: str | None, agents: list[AgentHandle]) -> str | None:
+    if backend != "auto":
+        return backend
+    return "nccl" if all((a.facts or {}).get("gpus") for a in agents) else "gloo"
+
+
+def _handlers(launcher: Launcher, hostnames: list[str], workers: list[int]) -> list[logging.Handler]:
+    factory = launcher.handler_factory
+    if factory is None:
+        return []
+    if factory == "auto":
+        return default_handlers(hostnames, workers, launcher.log_dir)
+    handlers = factory()
+    if not isinstance(handlers, list) or not all(isinstance(h, logging.Handler) for h in handlers):
+        msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
+        raise TypeError(msg)
+    return handlers
+
+
+def _dispatch(handlers: list[logging.Handler]) -> Callable[[logging.LogRecord], None]:
+    def emit(record: logging.LogRecord) -> None:
+        for handler in handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+    return emit
+
+

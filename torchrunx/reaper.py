@@ -1,0 +1,61 @@
+"""Process-lifetime tools: parent-death signals, child subreapers and process-tree killing.
+
+Killing is escalation with a deadline: the caller sends a signal to every process of a set, and
+polls (it never blocks) until they are gone. Zombies count as gone: their parent reaps them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "alive",
+    "set_child_subreaper",
+    "set_parent_death_signal",
+    "signal_all",
+]
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import signal
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+def set_child_subreaper() -> None:
+    """Orphaned descendants of this process are re-parented to it (and reaped by it)."""
+    _libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def signal_all(pids: Iterable[int], sig: int) -> None:
+    """Send ``sig`` to each process, ignoring those already gone."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """The processes among ``pids`` that still run (zombies excluded)."""
+    running = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                running.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return running

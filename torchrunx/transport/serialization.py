@@ -1,0 +1,106 @@
+"""Pickling with out-of-band buffers, so large arrays and tensors travel as frames of their own.
+
+``dumps`` returns ``[pickle, *buffers]``; the buffers are views of the objects' memory (zero-copy
+when sent with ``copy=False``). CPU tensors are reduced through their storage: the storage's bytes
+become one out-of-band buffer and pickle's memo keeps views of one storage sharing it (tied
+weights stay tied). Everything else is cloudpickle protocol 5.
+"""
+
+from __future__ import annotations
+
+__all__ = ["dumps", "loads"]
+
+import ctypes
+import io
+import pickle
+import sys
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+
+Buffer = bytes | memoryview | pickle.PickleBuffer
+
+
+def _storage_view(storage: torch.UntypedStorage) -> memoryview:
+    """Writable view of a CPU storage's bytes that keeps the storage alive."""
+    nbytes = storage.nbytes()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    array = (ctypes.c_char * nbytes).from_address(storage.data_ptr())
+    array._storage = storage  # type: ignore[attr-defined]  # noqa: SLF001 -- keep-alive
+    return memoryview(array).cast("B")
+
+
+def _rebuild_storage(buffer: memoryview | bytes | bytearray) -> torch.UntypedStorage:
+    import torch  # noqa: PLC0415 -- only processes that receive tensors import torch
+
+    if len(buffer) == 0:
+        return torch.UntypedStorage(0)
+    if isinstance(buffer, bytes) or memoryview(buffer).readonly:
+        # in-band (small) buffers arrive as immutable bytes; torch needs writable memory
+        buffer = bytearray(buffer)
+    return torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
+
+
+def _rebuild_tensor(  # noqa: PLR0913 -- mirrors torch's own _rebuild_tensor_v2
+    storage: torch.UntypedStorage,
+    dtype: torch.dtype,
+    offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool,
+) -> torch.Tensor:
+    import torch  # noqa: PLC0415
+
+    tensor = torch.empty(0, dtype=dtype).set_(storage, offset, size, stride)
+    return tensor.requires_grad_(requires_grad)
+
+
+def _plain_cpu_tensor(obj: Any, torch: Any) -> bool:
+    return (
+        type(obj) is torch.Tensor
+        and obj.device.type == "cpu"
+        and obj.layout is torch.strided
+        and not obj.is_quantized
+        and not obj.is_conj()
+        and not obj.is_neg()
+        and (obj.is_leaf or not obj.requires_grad)
+        and not obj.__dict__
+        and all(name is None for name in obj.names)
+    )
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            if type(obj) is torch.UntypedStorage and obj.device.type == "cpu":
+                return _rebuild_storage, (pickle.PickleBuffer(_storage_view(obj)),)
+            if _plain_cpu_tensor(obj, torch):
+                return _rebuild_tensor, (
+                    obj.untyped_storage(),
+                    obj.dtype,
+                    obj.storage_offset(),
+                    tuple(obj.size()),
+                    obj.stride(),
+                    obj.requires_grad,
+                )
+        return super().reducer_override(obj)
+
+
+def dumps(obj: object) -> list[Buffer]:
+    """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]``."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=buffers.append).dump(obj)
+    return [stream.getbuffer(), *(b.raw() for b in buffers)]
+
+
+def loads(frames: Sequence[Buffer]) -> Any:
+    """Inverse of :func:`dumps`; ``frames[1:]`` become the out-of-band buffers."""
+    return pickle.loads(frames[0], buffers=frames[1:])  # noqa: S301 -- authenticated peers only

@@ -1,0 +1,198 @@
+"""The worker: one rank of one run, in a process forked from the forkserver.
+
+::
+
+    agent                                   worker (rank r)
+      │ ◄── hello ─────────────────────────── connect (ipc, private directory)
+      │ ◄── port {p} ───────────────────────── rank 0: TCPStore on an OS-assigned port
+      │ ── rendezvous {master_port} ──────────► other ranks: connect to the store
+      │                                        init_process_group, fn(*args, **kwargs)
+      │ ◄── result [pickle, *buffers] / error ─
+      │ ── ack ────────────────────────────────► exit
+
+The worker never outlives its run: it exits right after the agent has its result, and dies with
+the forkserver (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["run_worker"]
+
+import contextlib
+import datetime
+import os
+import socket
+import sys
+import traceback
+from typing import Any, NoReturn
+
+import zmq
+
+from .reaper import set_parent_death_signal
+from .transport import serialization
+from .transport.messages import decode, encode
+
+_ACK_TIMEOUT_MS = 60_000
+
+
+def run_worker(spec: dict[str, Any], worker: dict[str, Any], payload: memoryview) -> NoReturn:
+    """Run one rank and exit; called in the child right after ``fork``."""
+    os.setsid()
+    set_parent_death_signal()
+    code = 1
+    try:
+        code = _Worker(spec, worker).run(payload)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 -- a bug of ours: say so on stderr, exit non-zero
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    os._exit(code)
+
+
+class _Worker:
+    def __init__(self, spec: dict[str, Any], worker: dict[str, Any]) -> None:
+        self.spec = spec
+        self.rank: int = worker["rank"]
+        self.local_rank: int = worker["local_rank"]
+        self.world_size: int = spec["world_size"]
+        self.env = {
+            **spec["env"],
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "GROUP_RANK": str(spec["group_rank"]),
+            "LOCAL_WORLD_SIZE": str(spec["local_world_size"]),
+            "WORLD_SIZE": str(self.world_size),
+            "MASTER_ADDR": spec["master_addr"],
+            "TORCHRUNX_RUN_ID": spec["run"],
+        }
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, _ACK_TIMEOUT_MS)
+        self.sock.setsockopt(zmq.IDENTITY, f"{spec['run']}:{self.local_rank}".encode())
+
+    def run(self, payload: memoryview) -> int:
+        os.environ.update(self.env)
+        with contextlib.suppress(OSError):
+            os.chdir(self.spec["cwd"])
+        sys.path[:0] = [p for p in self.spec["sys_path"] if p not in sys.path]
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+        self.sock.connect(self.spec["endpoint"])
+        self.sock.send_multipart(encode("hello", {}))
+        try:
+            store = self._rendezvous()
+            fn, args, kwargs = serialization.loads(_split(payload, self.spec["payload_sizes"]))
+            if self.spec["backend"] is not None:
+                self._init_process_group(store)
+            value = fn(*args, **kwargs)
+        except Exception as e:  # the user's exception: it goes back to the launcher
+            return self._send_error(e)
+        try:
+            frames = serialization.dumps(value)
+        except Exception as e:
+            return self._send_error(e, while_pickling=value)
+        self._send("result", {}, frames)
+        return 0
+
+    def _rendezvous(self) -> Any:
+        """Rank 0 hosts the store on an OS-assigned port; the port reaches the others via us."""
+        backend = self.spec["backend"]
+        if self.rank == 0:
+            if backend is None:
+                port = _free_port()
+                store = None
+            else:
+                from torch.distributed import TCPStore  # noqa: PLC0415
+
+                store = TCPStore(
+                    self.spec["master_addr"], 0, self.world_size, is_master=True,
+                    timeout=datetime.timedelta(seconds=self.spec["worker_timeout"]),
+                    wait_for_workers=False,
+                )
+                port = store.port
+            self.sock.send_multipart(encode("port", {"port": port}))
+        else:
+            port = self._recv("rendezvous")["master_port"]
+            store = None
+            if backend is not None:
+                from torch.distributed import TCPStore  # noqa: PLC0415
+
+                store = TCPStore(
+                    self.spec["master_addr"], port, self.world_size, is_master=False,
+                    timeout=datetime.timedelta(seconds=self.spec["worker_timeout"]),
+                )
+        os.environ["MASTER_PORT"] = str(port)
+        return store
+
+    def _init_process_group(self, store: Any) -> None:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.init_process_group(
+            backend=self.spec["backend"], store=store, rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.spec["worker_timeout"]),
+        )
+
+    def _recv(self, expected: str) -> dict[str, Any]:
+        while True:
+            kind, header, _ = decode(self.sock.recv_multipart())
+            if kind == expected:
+                return header
+            if kind != "rendezvous":  # rank 0 is told the port it chose: nothing to do
+                msg = f"worker expected a {expected!r} message from its agent, got {kind!r}"
+                raise RuntimeError(msg)
+
+    def _send(self, kind: str, header: dict[str, Any], frames: list[Any]) -> None:
+        """Send the outcome and wait until the agent has it: only then may this process exit."""
+        self.sock.send_multipart(encode(kind, header, *frames), copy=False)
+        if self.sock.poll(_ACK_TIMEOUT_MS):
+            self._recv("ack")
+
+    def _send_error(self, e: BaseException, *, while_pickling: object = None) -> int:
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        header = {
+            "type": f"{type(e).__module__}.{type(e).__qualname__}",
+            "message": _safe_str(e),
+            "traceback": tb,
+        }
+        if while_pickling is not None:
+            header["unpicklable_result"] = type(while_pickling).__qualname__
+            self._send("error", header, [])
+            return 0
+        e.__traceback__ = None  # frames would drag every local variable into the pickle
+        try:
+            frames = serialization.dumps(e)
+            serialization.loads(frames)  # fails here, not in the launcher, if it cannot return
+        except Exception as pickling_error:
+            header["unpicklable"] = _safe_str(pickling_error)
+            frames = []
+        self._send("error", header, frames)
+        return 0
+
+
+def _split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
+    frames, start = [], 0
+    for size in sizes:
+        frames.append(payload[start : start + size])
+        start += size
+    return frames
+
+
+def _free_port() -> int:
+    """A port for users who build their own process group (``backend=None``)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _safe_str(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001 -- a broken __str__ must not hide the error
+        return f"<{type(e).__name__}: str() failed>"
