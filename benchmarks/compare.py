@@ -122,6 +122,7 @@ class Outcome:
     message: str = ""
     leftovers: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    log_tail: str = ""
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Cell:
     message: str = ""
     leftovers: list[str] = field(default_factory=list)
     processes: list[dict[str, Any]] = field(default_factory=list)
+    log_tail: str = ""
 
     def median(self) -> float | None:
         """Median of the values, if there are any."""
@@ -143,31 +145,31 @@ class Cell:
 # --- processes ----------------------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, parent pid, session id) of a process, or None where it is gone."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = data[data.rindex(")") + 2 :].split()
-    return fields[0], int(fields[1]), int(fields[3])
+@dataclass(frozen=True)
+class ProcInfo:
+    """The fields of ``/proc/PID/stat`` that the harness uses."""
+
+    state: str
+    ppid: int
+    sid: int
+    start: int  # clock ticks after boot: tells a process from a later one with the same pid
 
 
-def related_processes(root: int) -> list[int]:
-    """Living processes below ``root`` or in the session that ``root`` leads."""
-    table: dict[int, tuple[str, int, int]] = {}
+def process_table() -> dict[int, ProcInfo]:
+    """All processes of this machine."""
+    table: dict[int, ProcInfo] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            table[int(entry.name)] = stat
-    found = {pid for pid, (_, _, sid) in table.items() if sid == root}
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, (_, ppid, _) in table.items() if ppid == parent]
-        frontier.extend(p for p in children if p not in found)
-        found.update(children)
-    found.discard(os.getpid())
-    return sorted(pid for pid in found if table.get(pid, ("Z",))[0] != "Z")
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        table[int(entry.name)] = ProcInfo(
+            fields[0], int(fields[1]), int(fields[3]), int(fields[19])
+        )
+    return table
 
 
 def command_of(pid: int) -> str:
@@ -179,18 +181,52 @@ def command_of(pid: int) -> str:
     return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200]
 
 
-def kill_related(root: int) -> None:
-    """SIGKILL ``root``, its descendants and its session, until none is left."""
-    for _ in range(5):
-        pids = related_processes(root)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(root, signal.SIGKILL)
-        if not pids:
-            return
-        time.sleep(0.1)
+class ProcessTree:
+    """The processes that one scenario process started, directly or not.
+
+    A process is found below the root or in the root's session; once seen it stays tracked (with
+    its own descendants) even after it is re-parented or starts a session of its own.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        root_info = process_table().get(root)
+        self.known: dict[int, int] = {root: root_info.start} if root_info else {}  # pid -> start
+
+    def refresh(self) -> list[int]:
+        """Living tracked processes (the root included while it runs)."""
+        table = process_table()
+        self.known = {
+            pid: start
+            for pid, start in self.known.items()
+            if pid in table and table[pid].start == start
+        }
+        found = {pid for pid, info in table.items() if info.sid == self.root}
+        frontier = [*self.known, *found]
+        children: dict[int, list[int]] = {}
+        for pid, info in table.items():
+            children.setdefault(info.ppid, []).append(pid)
+        while frontier:
+            pid = frontier.pop()
+            if pid in table and pid not in self.known:
+                self.known[pid] = table[pid].start
+            frontier.extend(c for c in children.get(pid, []) if c not in self.known)
+        self.known.pop(os.getpid(), None)
+        return sorted(pid for pid in self.known if table[pid].state != "Z")
+
+    def kill(self) -> None:
+        """SIGKILL every tracked process and the root's process group, until none is left."""
+        for _ in range(5):
+            pids = self.refresh()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            if self.root in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.root, signal.SIGKILL)
+            if not pids:
+                return
+            time.sleep(0.1)
 
 
 def stamp_time(path: Path) -> float | None:
@@ -206,7 +242,7 @@ def tail(path: Path, lines: int = 1) -> str:
     if not path.exists():
         return ""
     text = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    return " | ".join(text[-lines:])
+    return "\n".join(text[-lines:])
 
 
 @dataclass(frozen=True)
@@ -237,26 +273,32 @@ class Limits:
     cap: float | None = None
 
 
-def wait_bounded(proc: subprocess.Popen[bytes], stamp: Path, limits: Limits) -> str:
+def wait_bounded(
+    proc: subprocess.Popen[bytes], tree: ProcessTree, stamp: Path, limits: Limits
+) -> str:
     """Wait for ``proc``; return "" once it exits, or "timeout"/"capped" once it ran too long."""
     deadline = time.time() + limits.timeout
+    polls = 0
     while proc.poll() is None:
         event = stamp_time(stamp) if limits.cap is not None else None
         if limits.cap is not None and event is not None:
             deadline = event + limits.cap
         if time.time() > deadline:
             return "capped" if event is not None else "timeout"
+        if polls % 5 == 0:
+            tree.refresh()
+        polls += 1
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(0.1)
     return ""
 
 
-def leftover_processes(root: int) -> list[str]:
-    """Commands of processes that outlive the exited ``root`` by more than a grace period."""
+def leftover_processes(tree: ProcessTree) -> list[str]:
+    """Commands of processes that outlive the exited root by more than a grace period."""
     grace = time.monotonic() + LEFTOVER_GRACE_S
-    while related_processes(root) and time.monotonic() < grace:
+    while tree.refresh() and time.monotonic() < grace:
         time.sleep(0.1)
-    return [command_of(pid) for pid in related_processes(root)]
+    return [command_of(pid) for pid in tree.refresh()]
 
 
 def run_scenario_process(
@@ -274,40 +316,45 @@ def run_scenario_process(
     cmd += ["--workdir", str(stamps), "--out", str(out), "--reps", str(reps)]
     cmd += ["--t0", repr(time.time())]
     start = time.monotonic()
-    with log_path.open("wb") as output:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=workdir,
-            env=impl.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    try:
+        with log_path.open("wb") as output:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=workdir,
+                env=impl.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    except OSError as exc:
+        return Outcome("error", message=f"cannot start {impl.python}: {exc.strerror}")
+    tree = ProcessTree(proc.pid)
     killed, leftovers = "", []
     try:
-        killed = wait_bounded(proc, stamps / EVENT_STAMP, limits)
-        leftovers = [] if killed else leftover_processes(proc.pid)
+        killed = wait_bounded(proc, tree, stamps / EVENT_STAMP, limits)
+        leftovers = [] if killed else leftover_processes(tree)
     finally:
-        kill_related(proc.pid)
+        tree.kill()
         proc.wait()
-    seconds = time.monotonic() - start
+    outcome = Outcome("error", leftovers=leftovers, seconds=time.monotonic() - start)
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     if "values" in result:
-        extra = dict(result.get("extra", {}))
+        outcome.status, outcome.values = "ok", result["values"]
+        outcome.extra = dict(result.get("extra", {}))
         if killed:
-            extra["note"] = f"scenario process did not exit; killed ({killed})"
-        return Outcome("ok", result["values"], extra, leftovers=leftovers, seconds=seconds)
+            outcome.extra["note"] = f"scenario process did not exit; killed ({killed})"
+        return outcome
+    outcome.log_tail = tail(log_path, 20)
     if "error" in result:
-        return Outcome("error", message=result["error"], leftovers=leftovers, seconds=seconds)
-    if killed == "capped":
-        return Outcome(
-            "capped", message=f"killed {limits.cap:g} s after the failure", seconds=seconds
-        )
-    if killed:
-        return Outcome("error", message=f"timed out after {limits.timeout:g} s", seconds=seconds)
-    reason = tail(log_path) or f"exit code {proc.returncode}"
-    return Outcome("error", message=reason, leftovers=leftovers, seconds=seconds)
+        outcome.message = result["error"]
+    elif killed == "capped":
+        outcome.status, outcome.message = "capped", f"killed {limits.cap:g} s after the failure"
+    elif killed:
+        outcome.message = f"timed out after {limits.timeout:g} s"
+    else:
+        outcome.message = tail(log_path) or f"exit code {proc.returncode}"
+    return outcome
 
 
 # --- implementations ----------------------------------------------------------------------------
@@ -417,7 +464,11 @@ def run_cell(
         cell.processes.append({"status": outcome.status, "seconds": round(outcome.seconds, 2)})
         cell.leftovers += outcome.leftovers
         if outcome.status != "ok":
-            cell.status, cell.message = outcome.status, outcome.message
+            cell.status, cell.message, cell.log_tail = (
+                outcome.status,
+                outcome.message,
+                outcome.log_tail,
+            )
             break
         cell.values += outcome.values
         cell.extras.append(outcome.extra)
@@ -443,9 +494,9 @@ def probe(impl: Implementation, workdir: Path) -> dict[str, Any]:
 
 
 def fmt(value: float, unit: str) -> str:
-    """A value with its unit."""
-    if unit == "s":
-        return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
+    """A value with its unit; seconds below one are shown in milliseconds."""
+    if unit == "s" and value < 1:
+        return f"{value * 1e3:.3g} ms"
     if unit == "MiB":
         return f"{value:.0f} MiB"
     return f"{value:.3g} {unit}"
@@ -458,10 +509,11 @@ def fmt_range(cell: Cell, unit: str) -> str:
         return "-"
     if len(cell.values) == 1:
         return fmt(median, unit)
-    spread = f"{fmt(min(cell.values), unit)}-{fmt(max(cell.values), unit)}".replace(
-        f" {unit}-", "-"
-    )
-    return f"{fmt(median, unit)} ({spread})"
+    low, high = fmt(min(cell.values), unit), fmt(max(cell.values), unit)
+    low_number, low_unit = low.split(" ")
+    if high.endswith(f" {low_unit}"):
+        low = low_number
+    return f"{fmt(median, unit)} ({low}-{high})"
 
 
 def fmt_leak(cell: Cell) -> str:
@@ -540,6 +592,8 @@ def table_rows(
         header.append("0.4.0/ours")
     rows = [header]
     for name, cells in results.items():
+        if all(cells[k].status == "n/a" for k in impls):
+            continue
         scenario = BY_NAME[name]
         better = "higher" if scenario.higher_is_better else "lower"
         unit = "" if scenario.unit == "procs" else f" [{scenario.unit}, {better} is better]"

@@ -175,7 +175,11 @@ def kill_tree(pid: int) -> None:
 
 
 class RssSampler:
-    """Samples the summed RSS of the processes returned by ``find`` in a background thread."""
+    """Samples the RSS of each process returned by ``find`` in a background thread.
+
+    Samples are kept per process: an agent of a previous run that is still exiting is seen as a
+    process of its own, not added to the agent of the current run.
+    """
 
     def __init__(
         self, find: Callable[[], list[psutil.Process]], root: psutil.Process, interval: float = 0.05
@@ -183,8 +187,8 @@ class RssSampler:
         self.find = find
         self.root = root
         self.interval = interval
-        self.samples: list[float] = []
-        self.seen: list[dict[str, Any]] = []
+        self.samples: dict[int, list[float]] = {}
+        self.described: dict[int, list[dict[str, Any]]] = {}
         self.tree: list[dict[str, Any]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -192,19 +196,35 @@ class RssSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             procs = self.find()
+            for proc in procs:
+                with contextlib.suppress(psutil.Error):
+                    rss = proc.memory_info().rss / MIB
+                    self.samples.setdefault(proc.pid, []).append(rss)
+                    if proc.pid not in self.described:
+                        parent = proc.parent()
+                        self.described[proc.pid] = [describe(proc)]
+                        if parent is not None:
+                            self.described[proc.pid].append(describe(parent))
             if procs:
-                self.samples.append(rss_mib(procs))
-                if not self.seen:
-                    self.seen = [describe(p) for p in procs]
-                    for proc in procs:
-                        with contextlib.suppress(psutil.Error):
-                            parent = proc.parent()
-                            if parent is not None:
-                                self.seen.append({"parent_of": proc.pid, **describe(parent)})
                 tree = descendants(self.root)
                 if len(tree) > len(self.tree):
                     self.tree = [describe(p) for p in tree]
             self._stop.wait(self.interval)
+
+    def main_pid(self) -> int:
+        """The process sampled longest: the agent of the run that was sampled."""
+        if not self.samples:
+            msg = "no agent process found (no descendant runs 'python -m torchrunx')"
+            raise RuntimeError(msg)
+        return max(self.samples, key=lambda pid: len(self.samples[pid]))
+
+    def peak(self) -> float:
+        """Highest RSS (MiB) of the main process."""
+        return max(self.samples[self.main_pid()])
+
+    def steady(self) -> float:
+        """Median RSS (MiB) of the main process."""
+        return statistics.median(self.samples[self.main_pid()])
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -445,15 +465,15 @@ def agent_rss(opts: argparse.Namespace) -> Result:
         samplers = [sample_torchrun_agent(opts, me) for _ in range(opts.reps)]
     else:
         samplers = sample_launcher_agents(opts, me)
-    if not all(s.samples for s in samplers):
-        msg = "no agent process found (no descendant runs 'python -m torchrunx')"
-        raise RuntimeError(msg)
+    first = samplers[0]
     extra = {
-        "steady_mib": [statistics.median(s.samples) for s in samplers],
-        "agent": samplers[0].seen,
-        "process_tree": samplers[0].tree,
+        "steady_mib": [s.steady() for s in samplers],
+        "agents_seen_per_run": [len(s.samples) for s in samplers],
+        "agent_and_parent": first.described[first.main_pid()],
+        "other_agents": [d for pid, d in first.described.items() if pid != first.main_pid()],
+        "process_tree": first.tree,
     }
-    return {"values": [max(s.samples) for s in samplers], "extra": extra}
+    return {"values": [s.peak() for s in samplers], "extra": extra}
 
 
 def snapshot(me: psutil.Process, run: int) -> dict[str, Any]:
@@ -481,7 +501,11 @@ def leak_1000(opts: argparse.Namespace) -> Result:
     times: list[float] = []
     launcher = new_launcher(load_torchrunx())
     for i in range(1, count + 1):
-        times.append(timed_run(launcher, workloads.noop)[0])
+        try:
+            times.append(timed_run(launcher, workloads.noop)[0])
+        except Exception as exc:
+            msg = f"run {i}: {exception_name(exc)}: {exc}"
+            raise RuntimeError(msg) from exc
         if i in (first, count):
             snapshots[i] = snapshot(me, i)
         if i % 100 == 0:

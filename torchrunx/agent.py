@@ -56,9 +56,11 @@ class _Worker:
     rank: int
     local_rank: int
     pipes: dict[int, str]  # read end -> "stdout" | "stderr"
+    pipe_inodes: tuple[int, ...] = ()
     pid: int | None = None
     exited: bool = False
     outcome: str | None = None  # "result" | "error", once the agent has it
+    died_before_cancel: bool = False
     partial: dict[str, bytes] = field(default_factory=dict)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
 
@@ -112,7 +114,7 @@ class Agent:
 
     def serve(self) -> None:
         """Run until the launcher says shutdown, closes our stdin, or goes silent."""
-        self.send("hello", {"secret": self.secret, **local_facts()})
+        self.send("hello", {"secret": self.secret, "dir": self.dir, **local_facts()})
         while True:
             now = time.monotonic()
             if now >= self.next_heartbeat:
@@ -171,7 +173,8 @@ class Agent:
         for w in spec["workers"]:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
-            worker = _Worker(run, w["rank"], w["local_rank"], {out_r: "stdout", err_r: "stderr"})
+            worker = _Worker(run, w["rank"], w["local_rank"], {out_r: "stdout", err_r: "stderr"},
+                             (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino))
             run.workers[worker.local_rank] = worker
             for fd in (out_r, err_r):
                 os.set_blocking(fd, False)
@@ -211,7 +214,7 @@ class Agent:
         run = worker.run
         for fd in list(worker.pipes):
             self.on_output(fd)  # what it wrote last must reach the launcher before "died"
-        if worker.outcome is None and not run.cancelled:
+        if worker.outcome is None and (not run.cancelled or worker.died_before_cancel):
             if os.WIFSIGNALED(status):
                 sig = os.WTERMSIG(status)
                 how = {"signal": signal.Signals(sig).name if sig in signal.valid_signals() else sig}
@@ -301,26 +304,51 @@ class Agent:
         if run.cancelled:
             return
         run.cancelled = True
-        pids = [w.pid for w in run.workers.values() if w.pid is not None and not w.exited]
+        workers = [w for w in run.workers.values() if w.pid is not None and not w.exited]
+        pids = [w.pid for w in workers if w.pid is not None]
+        dead = set(pids) - set(alive(pids))
+        for w in workers:
+            # dead already, not yet reaped: likely the cause of the failure, so still reported
+            w.died_before_cancel = w.pid in dead
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         signal_all(self.processes_of(run), signal.SIGKILL)
 
     def processes_of(self, run: _Run) -> list[int]:
-        """Every live process of this run that is not a worker: its workers' descendants."""
-        workers = {w.pid for w in self.by_pid.values()}
-        run_workers = {w.pid for w in run.workers.values()}
-        found = []
+        """Every live process of this run that is not one of its workers.
+
+        All of them end up under the forkserver (it is a subreaper). With no other run on this
+        host, every non-worker there is this run's. Otherwise a process is this run's if it
+        descends from one of its workers, shares a worker's session, holds one of its output
+        pipes (forked children inherit them) or carries its run id (exec'd children do).
+        """
         try:
             descendants = psutil.Process(self.forkserver.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        for p in descendants:
-            if p.pid in workers:
-                continue
-            with contextlib.suppress(psutil.Error):
-                if os.getsid(p.pid) in run_workers or p.environ().get("TORCHRUNX_RUN_ID") == run.id:
+        others = [r for r in self.runs.values() if r is not run]
+        foreign: set[int] = set()
+        for other in others:
+            for w in other.workers.values():
+                if w.pid is not None and not w.exited:
+                    foreign.add(w.pid)
+                    with contextlib.suppress(psutil.Error):
+                        foreign |= {c.pid for c in psutil.Process(w.pid).children(recursive=True)}
+        mine = {w.pid for w in run.workers.values() if w.pid is not None}
+        candidates = [p for p in descendants if p.pid not in foreign and p.pid not in mine]
+        if not others:
+            return [p.pid for p in candidates]
+        pipes = {f"pipe:[{ino}]" for w in run.workers.values() for ino in w.pipe_inodes}
+        found = []
+        for p in candidates:
+            with contextlib.suppress(psutil.Error, OSError):
+                if (
+                    os.getsid(p.pid) in mine
+                    or any(a.pid in mine for a in p.parents())
+                    or _holds_any(p.pid, pipes)
+                    or p.environ().get("TORCHRUNX_RUN_ID") == run.id
+                ):
                     found.append(p.pid)
         return found
 
@@ -359,6 +387,15 @@ class Agent:
         self.forkserver.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.ctx.destroy(linger=0)
+
+
+def _holds_any(pid: int, links: set[str]) -> bool:
+    fd_dir = f"/proc/{pid}/fd"
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"{fd_dir}/{fd}") in links:
+                return True
+    return False
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import logging
 import os
 import queue
 import secrets
+import shutil
 import threading
 import time
 from collections import deque
@@ -162,6 +163,12 @@ class Controller(threading.Thread):
             return
         self._drain_stderr(agent)
         agent.failure = reason
+        folder = str((agent.facts or {}).get("dir", ""))
+        if agent.process.poll() is not None and os.path.basename(folder).startswith(
+            "torchrunx-agent-"
+        ):
+            # it died without cleaning up after itself: its private folder is ours to remove
+            shutil.rmtree(folder, ignore_errors=True)
         for run in list(self.runs.values()):
             i = run.agent_index(agent)
             if i is not None:
@@ -236,6 +243,8 @@ class Controller(threading.Thread):
             for agent in self.agents.values():
                 if agent.pidfd >= 0:
                     os.close(agent.pidfd)
+                if agent.process.stderr is not None:
+                    agent.process.stderr.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.ctx.destroy(linger=0)
@@ -256,7 +265,10 @@ class Controller(threading.Thread):
                 )
 
     def _on_fd(self, fd: int) -> None:
-        what, agent = self._fds[fd]
+        entry = self._fds.get(fd)
+        if entry is None:
+            return  # unwatched earlier in this same round
+        what, agent = entry
         if what == "stderr":
             self._drain_stderr(agent)
             return
@@ -273,7 +285,7 @@ class Controller(threading.Thread):
 
     def _drain_stderr(self, agent: AgentHandle) -> None:
         stream = agent.process.stderr
-        if stream is None or stream.fileno() not in self._fds:
+        if stream is None or stream.closed or stream.fileno() not in self._fds:
             return
         fd = stream.fileno()
         data = agent.partial_err
@@ -284,11 +296,12 @@ class Controller(threading.Thread):
                 break
             if not chunk:
                 self._unwatch(fd)
+                stream.close()
                 break
             data += chunk
         lines = data.split(b"\n")
         agent.partial_err = lines.pop()
-        if fd not in self._fds and agent.partial_err:
+        if stream.closed and agent.partial_err:
             lines.append(agent.partial_err)
         agent.stderr_tail.extend(line.decode(errors="replace") for line in lines)
 

@@ -29,6 +29,7 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from .controller import AgentHandle, Controller, RunState
@@ -70,7 +71,7 @@ class Launcher:
     workers_per_host: int | list[int] | Literal["cpu", "gpu", "auto"] = "auto"
     """Workers per host: a number, one per host, or counted on each host: ``"gpu"``, ``"cpu"``,
     ``"auto"`` (the GPUs, or 1 without GPUs)."""
-    ssh_config_file: str | os.PathLike[str] | None = None
+    ssh_config_file: str | Path | None = None
     """SSH config for reaching hosts. By default ``~/.ssh/config``, then ``/etc/ssh/ssh_config``."""
     backend: Literal["nccl", "gloo", "mpi", "ucc", "auto"] | None = "auto"
     """Backend of the workers' process group: ``"auto"`` is NCCL with GPUs, else Gloo. ``None``:
@@ -83,9 +84,9 @@ class Launcher:
     """Launcher environment variables to copy to agents and workers (fnmatch patterns)."""
     extra_env_vars: dict[str, str] | None = None
     """More environment variables for agents and workers; override copied ones."""
-    env_file: str | os.PathLike[str] | None = None
+    env_file: str | Path | None = None
     """A file that each agent's shell sources before the agent starts; it has the last word."""
-    log_dir: str | os.PathLike[str] | None = None
+    log_dir: str | Path | None = None
     """Folder for log files (one folder per run); ``""`` writes none. By default
     ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``."""
 
@@ -105,6 +106,10 @@ class Launcher:
         _validate(self)
         hostnames = resolve_hostnames(self.hostnames)
         _check_hostnames(hostnames, self.workers_per_host)
+        remote = [h for h in hostnames if not is_local(h)]
+        if remote:
+            msg = f"hosts {remote!r} are not this machine: this release reaches local hosts only"
+            raise ValueError(msg)
         key = (tuple(hostnames), str(self.env_file), self.agent_timeout)
         if self._pool is not None and self._pool.key != key:
             self.close()
@@ -202,6 +207,8 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
     elif len(h) == 0:
         msg = "hostnames=[]: give at least one hostname"
         raise ValueError(msg)
+    else:
+        _check_hostnames(list(h), launcher.workers_per_host)
     w = launcher.workers_per_host
     if isinstance(w, str):
         if w not in _WORKER_COUNTS:
@@ -249,10 +256,6 @@ def _check_hostnames(hostnames: list[str], workers_per_host: object) -> None:
     if isinstance(workers_per_host, (list, tuple)) and len(workers_per_host) != len(hostnames):
         msg = f"workers_per_host={list(workers_per_host)!r} has {len(workers_per_host)} " \
             f"entries for {len(hostnames)} hosts {hostnames!r}"
-        raise ValueError(msg)
-    remote = [h for h in hostnames if not is_local(h)]
-    if remote:
-        msg = f"hosts {remote!r} are not this machine: only local hosts can be reached so far"
         raise ValueError(msg)
 
 
@@ -405,8 +408,6 @@ def _stop_agent(agent: AgentHandle, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
-    if process.stderr is not None:
-        process.stderr.close()
 
 
 def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:

@@ -91,6 +91,8 @@ class _Worker:
             if self.spec["backend"] is not None:
                 self._init_process_group(store)
             value = fn(*args, **kwargs)
+            if store is not None and self.rank != 0:
+                store.set(f"torchrunx/done/{self.rank}", "1")
         except Exception as e:  # the user's exception: it goes back to the launcher
             return self._send_error(e)
         try:
@@ -98,6 +100,9 @@ class _Worker:
         except Exception as e:
             return self._send_error(e, while_pickling=value)
         self._send("result", {}, frames)
+        if store is not None and self.rank == 0:
+            # rank 0 hosts the store: it stays until no other rank can still need it
+            store.wait([f"torchrunx/done/{r}" for r in range(1, self.world_size)])
         return 0
 
     def _rendezvous(self) -> Any:

@@ -71,7 +71,7 @@ def _plain_cpu_tensor(obj: Any, torch: Any) -> bool:
         and not obj.is_neg()
         and (obj.is_leaf or not obj.requires_grad)
         and not obj.__dict__
-        and all(name is None for name in obj.names)
+        and not any(getattr(obj, "names", None) or ())
     )
 
 

@@ -1,0 +1,63 @@
+"""Bad configuration is refused at once, with the bad value and what would be accepted."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+import torchrunx
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "words"),
+    [
+        ({"hostnames": "everywhere"}, ValueError, ["everywhere", "auto", "slurm"]),
+        ({"hostnames": []}, ValueError, ["at least one"]),
+        ({"hostnames": ["localhost", 3]}, TypeError, ["hostname"]),
+        ({"workers_per_host": 0}, ValueError, ["0", "positive"]),
+        ({"workers_per_host": "tpu"}, ValueError, ["tpu", "gpu", "cpu"]),
+        ({"workers_per_host": [2, -1]}, ValueError, ["-1", "positive"]),
+        ({"workers_per_host": 2.5}, TypeError, ["2.5"]),
+        ({"backend": "nccl2"}, ValueError, ["nccl2", "gloo"]),
+        ({"worker_timeout": -5}, ValueError, ["worker_timeout", "-5"]),
+        ({"agent_timeout": 0}, ValueError, ["agent_timeout"]),
+        ({"copy_env_vars": "PATH"}, TypeError, ["copy_env_vars", "tuple"]),
+        ({"extra_env_vars": {"A": 1}}, TypeError, ["extra_env_vars", "str"]),
+        ({"env_file": "/nonexistent/env"}, ValueError, ["/nonexistent/env"]),
+    ],
+)
+def test_bad_fields(fields: dict[str, Any], error: type[Exception], words: list[str]) -> None:
+    with pytest.raises(error) as info:
+        torchrunx.Launcher(**fields)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_inconsistent_fields() -> None:
+    with pytest.raises(ValueError, match="only once"):
+        torchrunx.Launcher(hostnames=["localhost", "localhost"])
+    with pytest.raises(ValueError, match="2 entries for 1 hosts"):
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=[1, 2])
+    with pytest.raises(TypeError, match="callable"):
+        torchrunx.Launcher().run(42)  # type: ignore[arg-type]
+
+
+def test_gpu_workers_without_gpus_is_a_clear_error() -> None:
+    with torchrunx.Launcher(workers_per_host="gpu") as lau, pytest.raises(ValueError, match="GPU"):
+        lau.run(os.getpid)
+
+
+def test_slurm_outside_an_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOBID", raising=False)
+    with pytest.raises(ValueError, match="SLURM"):
+        torchrunx.Launcher(hostnames="slurm").run(os.getpid)
+
+
+def test_bad_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHRUNX_LOG_LEVEL", "LOUD")
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None) as lau, \
+            pytest.raises(ValueError, match="LOUD"):
+        lau.run(os.getpid)
