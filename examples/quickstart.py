@@ -48,8 +48,10 @@ def evaluate(weights: dict[str, torch.Tensor]) -> float:
 
 
 if __name__ == "__main__":
-    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo") as launcher:
+    with torchrunx.Launcher(
+        hostnames=["localhost"], workers_per_host=2, backend="gloo"
+    ) as launcher:
         weights = launcher.run(train, steps=200, lr=0.05).rank(0)
         mse = launcher.run(evaluate, weights).rank(0)  # same agents, fresh workers
     print(f"trained on 2 workers; mean squared error {mse:.5f}")
-    assert mse < 0.01, mse
+    assert mse < 0.01, mse  # noqa: S101 -- the example checks its own result

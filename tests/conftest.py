@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 
 import torchrunx
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 LEFTOVER_WAIT_S = 10.0
 
@@ -16,11 +20,9 @@ LEFTOVER_WAIT_S = 10.0
 def _descendants() -> dict[int, psutil.Process]:
     found = {}
     for p in psutil.Process().children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             if p.status() != psutil.STATUS_ZOMBIE:
                 found[p.pid] = p
-        except psutil.NoSuchProcess:
-            pass
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
@@ -24,11 +25,9 @@ def gone(pids: list[int], timeout: float = 0.0) -> bool:
     while True:
         running = []
         for pid in pids:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                     running.append(pid)
-            except psutil.NoSuchProcess:
-                pass
         if not running or time.monotonic() >= deadline:
             return not running
         time.sleep(0.05)
@@ -36,7 +35,7 @@ def gone(pids: list[int], timeout: float = 0.0) -> bool:
 
 def spawn_children() -> list[int]:
     """A subprocess, a daemonised grandchild that escaped its parent, and DataLoader workers."""
-    child = subprocess.Popen(["sleep", "300"])
+    child = subprocess.Popen(["sleep", "300"])  # noqa: S607 -- from PATH, as user code would
     r, w = os.pipe()
     if os.fork() == 0:  # double fork + setsid: the classic daemon, orphaned at once
         os.setsid()
@@ -134,7 +133,9 @@ def run_script(tmp_path: Path, mode: str) -> subprocess.Popen[str]:
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     return subprocess.Popen(
-        [sys.executable, str(script), mode, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        [sys.executable, str(script), mode, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "TORCHRUNX_LOG_DIR": ""},
     )
 

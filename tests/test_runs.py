@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -15,10 +15,20 @@ import torch.distributed as dist
 
 import torchrunx
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
 
 def env_and_group() -> dict[str, object]:
-    keys = ["RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR",
-            "MASTER_PORT"]
+    keys = [
+        "RANK",
+        "LOCAL_RANK",
+        "GROUP_RANK",
+        "LOCAL_WORLD_SIZE",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ]
     t = torch.tensor([float(os.environ["RANK"]) + 1])
     dist.all_reduce(t)
     return {
@@ -103,7 +113,8 @@ def test_legacy_kwargs_dict(launcher: torchrunx.Launcher) -> None:
     assert launcher.run(no_positional, {}).rank(0) == "hi"
     assert launcher.run(no_positional, {"greeting": "yo"}).rank(0) == "yo"
     # a function that takes a dict positionally gets the dict
-    assert launcher.run(lambda d: sorted(d), {"a": 1}).rank(0) == ["a"]
+    result = launcher.run(lambda d: sorted(d), {"a": 1})  # noqa: PLW0108 -- a lambda on purpose
+    assert result.rank(0) == ["a"]
 
 
 def test_arguments_and_results_carry_tensors(launcher: torchrunx.Launcher) -> None:
@@ -112,8 +123,12 @@ def test_arguments_and_results_carry_tensors(launcher: torchrunx.Launcher) -> No
     def work(x: torch.Tensor) -> dict[str, torch.Tensor]:
         r = int(os.environ["RANK"])
         base = torch.full((4, 4), float(r), dtype=torch.bfloat16)
-        return {"sum": x.sum(), "base": base, "view": base[1:, ::2], "grad": torch.ones(3,
-                requires_grad=True)}
+        return {
+            "sum": x.sum(),
+            "base": base,
+            "view": base[1:, ::2],
+            "grad": torch.ones(3, requires_grad=True),
+        }
 
     result = launcher.run(work, big)
     for r in (0, 1):
@@ -143,8 +158,9 @@ def test_defaults_on_a_machine_without_gpus() -> None:
 
 
 def test_launch_one_call_form() -> None:
-    result = torchrunx.launch(add, (1, 2), {"scale": 2}, hostnames=["localhost"],
-                              workers_per_host=2, backend="gloo")
+    result = torchrunx.launch(
+        add, (1, 2), {"scale": 2}, hostnames=["localhost"], workers_per_host=2, backend="gloo"
+    )
     assert result.by_rank() == [6, 6]
 
 
@@ -154,8 +170,10 @@ def test_sweep_of_many_runs_on_one_launcher(launcher: torchrunx.Launcher) -> Non
 
 
 def test_two_launchers_coexist() -> None:
-    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo") as train, \
-         torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend="gloo") as ev:
+    with (
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo") as train,
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend="gloo") as ev,
+    ):
         for _ in range(2):
             assert train.run(dist.get_world_size).by_rank() == [2, 2]
             assert ev.run(dist.get_world_size).by_rank() == [1]
@@ -170,7 +188,9 @@ def test_env_vars_copy_and_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRX_COPIED_A", "a b 'c' $d")
     monkeypatch.setenv("TRX_NOT_COPIED", "x")
     with torchrunx.Launcher(
-        hostnames=["localhost"], workers_per_host=1, backend=None,
+        hostnames=["localhost"],
+        workers_per_host=1,
+        backend=None,
         copy_env_vars=(*torchrunx.DEFAULT_ENV_VARS_FOR_COPY, "TRX_COPIED_*"),
         extra_env_vars={"TRX_EXTRA": "é\nline2"},
     ) as lau:
@@ -187,7 +207,10 @@ def test_env_file_is_sourced_and_wins(tmp_path: Path) -> None:
     env_file = tmp_path / "env.sh"
     env_file.write_text('export TRX_FROM_FILE="host-$(hostname)"\nTRX_EXTRA=from-file\n')
     with torchrunx.Launcher(
-        hostnames=["localhost"], workers_per_host=1, backend=None, env_file=env_file,
+        hostnames=["localhost"],
+        workers_per_host=1,
+        backend=None,
+        env_file=env_file,
         extra_env_vars={"TRX_EXTRA": "from-extra"},
     ) as lau:
         env = lau.run(lambda: dict(os.environ)).rank(0)
@@ -208,7 +231,8 @@ def test_bad_env_file_names_file_and_shell_message(tmp_path: Path) -> None:
 
 def test_function_from_main_and_from_a_module_in_the_launchers_directory(tmp_path: Path) -> None:
     (tmp_path / "mymodule.py").write_text("def triple(x):\n    return 3 * x\n")
-    (tmp_path / "script.py").write_text(textwrap.dedent("""
+    (tmp_path / "script.py").write_text(
+        textwrap.dedent("""
         import torchrunx
         from mymodule import triple
 
@@ -219,9 +243,16 @@ def test_function_from_main_and_from_a_module_in_the_launchers_directory(tmp_pat
             with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2,
                                     backend="gloo") as launcher:
                 print(launcher.run(triple, 2).by_rank(), launcher.run(in_main, 2).by_rank())
-    """))
-    out = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, check=False,
-                         env={**os.environ, "TORCHRUNX_LOG_DIR": ""})
+    """)
+    )
+    out = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "TORCHRUNX_LOG_DIR": ""},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("[6, 6] [7, 7]")

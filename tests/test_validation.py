@@ -58,6 +58,8 @@ def test_slurm_outside_an_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHRUNX_LOG_LEVEL", "LOUD")
-    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None) as lau, \
-            pytest.raises(ValueError, match="LOUD"):
+    with (
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None) as lau,
+        pytest.raises(ValueError, match="LOUD"),
+    ):
         lau.run(os.getpid)

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -98,7 +99,8 @@ class Agent:
         self.fs_sock, child_sock = socket.socketpair()
         self.forkserver = subprocess.Popen(
             [sys.executable, "-m", "torchrunx.forkserver", str(child_sock.fileno())],
-            pass_fds=[child_sock.fileno()], stdin=subprocess.DEVNULL,
+            pass_fds=[child_sock.fileno()],
+            stdin=subprocess.DEVNULL,
         )
         child_sock.close()
         self.runs: dict[str, _Run] = {}
@@ -125,19 +127,24 @@ class Agent:
                 return
             timeout = 5 if any(r.clear_started is not None for r in self.runs.values()) else 500
             for sock, _ in self.poller.poll(timeout):
-                if sock is self.launcher:
-                    if not self.on_launcher():
-                        return
-                elif sock is self.workers:
-                    self.on_worker()
-                elif sock == self.fs_sock.fileno():  # the poller gives back fds
-                    self.on_forkserver()
-                elif sock == sys.stdin.fileno():
-                    if not os.read(sock, 4096):
-                        return  # lifeline cut: the launcher is gone
-                else:
-                    self.on_output(sock)
+                if not self.on_readable(sock):
+                    return
             self.progress_clearing()
+
+    def on_readable(self, sock: Any) -> bool:
+        """Handle one socket or fd that the poller found readable; ``False``: time to exit."""
+        if sock is self.launcher:
+            return self.on_launcher()
+        if sock is self.workers:
+            self.on_worker()
+        elif sock == self.fs_sock.fileno():  # the poller gives back fds
+            self.on_forkserver()
+        elif sock == sys.stdin.fileno():
+            if not os.read(sock, 4096):
+                return False  # lifeline cut: the launcher is gone
+        else:
+            self.on_output(sock)
+        return True
 
     def send(self, kind: str, header: dict[str, Any] | None = None, *frames: Any) -> None:
         self.launcher.send_multipart(encode(kind, header, *frames), copy=False)
@@ -173,8 +180,13 @@ class Agent:
         for w in spec["workers"]:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
-            worker = _Worker(run, w["rank"], w["local_rank"], {out_r: "stdout", err_r: "stderr"},
-                             (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino))
+            worker = _Worker(
+                run,
+                w["rank"],
+                w["local_rank"],
+                {out_r: "stdout", err_r: "stderr"},
+                (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino),
+            )
             run.workers[worker.local_rank] = worker
             for fd in (out_r, err_r):
                 os.set_blocking(fd, False)
@@ -205,9 +217,9 @@ class Agent:
             if run.cancelled:
                 signal_all([worker.pid], signal.SIGKILL)
         elif header["kind"] == "exited":
-            worker = self.by_pid.pop(header["pid"], None)
-            if worker is not None:
-                self.on_exit(worker, header["status"])
+            exited = self.by_pid.pop(header["pid"], None)
+            if exited is not None:
+                self.on_exit(exited, header["status"])
 
     def on_exit(self, worker: _Worker, status: int) -> None:
         worker.exited = True
@@ -223,8 +235,14 @@ class Agent:
             tail = [*worker.tail, *(p.decode(errors="replace") for p in worker.partial.values())]
             self.send(
                 "died",
-                {"run": run.id, "rank": worker.rank, "local_rank": worker.local_rank,
-                 "pid": worker.pid, "tail": tail, **how},
+                {
+                    "run": run.id,
+                    "rank": worker.rank,
+                    "local_rank": worker.local_rank,
+                    "pid": worker.pid,
+                    "tail": tail,
+                    **how,
+                },
             )
             self.cancel(run)
         if all(w.exited for w in run.workers.values()):
@@ -287,8 +305,12 @@ class Agent:
             worker.tail.extend(data.decode(errors="replace").splitlines())
             self.send(
                 "output",
-                {"run": worker.run.id, "rank": worker.rank, "local_rank": worker.local_rank,
-                 "stream": stream},
+                {
+                    "run": worker.run.id,
+                    "rank": worker.rank,
+                    "local_rank": worker.local_rank,
+                    "stream": stream,
+                },
                 data,
             )
         if eof:
@@ -359,10 +381,10 @@ class Agent:
         self.progress_clearing()
 
     def progress_clearing(self) -> None:
-        for run in [r for r in self.runs.values() if r.clear_started is not None]:
-            assert run.clear_started is not None
+        clearing = [(r, r.clear_started) for r in self.runs.values() if r.clear_started is not None]
+        for run, started in clearing:
             run.leftovers = alive(run.leftovers)
-            waited = time.monotonic() - run.clear_started
+            waited = time.monotonic() - started
             if run.leftovers and waited > LEFTOVER_GRACE_S and not run.escalated:
                 run.escalated = True
                 signal_all(run.leftovers, signal.SIGKILL)
@@ -390,10 +412,9 @@ class Agent:
 
 
 def _holds_any(pid: int, links: set[str]) -> bool:
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
-            if os.readlink(f"{fd_dir}/{fd}") in links:
+            if str(fd.readlink()) in links:
                 return True
     return False
 

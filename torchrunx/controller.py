@@ -22,19 +22,18 @@ import os
 import queue
 import secrets
 import shutil
+import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import zmq
 
 from .transport.messages import decode, encode
-
-if TYPE_CHECKING:
-    import subprocess
-    from collections.abc import Callable
 
 logger = logging.getLogger("torchrunx")
 
@@ -164,9 +163,7 @@ class Controller(threading.Thread):
         self._drain_stderr(agent)
         agent.failure = reason
         folder = str((agent.facts or {}).get("dir", ""))
-        if agent.process.poll() is not None and os.path.basename(folder).startswith(
-            "torchrunx-agent-"
-        ):
+        if agent.process.poll() is not None and Path(folder).name.startswith("torchrunx-agent-"):
             # it died without cleaning up after itself: its private folder is ours to remove
             shutil.rmtree(folder, ignore_errors=True)
         for run in list(self.runs.values()):
@@ -176,14 +173,14 @@ class Controller(threading.Thread):
                 self._cleared(run, i)
         self._notify()
 
-    def send(self, agent: AgentHandle, kind: str, header: dict[str, Any] | None = None,
-             *frames: Any) -> None:
+    def send(
+        self, agent: AgentHandle, kind: str, header: dict[str, Any] | None = None, *frames: Any
+    ) -> None:
         """Send to one agent; an agent that cannot be reached is failed."""
         if agent.failure is not None:
             return
         try:
-            self.router.send_multipart([agent.identity, *encode(kind, header, *frames)],
-                                       copy=False)
+            self.router.send_multipart([agent.identity, *encode(kind, header, *frames)], copy=False)
         except zmq.ZMQError as e:
             self.fail_agent(agent, f"the agent on {agent.hostname} cannot be reached ({e})")
 
@@ -193,7 +190,7 @@ class Controller(threading.Thread):
         """Register ``run`` and send each agent its part."""
         self.runs[run.id] = run
         run.uncleared = set(range(len(run.agents)))
-        for i, (agent, (header, frames)) in enumerate(zip(run.agents, messages)):
+        for i, (agent, (header, frames)) in enumerate(zip(run.agents, messages, strict=True)):
             if agent.failure is not None:
                 self._fail(run, "agent", {"hostname": agent.hostname}, [])
                 self._cleared(run, i)
@@ -260,7 +257,8 @@ class Controller(threading.Thread):
             if agent.failure is None and now - agent.last_seen > self.agent_timeout:
                 what = "sent nothing" if agent.ready else "did not connect"
                 self.fail_agent(
-                    agent, f"the agent on {agent.hostname} {what} for {self.agent_timeout} s "
+                    agent,
+                    f"the agent on {agent.hostname} {what} for {self.agent_timeout} s "
                     "(agent_timeout): its host is unreachable or the agent hangs",
                 )
 
@@ -364,8 +362,11 @@ class Controller(threading.Thread):
         local_rank = header.get("local_rank")
         name = f"torchrunx.{agent.hostname}" + ("" if local_rank is None else f".{local_rank}")
         stream = header.get("stream", "stderr")
-        level = logging.getLevelName(header["level"]) if "level" in header else (
-            logging.INFO if stream == "stdout" else logging.WARNING)
+        level = (
+            logging.getLevelName(header["level"])
+            if "level" in header
+            else (logging.INFO if stream == "stdout" else logging.WARNING)
+        )
         text = bytes(frames[0]).decode(errors="replace") if frames else ""
         emit = run.emit if run is not None else logging.getLogger(name).handle
         for line in text.splitlines():

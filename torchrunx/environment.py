@@ -12,7 +12,10 @@ import fnmatch
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 DEFAULT_ENV_VARS_FOR_COPY: tuple[str, ...] = (
     "PATH",
@@ -26,8 +29,18 @@ DEFAULT_ENV_VARS_FOR_COPY: tuple[str, ...] = (
 )
 """Patterns (fnmatch) of launcher variables copied to agents and workers by default."""
 
-_LOGIN_BASICS = ("HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "LC_*", "TERM", "TZ",
-                 "TMPDIR")
+_LOGIN_BASICS = (
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TERM",
+    "TZ",
+    "TMPDIR",
+)
 _SHELL_OWN = {"_", "SHLVL", "PWD", "OLDPWD"}
 ENV_FILE_TIMEOUT_S = 60.0
 """Longest time an ``env_file`` may take to source."""
@@ -55,7 +68,9 @@ def source_env_file(path: str) -> dict[str, str]:
     script = 'set -a; . "$0" >&2 || exit 97; exec env -0'
     try:
         out = subprocess.run(
-            [shell, "-c", script, path], capture_output=True, check=False,
+            [shell, "-c", script, path],
+            capture_output=True,
+            check=False,
             timeout=ENV_FILE_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
@@ -65,7 +80,5 @@ def source_env_file(path: str) -> dict[str, str]:
         message = out.stderr.decode(errors="replace").strip() or f"exit code {out.returncode}"
         msg = f"sourcing env_file {path!r} with {shell} failed: {message}"
         raise RuntimeError(msg)
-    after = dict(
-        entry.split("=", 1) for entry in out.stdout.decode().split("\0") if "=" in entry
-    )
+    after = dict(entry.split("=", 1) for entry in out.stdout.decode().split("\0") if "=" in entry)
     return {k: v for k, v in after.items() if k not in _SHELL_OWN and os.environ.get(k) != v}

@@ -15,7 +15,7 @@ class TorchrunxError(Exception):
 
 
 class AgentFailedError(TorchrunxError):
-    """An agent died, its host went silent for longer than ``agent_timeout``, or it could not start."""
+    """An agent died, could not start, or its host was silent for longer than ``agent_timeout``."""
 
     def __init__(self, message: str, *, hostname: str | None = None) -> None:
         super().__init__(message)
@@ -28,7 +28,7 @@ class WorkerFailedError(TorchrunxError):
     Also raised when a return value or an exception cannot cross back to the launcher (pickling).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 -- keyword-only: one per attribute of the error
         self,
         message: str,
         *,

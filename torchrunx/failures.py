@@ -48,38 +48,51 @@ def _died(h: dict[str, Any]) -> WorkerFailedError:
     text = f"worker {_where(h)}, pid {h.get('pid')}, {how}"
     text += ".\nLast lines it wrote:\n  " + "\n  ".join(tail) if tail else ".\nIt wrote nothing."
     return WorkerFailedError(
-        text, hostname=h.get("hostname"), rank=h.get("rank"), local_rank=h.get("local_rank"),
-        exitcode=h.get("exitcode"), signal_name=h.get("signal"), last_lines=tail,
+        text,
+        hostname=h.get("hostname"),
+        rank=h.get("rank"),
+        local_rank=h.get("local_rank"),
+        exitcode=h.get("exitcode"),
+        signal_name=h.get("signal"),
+        last_lines=tail,
     )
 
 
 def _raised(h: dict[str, Any], frames: list[Any]) -> BaseException:
     cause = RemoteTraceback(h.get("traceback", ""))
     if "unpicklable_result" in h:
-        text = (f"the return value of {_where(h)}, a {h['unpicklable_result']}, cannot be "
-                f"pickled: {h.get('type')}: {h.get('message')}")
+        text = (
+            f"the return value of {_where(h)}, a {h['unpicklable_result']}, cannot be "
+            f"pickled: {h.get('type')}: {h.get('message')}"
+        )
     elif not frames:
-        text = (f"{_where(h)} raised {h.get('type')}: {h.get('message')}; the exception itself "
-                f"cannot be pickled ({h.get('unpicklable')}), so it is given here as text")
+        text = (
+            f"{_where(h)} raised {h.get('type')}: {h.get('message')}; the exception itself "
+            f"cannot be pickled ({h.get('unpicklable')}), so it is given here as text"
+        )
     else:
         try:
             exc = serialization.loads(frames)
         except Exception as e:  # noqa: BLE001 -- e.g. its class is not importable here
-            text = (f"{_where(h)} raised {h.get('type')}: {h.get('message')}; it cannot be "
-                    f"unpickled in the launcher ({type(e).__name__}: {e})")
+            text = (
+                f"{_where(h)} raised {h.get('type')}: {h.get('message')}; it cannot be "
+                f"unpickled in the launcher ({type(e).__name__}: {e})"
+            )
         else:
             if isinstance(exc, BaseException):
                 exc.__cause__ = cause
                 return exc
             text = f"{_where(h)} sent back a {type(exc).__name__} as its exception"
-    error = WorkerFailedError(text, hostname=h.get("hostname"), rank=h.get("rank"),
-                              local_rank=h.get("local_rank"))
+    error = WorkerFailedError(
+        text, hostname=h.get("hostname"), rank=h.get("rank"), local_rank=h.get("local_rank")
+    )
     error.__cause__ = cause
     return error
 
 
 def _add_note(exc: BaseException, note: str) -> None:
-    exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # add_note() is 3.11+
+    notes: list[str] = [*getattr(exc, "__notes__", []), note]
+    setattr(exc, "__notes__", notes)  # noqa: B010 -- add_note() and a typed __notes__ are 3.11+
 
 
 def raise_failure(run: RunState, hostnames: list[str]) -> NoReturn:
@@ -117,8 +130,11 @@ def unpickle_result(run: RunState, rank: int, hostname: str) -> Any:
         raise WorkerFailedError(msg, hostname=hostname, rank=rank)
     _, frames = run.results[rank]
     try:
-        return serialization.loads(frames)
+        # zmq.Frame has the buffer protocol, but pyzmq's stubs do not declare it
+        return serialization.loads(frames)  # type: ignore[arg-type]
     except Exception as e:
-        msg = (f"the return value of rank {rank} on {hostname} cannot be unpickled in the "
-               f"launcher: {type(e).__name__}: {e}")
+        msg = (
+            f"the return value of rank {rank} on {hostname} cannot be unpickled in the "
+            f"launcher: {type(e).__name__}: {e}"
+        )
         raise WorkerFailedError(msg, hostname=hostname, rank=rank) from e

@@ -14,6 +14,7 @@ and it reports each exit to the agent the moment ``SIGCHLD`` arrives. It dies wi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -21,7 +22,7 @@ import socket
 import sys
 from typing import Any
 
-from .reaper import set_parent_death_signal, set_child_subreaper
+from .reaper import set_child_subreaper, set_parent_death_signal
 from .transport.unix import recv_message, send_message
 
 _MAX_FD = 1 << 20
@@ -30,7 +31,7 @@ _MAX_FD = 1 << 20
 def _preload() -> None:
     """Import what every worker needs, so that a fork starts with it in memory."""
     import cloudpickle  # noqa: F401, PLC0415
-    import torch  # noqa: F401, PLC0415
+    import torch  # noqa: PLC0415
     import torch.distributed  # noqa: F401, PLC0415
     import zmq  # noqa: F401, PLC0415
 
@@ -72,13 +73,15 @@ def serve(sock: socket.socket) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler makes the wakeup fd fire
     send_message(sock, {"kind": "ready", "pid": os.getpid()})
+    sock_fd = sock.fileno()
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
+        readable, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in readable:
-            while os.read(wake_r, 512) == 512:
-                pass
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
             _reap(sock)
-        if sock in readable:
+        if sock_fd in readable:
             try:
                 header, payload, fds = recv_message(sock)
             except EOFError:
@@ -91,8 +94,12 @@ def serve(sock: socket.socket) -> None:
                 os.close(err)
                 send_message(
                     sock,
-                    {"kind": "forked", "run": header["run"], "local_rank": worker["local_rank"],
-                     "pid": pid},
+                    {
+                        "kind": "forked",
+                        "run": header["run"],
+                        "local_rank": worker["local_rank"],
+                        "pid": pid,
+                    },
                 )
             _reap(sock)
 

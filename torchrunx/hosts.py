@@ -15,6 +15,7 @@ __all__ = [
     "slurm_hostnames",
 ]
 
+import contextlib
 import os
 import re
 import shutil
@@ -37,11 +38,12 @@ def slurm_hostnames() -> list[str]:
     if not in_slurm_job():
         msg = 'hostnames="slurm" needs a SLURM allocation, but SLURM_JOB_ID is not set'
         raise ValueError(msg)
-    if shutil.which("scontrol") is None:
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
         msg = 'hostnames="slurm": SLURM_JOB_ID is set but scontrol is not on PATH'
         raise ValueError(msg)
     out = subprocess.run(
-        ["scontrol", "show", "hostnames"], capture_output=True, text=True, check=True, timeout=30
+        [scontrol, "show", "hostnames"], capture_output=True, text=True, check=True, timeout=30
     )
     return out.stdout.split()
 
@@ -58,12 +60,11 @@ def resolve_hostnames(hostnames: list[str] | str) -> list[str]:
 @cache
 def _own_addresses() -> frozenset[str]:
     names = {socket.gethostname(), socket.getfqdn()}
-    addresses = set()
+    addresses: set[str] = set()
     for name in names:
-        try:
-            addresses |= {info[4][0] for info in socket.getaddrinfo(name, None)}
-        except OSError:
-            continue
+        with contextlib.suppress(OSError):
+            infos = socket.getaddrinfo(name, None)
+            addresses |= {info[4][0] for info in infos if isinstance(info[4][0], str)}
     import psutil  # noqa: PLC0415
 
     for addrs in psutil.net_if_addrs().values():
@@ -99,7 +100,7 @@ def _loopback_interface() -> str | None:
 
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.address == "127.0.0.1" for a in addrs):
-            return name
+            return str(name)
     return None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = ["Launcher", "launch"]
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -130,15 +131,19 @@ class Launcher:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def set_logging_handlers(self, handler_factory: HandlerFactory | Literal["auto"] | None) -> Self:
+    def set_logging_handlers(
+        self, handler_factory: HandlerFactory | Literal["auto"] | None
+    ) -> Self:
         """Replace the default handlers of worker and agent output.
 
         ``handler_factory()`` is called at each run and returns :class:`logging.Handler` objects;
         records carry ``hostname`` and ``local_rank`` (``None`` for agents). ``None``: no output
         is handled. ``"auto"``: the defaults.
         """
-        if handler_factory is not None and handler_factory != "auto" and not callable(
-            handler_factory
+        if (
+            handler_factory is not None
+            and handler_factory != "auto"
+            and not callable(handler_factory)
         ):
             msg = f"handler_factory must be callable, 'auto' or None, not {handler_factory!r}"
             raise TypeError(msg)
@@ -164,13 +169,13 @@ class Launcher:
         if not callable(func):
             msg = f"run() needs a callable, got {func!r} ({type(func).__name__})"
             raise TypeError(msg)
-        args, kwargs = _legacy_kwargs(func, args, kwargs)
+        call_args, call_kwargs = _legacy_kwargs(func, args, kwargs)
         self.start()
-        assert self._pool is not None
-        return self._pool.run(self, func, args, kwargs)
+        assert self._pool is not None  # noqa: S101 -- narrows the type: start() has set it
+        return self._pool.run(self, func, call_args, call_kwargs)
 
 
-def launch(
+def launch(  # noqa: PLR0913 -- the public signature of earlier releases
     func: Callable[..., FunctionR],
     func_args: Sequence[Any] = (),
     func_kwargs: dict[str, Any] | None = None,
@@ -212,17 +217,22 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
     w = launcher.workers_per_host
     if isinstance(w, str):
         if w not in _WORKER_COUNTS:
-            msg = f"workers_per_host={w!r}: use a positive int, a list of them, or one of " \
+            msg = (
+                f"workers_per_host={w!r}: use a positive int, a list of them, or one of "
                 f"{_WORKER_COUNTS}"
+            )
             raise ValueError(msg)
     elif isinstance(w, bool) or not isinstance(w, (int, list, tuple)):
-        msg = f"workers_per_host={w!r}: use a positive int, a list of them, or one of " \
+        msg = (
+            f"workers_per_host={w!r}: use a positive int, a list of them, or one of "
             f"{_WORKER_COUNTS}"
+        )
         raise TypeError(msg)
     else:
         counts = [w] if isinstance(w, int) else list(w)
-        if not counts or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
-                                 for c in counts):
+        if not counts or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts
+        ):
             msg = f"workers_per_host={w!r}: every count must be a positive int"
             raise ValueError(msg)
     if launcher.backend is not None and launcher.backend not in _BACKENDS:
@@ -254,8 +264,10 @@ def _check_hostnames(hostnames: list[str], workers_per_host: object) -> None:
         msg = f"hostnames={hostnames!r}: each host may appear only once"
         raise ValueError(msg)
     if isinstance(workers_per_host, (list, tuple)) and len(workers_per_host) != len(hostnames):
-        msg = f"workers_per_host={list(workers_per_host)!r} has {len(workers_per_host)} " \
+        msg = (
+            f"workers_per_host={list(workers_per_host)!r} has {len(workers_per_host)} "
             f"entries for {len(hostnames)} hosts {hostnames!r}"
+        )
         raise ValueError(msg)
 
 
@@ -269,8 +281,11 @@ def _legacy_kwargs(
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):
         return args, kwargs
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                  inspect.Parameter.VAR_POSITIONAL)
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
     if any(p.kind in positional for p in params):
         return args, kwargs
     return (), dict(args[0])
@@ -312,7 +327,8 @@ class _Pool:
         for agent in agents:
             if agent.failure is not None or not settled:
                 raise AgentFailedError(
-                    agent.describe_failure() if agent.failure
+                    agent.describe_failure()
+                    if agent.failure
                     else f"the agent on {agent.hostname} did not start in time",
                     hostname=agent.hostname,
                 )
@@ -320,24 +336,33 @@ class _Pool:
 
     def _start_local(self, hostname: str, env: dict[str, str], launcher: Launcher) -> AgentHandle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "torchrunx"], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=os.getcwd(),
+            [sys.executable, "-m", "torchrunx"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=Path.cwd(),
             start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the agent's
         )
         agent = AgentHandle(hostname, process)
         boot = {
-            "address": self.controller.address, "identity": agent.identity.hex(),
-            "secret": self.secret, "hostname": hostname,
+            "address": self.controller.address,
+            "identity": agent.identity.hex(),
+            "secret": self.secret,
+            "hostname": hostname,
             "agent_timeout": launcher.agent_timeout,
             "env_file": None if launcher.env_file is None else os.fspath(launcher.env_file),
         }
-        assert process.stdin is not None
+        assert process.stdin is not None  # noqa: S101 -- narrows the type: stdin=PIPE
         process.stdin.write(json.dumps(boot).encode() + b"\n")
         process.stdin.flush()  # stdin stays open: it is the agent's lifeline
         return agent
 
     def run(
-        self, launcher: Launcher, func: Callable[..., Any], args: tuple[Any, ...],
+        self,
+        launcher: Launcher,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> LaunchResult[Any]:
         agents = [a for a in self.agents if a is not None]
@@ -355,13 +380,25 @@ class _Pool:
         run = RunState(run_id, agents, workers, _dispatch(handlers))
         offsets = [0, *itertools.accumulate(workers)]
         common = {
-            "run": run_id, "world_size": offsets[-1], "backend": backend,
-            "master_addr": "127.0.0.1", "env": env, "cwd": os.getcwd(), "sys_path": sys.path,
+            "run": run_id,
+            "world_size": offsets[-1],
+            "backend": backend,
+            "master_addr": "127.0.0.1",
+            "env": env,
+            "cwd": str(Path.cwd()),
+            "sys_path": sys.path,
             "worker_timeout": launcher.worker_timeout,
         }
         messages = [
-            ({**common, "group_rank": i, "local_world_size": n,
-              "workers": [{"rank": offsets[i] + r, "local_rank": r} for r in range(n)]}, payload)
+            (
+                {
+                    **common,
+                    "group_rank": i,
+                    "local_world_size": n,
+                    "workers": [{"rank": offsets[i] + r, "local_rank": r} for r in range(n)],
+                },
+                payload,
+            )
             for i, n in enumerate(workers)
         ]
         try:
@@ -369,16 +406,21 @@ class _Pool:
             try:
                 run.done.wait()
             except BaseException:
-                self.controller.call(functools.partial(
-                    self.controller.cancel_run, run_id, "interrupted in the launcher"))
+                self.controller.call(
+                    functools.partial(
+                        self.controller.cancel_run, run_id, "interrupted in the launcher"
+                    )
+                )
                 run.done.wait(CANCEL_TIMEOUT_S)
                 raise
             if run.failures:
                 raise_failure(run, self.hostnames)
-            return LaunchResult({
-                host: [unpickle_result(run, offsets[i] + r, host) for r in range(workers[i])]
-                for i, host in enumerate(self.hostnames)
-            })
+            return LaunchResult(
+                {
+                    host: [unpickle_result(run, offsets[i] + r, host) for r in range(workers[i])]
+                    for i, host in enumerate(self.hostnames)
+                }
+            )
         finally:
             for handler in handlers:
                 handler.close()
@@ -399,10 +441,8 @@ def _stop_agent(agent: AgentHandle, timeout: float = 5.0) -> None:
     """Cut the agent's lifeline (it kills its runs and exits), then make sure it is gone."""
     process = agent.process
     if process.stdin is not None:
-        try:
+        with contextlib.suppress(OSError):
             process.stdin.close()
-        except OSError:
-            pass
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -420,7 +460,7 @@ def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) ->
         return [int(f["cpus"]) for f in facts]
     gpus = [int(f["gpus"]) for f in facts]
     if spec == "gpu":
-        missing = [a.hostname for a, g in zip(agents, gpus) if g == 0]
+        missing = [a.hostname for a, g in zip(agents, gpus, strict=True) if g == 0]
         if missing:
             msg = f'workers_per_host="gpu", but no GPU was found on {missing}'
             raise ValueError(msg)
@@ -434,7 +474,9 @@ def _backend(backend: str | None, agents: list[AgentHandle]) -> str | None:
     return "nccl" if all((a.facts or {}).get("gpus") for a in agents) else "gloo"
 
 
-def _handlers(launcher: Launcher, hostnames: list[str], workers: list[int]) -> list[logging.Handler]:
+def _handlers(
+    launcher: Launcher, hostnames: list[str], workers: list[int]
+) -> list[logging.Handler]:
     factory = launcher.handler_factory
     if factory is None:
         return []
@@ -454,5 +496,3 @@ def _dispatch(handlers: list[logging.Handler]) -> Callable[[logging.LogRecord], 
                 handler.handle(record)
 
     return emit
-
-

@@ -18,7 +18,7 @@ __all__ = [
     "log_level_from_env",
 ]
 
-import datetime
+import datetime as dt
 import logging
 import os
 import sys
@@ -69,17 +69,19 @@ def log_level_from_env() -> int:
     value = os.environ.get("TORCHRUNX_LOG_LEVEL", "INFO")
     if value.isdigit():
         return int(value)
-    level = logging.getLevelNamesMapping().get(value.upper()) if sys.version_info >= (3, 11) \
-        else logging._nameToLevel.get(value.upper())  # noqa: SLF001
+    if sys.version_info >= (3, 11):
+        level = logging.getLevelNamesMapping().get(value.upper())
+    else:  # 3.10 has no public name-to-level mapping
+        level = logging._nameToLevel.get(value.upper())  # noqa: SLF001
     if level is None:
-        names = ", ".join(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
+        names = "DEBUG, INFO, WARNING, ERROR, CRITICAL"
         msg = f"$TORCHRUNX_LOG_LEVEL={value!r} is not a level: use one of {names} or a number"
         raise ValueError(msg)
     return level
 
 
 def _new_run_dir(root: Path) -> Path:
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    stamp = dt.datetime.now().astimezone().strftime("%Y-%m-%d_%H-%M-%S.%f")
     for i in range(1000):
         path = root / (stamp if i == 0 else f"{stamp}-{i}")
         try:
@@ -92,7 +94,9 @@ def _new_run_dir(root: Path) -> Path:
 
 
 def file_handlers(
-    hostnames: list[str], workers_per_host: list[int], log_dir: str | os.PathLike[str],
+    hostnames: list[str],
+    workers_per_host: list[int],
+    log_dir: str | os.PathLike[str],
     log_level: int = logging.NOTSET,
 ) -> list[logging.Handler]:
     """One file per agent (``<hostname>.log``, with its local worker 0) and per worker.
@@ -102,16 +106,16 @@ def file_handlers(
     folder = _new_run_dir(Path(log_dir))
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers: list[logging.Handler] = []
-    for hostname, workers in zip(hostnames, workers_per_host):
+    for hostname, workers in zip(hostnames, workers_per_host, strict=False):
         agent = logging.FileHandler(folder / f"{hostname}.log", delay=True)
         worker0 = get_handler_filter(hostname, 0, log_level)
         agent_own = get_handler_filter(hostname, None, log_level)
         agent.addFilter(lambda r, a=agent_own, w=worker0: a(r) or w(r))  # type: ignore[misc]
         handlers.append(agent)
         for local_rank in range(workers):
-            h = logging.FileHandler(folder / f"{hostname}[{local_rank}].log", delay=True)
-            h.addFilter(get_handler_filter(hostname, local_rank, log_level))
-            handlers.append(h)
+            worker = logging.FileHandler(folder / f"{hostname}[{local_rank}].log", delay=True)
+            worker.addFilter(get_handler_filter(hostname, local_rank, log_level))
+            handlers.append(worker)
     for h in handlers:
         h.setFormatter(formatter)
     return handlers

@@ -53,9 +53,7 @@ def alive(pids: Iterable[int]) -> list[int]:
     """The processes among ``pids`` that still run (zombies excluded)."""
     running = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 running.append(pid)
-        except psutil.NoSuchProcess:
-            pass
     return running

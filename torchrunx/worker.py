@@ -19,7 +19,7 @@ from __future__ import annotations
 __all__ = ["run_worker"]
 
 import contextlib
-import datetime
+import datetime as dt
 import os
 import socket
 import sys
@@ -93,11 +93,11 @@ class _Worker:
             value = fn(*args, **kwargs)
             if store is not None and self.rank != 0:
                 store.set(f"torchrunx/done/{self.rank}", "1")
-        except Exception as e:  # the user's exception: it goes back to the launcher
+        except Exception as e:  # noqa: BLE001 -- the user's exception: it goes back to the launcher
             return self._send_error(e)
         try:
             frames = serialization.dumps(value)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 -- any pickling error is reported as the outcome
             return self._send_error(e, while_pickling=value)
         self._send("result", {}, frames)
         if store is not None and self.rank == 0:
@@ -116,8 +116,11 @@ class _Worker:
                 from torch.distributed import TCPStore  # noqa: PLC0415
 
                 store = TCPStore(
-                    self.spec["master_addr"], 0, self.world_size, is_master=True,
-                    timeout=datetime.timedelta(seconds=self.spec["worker_timeout"]),
+                    self.spec["master_addr"],
+                    0,
+                    self.world_size,
+                    is_master=True,
+                    timeout=dt.timedelta(seconds=self.spec["worker_timeout"]),
                     wait_for_workers=False,
                 )
                 port = store.port
@@ -129,8 +132,11 @@ class _Worker:
                 from torch.distributed import TCPStore  # noqa: PLC0415
 
                 store = TCPStore(
-                    self.spec["master_addr"], port, self.world_size, is_master=False,
-                    timeout=datetime.timedelta(seconds=self.spec["worker_timeout"]),
+                    self.spec["master_addr"],
+                    port,
+                    self.world_size,
+                    is_master=False,
+                    timeout=dt.timedelta(seconds=self.spec["worker_timeout"]),
                 )
         os.environ["MASTER_PORT"] = str(port)
         return store
@@ -139,9 +145,11 @@ class _Worker:
         import torch.distributed as dist  # noqa: PLC0415
 
         dist.init_process_group(
-            backend=self.spec["backend"], store=store, rank=self.rank,
+            backend=self.spec["backend"],
+            store=store,
+            rank=self.rank,
             world_size=self.world_size,
-            timeout=datetime.timedelta(seconds=self.spec["worker_timeout"]),
+            timeout=dt.timedelta(seconds=self.spec["worker_timeout"]),
         )
 
     def _recv(self, expected: str) -> dict[str, Any]:
@@ -174,7 +182,7 @@ class _Worker:
         try:
             frames = serialization.dumps(e)
             serialization.loads(frames)  # fails here, not in the launcher, if it cannot return
-        except Exception as pickling_error:
+        except Exception as pickling_error:  # noqa: BLE001 -- it is sent back as text instead
             header["unpicklable"] = _safe_str(pickling_error)
             frames = []
         self._send("error", header, frames)

@@ -7,7 +7,8 @@ buffers -- that only the launcher and the workers ever unpickle.
 launcher -> agent: ``run``, ``rendezvous``, ``cancel``, ``shutdown``, ``heartbeat``
 agent -> launcher: ``hello``, ``heartbeat``, ``port``, ``output``, ``result``, ``error``,
 ``died``, ``cleared``, ``failed``
-worker -> agent: ``hello``, ``port``, ``result``, ``error``; agent -> worker: ``rendezvous``, ``ack``
+worker -> agent: ``hello``, ``port``, ``result``, ``error``
+agent -> worker: ``rendezvous``, ``ack``
 """
 
 from __future__ import annotations
@@ -39,9 +40,13 @@ def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[str, Header, list[zmq.F
     if len(frames) < 2:
         msg = f"a message has at least 2 frames, got {len(frames)}"
         raise ValueError(msg)
-    kind = bytes(frames[0]).decode("ascii")
-    header = json.loads(bytes(frames[1]))
+    kind = _as_bytes(frames[0]).decode("ascii")
+    header = json.loads(_as_bytes(frames[1]))
     if not isinstance(header, dict):
         msg = f"a message header is a JSON object, got {type(header).__name__}"
         raise TypeError(msg)
     return kind, header, list(frames[2:])
+
+
+def _as_bytes(frame: zmq.Frame | bytes) -> bytes:
+    return frame if isinstance(frame, bytes) else frame.bytes

@@ -40,14 +40,14 @@ def _rebuild_storage(buffer: memoryview | bytes | bytearray) -> torch.UntypedSto
     import torch  # noqa: PLC0415 -- only processes that receive tensors import torch
 
     if len(buffer) == 0:
-        return torch.UntypedStorage(0)
+        return torch.UntypedStorage(0)  # type: ignore[no-untyped-call]  # unannotated in torch
     if isinstance(buffer, bytes) or memoryview(buffer).readonly:
         # in-band (small) buffers arrive as immutable bytes; torch needs writable memory
         buffer = bytearray(buffer)
     return torch.frombuffer(buffer, dtype=torch.uint8).untyped_storage()
 
 
-def _rebuild_tensor(  # noqa: PLR0913 -- mirrors torch's own _rebuild_tensor_v2
+def _rebuild_tensor(  # noqa: PLR0913, PLR0917 -- positional, like torch's _rebuild_tensor_v2
     storage: torch.UntypedStorage,
     dtype: torch.dtype,
     offset: int,
