@@ -527,6 +527,7 @@ def fmt_leak(cell: Cell) -> str:
         f"RSS {first['launcher_rss_mib']:.0f}->{last['launcher_rss_mib']:.0f} MiB; "
         f"agent {first['agent_rss_mib']:.0f}->{last['agent_rss_mib']:.0f} MiB "
         f"(runs {first['run']}->{last['run']})"
+        + (f"; {len(extra['failed_runs'])} runs failed" if extra.get("failed_runs") else "")
     )
 
 
@@ -560,6 +561,11 @@ def fmt_cell(cell: Cell, scenario: Scenario, opts: argparse.Namespace) -> str:
     return text
 
 
+def fmt_ratio_value(ratio: float) -> str:
+    """A ratio with two decimals, or none from 100 on."""
+    return f"{ratio:.0f}" if ratio >= 100 else f"{ratio:.2f}"
+
+
 def fmt_ratio(cells: dict[str, Cell], opts: argparse.Namespace) -> str:
     """0.4.0 / ours, on the medians."""
     ours, ref = cells.get("ours"), cells.get("040")
@@ -569,10 +575,10 @@ def fmt_ratio(cells: dict[str, Cell], opts: argparse.Namespace) -> str:
     if ours.status != "ok" or not ours_median:
         return ""
     if ref.status == "capped":
-        return f"> {opts.cap / ours_median:.1f}"
+        return f"> {fmt_ratio_value(opts.cap / ours_median)}"
     if ref.status != "ok" or ref_median is None:
         return ""
-    return f"{ref_median / ours_median:.2f}"
+    return fmt_ratio_value(ref_median / ours_median)
 
 
 def startup_cell(cell: Cell) -> Cell:

@@ -91,7 +91,7 @@ class _Worker:
             if self.spec["backend"] is not None:
                 self._init_process_group(store)
             value = fn(*args, **kwargs)
-            if store is not None and self.rank != 0:
+            if store is not None:
                 store.set(f"torchrunx/done/{self.rank}", "1")
         except Exception as e:  # noqa: BLE001 -- the user's exception: it goes back to the launcher
             return self._send_error(e)
@@ -100,9 +100,16 @@ class _Worker:
         except Exception as e:  # noqa: BLE001 -- any pickling error is reported as the outcome
             return self._send_error(e, while_pickling=value)
         self._send("result", {}, frames)
-        if store is not None and self.rank == 0:
-            # rank 0 hosts the store: it stays until no other rank can still need it
-            store.wait([f"torchrunx/done/{r}" for r in range(1, self.world_size)])
+        if store is not None:
+            # Nobody leaves before every rank is done: a peer may still be finishing its side of
+            # the process group's connections (gloo's mesh set-up is not symmetric), and rank 0
+            # hosts the store the others wait on.
+            keys = [f"torchrunx/done/{r}" for r in range(self.world_size)]
+            if self.rank == 0:
+                store.wait(keys)
+            else:
+                with contextlib.suppress(Exception):  # rank 0 may already be gone: we are done
+                    store.wait(keys)
         return 0
 
     def _rendezvous(self) -> Any:
