@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import signal
@@ -18,16 +17,13 @@ import pytest
 import torch
 
 import torchrunx
+from torchrunx.reaper import alive
 
 
 def gone(pids: list[int], timeout: float = 0.0) -> bool:
     deadline = time.monotonic() + timeout
     while True:
-        running = []
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    running.append(pid)
+        running = alive(pids)
         if not running or time.monotonic() >= deadline:
             return not running
         time.sleep(0.05)
