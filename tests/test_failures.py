@@ -131,7 +131,7 @@ def test_the_cause_comes_first_and_the_rest_is_summarised() -> None:
     from torchrunx.controller import RunState
     from torchrunx.failures import raise_failure
 
-    run = RunState("r", [], [2], lambda _: None)
+    run = RunState("r", [], [2], lambda _: None, "token")
     error = {
         "type": "builtins.RuntimeError",
         "message": "Connection closed by peer",

@@ -141,6 +141,58 @@ def test_arguments_and_results_carry_tensors(launcher: torchrunx.Launcher) -> No
         assert v["grad"].requires_grad
 
 
+def test_large_results_arrive_intact(launcher: torchrunx.Launcher) -> None:
+    """Results of 1 MiB and more take the direct path to the launcher; small ones do not."""
+
+    def work() -> dict[str, torch.Tensor]:
+        r = int(os.environ["RANK"])
+        return {"big": torch.arange(3_000_000, dtype=torch.int64) * (r + 1), "small": torch.ones(2)}
+
+    result = launcher.run(work)
+    for r in (0, 1):
+        expected = torch.arange(3_000_000, dtype=torch.int64) * (r + 1)
+        assert torch.equal(result.rank(r)["big"], expected)
+        assert torch.equal(result.rank(r)["small"], torch.ones(2))
+
+
+class _CreatesFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def _forge_result(address: str, marker: str) -> str:
+    """Rank 1 sends the launcher a result for rank 0 with a wrong token, then returns its own."""
+    import zmq
+
+    from torchrunx.transport import serialization
+    from torchrunx.transport.messages import encode
+
+    if os.environ["RANK"] == "1":
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        header = {"run": os.environ["TORCHRUNX_RUN_ID"], "rank": 0, "token": "0" * 32}
+        sock.connect(address)
+        sock.send_multipart(encode("result", header, *serialization.dumps(_CreatesFile(marker))))
+        answered = sock.poll(500)
+        ctx.destroy(linger=0)
+        assert not answered, "a result with a wrong token was acknowledged"
+    return f"rank {os.environ['RANK']}"
+
+
+def test_a_result_without_the_run_token_is_refused_unread(
+    launcher: torchrunx.Launcher, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    assert launcher._pool is not None
+    address = launcher._pool.controller.address
+    result = launcher.run(_forge_result, address, str(marker))
+    assert result.by_rank() == ["rank 0", "rank 1"]
+    assert not marker.exists()
+
+
 def test_backend_none_has_no_group_but_has_master_vars() -> None:
     def check() -> tuple[bool, str, str]:
         return dist.is_initialized(), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]

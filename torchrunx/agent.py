@@ -91,6 +91,7 @@ class Agent:
         self.launcher.setsockopt(zmq.IDENTITY, bytes.fromhex(boot["identity"]))
         self.launcher.setsockopt(zmq.LINGER, 2000)
         self.launcher.connect(boot["address"])
+        self.address: str = boot["address"]
         self.dir = tempfile.mkdtemp(prefix="torchrunx-agent-")  # mode 0700: the user's only
         self.endpoint = f"ipc://{self.dir}/workers"
         self.workers = self.ctx.socket(zmq.ROUTER)
@@ -195,7 +196,13 @@ class Agent:
             fds += [out_w, err_w]
         env = {**spec["env"], **self.env_file_vars}  # the env file has the last word
         sizes = [len(f.buffer) for f in frames]
-        header = {**spec, "env": env, "endpoint": self.endpoint, "payload_sizes": sizes}
+        header = {
+            **spec,
+            "env": env,
+            "endpoint": self.endpoint,
+            "launcher": self.address,
+            "payload_sizes": sizes,
+        }
         send_message(self.fs_sock, header, [f.buffer for f in frames], fds)
         for fd in fds:
             os.close(fd)
@@ -268,8 +275,9 @@ class Agent:
             for fd in list(worker.pipes):
                 self.on_output(fd)  # its output first, then its outcome
             worker.outcome = kind
-            header.update(run=run.id, rank=worker.rank, local_rank=worker.local_rank)
-            self.send(kind, header, *frames)
+            if not header.get("direct"):  # a direct result is at the launcher already
+                header.update(run=run.id, rank=worker.rank, local_rank=worker.local_rank)
+                self.send(kind, header, *frames)
             self.to_worker(run, worker.local_rank, "ack", {})
             if kind == "error":
                 self.cancel(run)

@@ -17,6 +17,7 @@ from __future__ import annotations
 __all__ = ["AgentHandle", "Controller", "RunState"]
 
 import contextlib
+import hmac
 import logging
 import os
 import queue
@@ -78,6 +79,7 @@ class RunState:
     agents: list[AgentHandle]
     workers_per_host: list[int]
     emit: Callable[[logging.LogRecord], None]
+    result_token: str  # proves a worker's direct result belongs to this run
     results: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = field(default_factory=dict)
     failures: list[tuple[str, dict[str, Any], list[zmq.Frame]]] = field(default_factory=list)
     uncleared: set[int] = field(default_factory=set)  # indexes into agents
@@ -310,11 +312,14 @@ class Controller(threading.Thread):
             except zmq.Again:
                 return
             agent = self.agents.get(identity.bytes)
-            if agent is None or agent.failure is not None:
-                continue  # not one of ours (or already given up): never read further
+            if agent is not None and agent.failure is not None:
+                continue  # given up on: never read further
             try:
                 kind, header, rest = decode(frames)
             except (ValueError, TypeError, UnicodeDecodeError):
+                continue
+            if agent is None:
+                self._on_direct_result(identity.bytes, kind, header, rest)
                 continue
             if agent.facts is None:
                 self._on_hello(agent, kind, header)
@@ -323,14 +328,35 @@ class Controller(threading.Thread):
             self._on_message(agent, kind, header, rest)
 
     def _on_hello(self, agent: AgentHandle, kind: str, header: dict[str, Any]) -> None:
-        import hmac  # noqa: PLC0415
-
         if kind != "hello" or not hmac.compare_digest(str(header.get("secret")), self.secret):
             return
         header.pop("secret")
         agent.facts = header
         agent.last_seen = time.monotonic()
         self._notify()
+
+    def _on_direct_result(
+        self, identity: bytes, kind: str, header: dict[str, Any], frames: list[Any]
+    ) -> None:
+        """A large result sent by a worker straight here, saving the hop through its agent.
+
+        Taken only with the run's token and only once per rank: anything else is dropped unread.
+        """
+        run = self.runs.get(str(header.get("run")))
+        rank = header.get("rank")
+        if (
+            kind != "result"
+            or run is None
+            or not hmac.compare_digest(str(header.get("token")), run.result_token)
+            or not isinstance(rank, int)
+            or not 0 <= rank < sum(run.workers_per_host)
+            or rank in run.results
+        ):
+            return
+        del header["token"]
+        run.results[rank] = (header, frames)
+        with contextlib.suppress(zmq.ZMQError):  # the worker may be gone already
+            self.router.send_multipart([identity, *encode("ack")])
 
     def _on_message(
         self, agent: AgentHandle, kind: str, header: dict[str, Any], frames: list[Any]

@@ -377,7 +377,7 @@ class _Pool:
                 env["GLOO_SOCKET_IFNAME"] = loopback
         run_id = uuid.uuid4().hex[:12]
         handlers = _handlers(launcher, self.hostnames, workers)
-        run = RunState(run_id, agents, workers, _dispatch(handlers))
+        run = RunState(run_id, agents, workers, _dispatch(handlers), secrets.token_hex(16))
         offsets = [0, *itertools.accumulate(workers)]
         common = {
             "run": run_id,
@@ -388,6 +388,7 @@ class _Pool:
             "cwd": str(Path.cwd()),
             "sys_path": sys.path,
             "worker_timeout": launcher.worker_timeout,
+            "result_token": run.result_token,
         }
         messages = [
             (

@@ -10,6 +10,9 @@
       │ ◄── result [pickle, *buffers] / error ─
       │ ── ack ────────────────────────────────► exit
 
+A result of 1 MiB or more goes straight to the launcher's socket instead (with the run's token),
+and the agent only hears that it was delivered.
+
 The worker never outlives its run: it exits right after the agent has its result, and dies with
 the forkserver (``PR_SET_PDEATHSIG``).
 """
@@ -33,6 +36,7 @@ from .transport import serialization
 from .transport.messages import decode, encode
 
 _ACK_TIMEOUT_MS = 60_000
+_DIRECT_RESULT_BYTES = 1 << 20
 
 
 def run_worker(spec: dict[str, Any], worker: dict[str, Any], payload: memoryview) -> NoReturn:
@@ -99,7 +103,10 @@ class _Worker:
             frames = serialization.dumps(value)
         except Exception as e:  # noqa: BLE001 -- any pickling error is reported as the outcome
             return self._send_error(e, while_pickling=value)
-        self._send("result", {}, frames)
+        try:
+            self._send_result(frames)
+        except Exception as e:  # noqa: BLE001 -- the launcher could not be reached: say why
+            return self._send_error(e)
         if store is not None:
             # Nobody leaves before every rank is done: a peer may still be finishing its side of
             # the process group's connections (gloo's mesh set-up is not symmetric), and rank 0
@@ -173,6 +180,26 @@ class _Worker:
         self.sock.send_multipart(encode(kind, header, *frames), copy=False)
         if self.sock.poll(_ACK_TIMEOUT_MS):
             self._recv("ack")
+
+    def _send_result(self, frames: list[Any]) -> None:
+        """Large results go straight to the launcher: one hop instead of two, twice the speed."""
+        if sum(memoryview(f).nbytes for f in frames) < _DIRECT_RESULT_BYTES:
+            self._send("result", {}, frames)
+            return
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.spec["launcher"])
+            token = self.spec["result_token"]
+            header = {"run": self.spec["run"], "rank": self.rank, "token": token}
+            sock.send_multipart(encode("result", header, *frames), copy=False)
+            if not sock.poll(_ACK_TIMEOUT_MS):
+                msg = f"the launcher did not confirm rank {self.rank}'s result within 60 s"
+                raise TimeoutError(msg)
+            sock.recv_multipart()
+        finally:
+            sock.close()
+        self._send("result", {"direct": True}, [])
 
     def _send_error(self, e: BaseException, *, while_pickling: object = None) -> int:
         tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
