@@ -308,3 +308,38 @@ def test_function_from_main_and_from_a_module_in_the_launchers_directory(tmp_pat
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("[6, 6] [7, 7]")
+
+
+NOTEBOOK_CELLS = [
+    (
+        "import torchrunx\n"
+        "launcher = torchrunx.Launcher(hostnames=['localhost'], workers_per_host=2, backend='gloo')"
+    ),
+    "import os\nscale = 10\n\ndef cell_fn(x):\n    return x * scale + int(os.environ['RANK'])",
+    "class Point:\n    def __init__(self, x):\n        self.x = x",
+    (
+        "values = launcher.run(cell_fn, 2).by_rank()\n"
+        "points = launcher.run(lambda: Point(cell_fn(1))).by_rank()\n"
+        "print('RESULT', values, [p.x for p in points])\nlauncher.close()"
+    ),
+]
+
+
+def test_functions_and_classes_defined_in_notebook_cells() -> None:
+    """Cells run by IPython's own shell, as in Jupyter: code lives in __main__'s namespace."""
+    program = textwrap.dedent(f"""
+        from IPython.core.interactiveshell import InteractiveShell
+        shell = InteractiveShell.instance()
+        for cell in {NOTEBOOK_CELLS!r}:
+            shell.run_cell(cell).raise_error()
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "TORCHRUNX_LOG_DIR": ""},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "RESULT [20, 21] [10, 11]" in out.stdout, out.stdout + out.stderr
