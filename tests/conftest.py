@@ -1,4 +1,5 @@
-"""Shared fixtures: a warm launcher per module, and a check that no test leaves a process."""
+"""Shared fixtures: a warm launcher per module, a check that no test leaves a process, and
+clusters of fake hosts (network namespaces with sshd, see cluster.py) for multi-host tests."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+from cluster import Cluster, ClusterUnavailableError
 
 import torchrunx
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 LEFTOVER_WAIT_S = 10.0
+CLUSTER_FIXTURES = {"cluster", "shared_cluster", "cluster_factory"}
+SHARED_CLUSTER_NODES = 4
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -57,3 +61,49 @@ def launcher() -> Iterator[torchrunx.Launcher]:
     """Two gloo workers on localhost, agents started before the module's tests."""
     with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo") as lau:
         yield lau
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a cluster `multihost`, so `-m "not multihost"` leaves them out."""
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.multihost)
+
+
+@pytest.fixture(scope="session")
+def cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], Cluster]]:
+    """`make(n)` starts a cluster of n fake hosts; all are torn down at the end of the session.
+
+    Skips the test where this machine cannot host one (not root, no network namespaces).
+    """
+    made: list[Cluster] = []
+
+    def make(n: int) -> Cluster:
+        try:
+            cl = Cluster.up(n, state_dir=tmp_path_factory.mktemp("cluster"))
+        except ClusterUnavailableError as e:
+            pytest.skip(f"no multi-host cluster on this machine: {e}")
+        made.append(cl)
+        return cl
+
+    yield make
+    for cl in made:
+        cl.down()
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(cluster_factory: Callable[[int], Cluster]) -> Cluster:
+    """Four fake hosts for the whole session (for module-scoped fixtures; no per-test cleanup)."""
+    return cluster_factory(SHARED_CLUSTER_NODES)
+
+
+@pytest.fixture
+def cluster(shared_cluster: Cluster) -> Iterator[Cluster]:
+    """The shared four-host cluster, handed back healthy after the test.
+
+    Partitions are healed and stopped sshds restarted; the test fails if it left a process on a
+    node (which is then killed).
+    """
+    yield shared_cluster
+    left = shared_cluster.reset(wait=LEFTOVER_WAIT_S)
+    assert not left, f"processes left behind on the nodes: {left}"
