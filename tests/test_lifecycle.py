@@ -70,15 +70,16 @@ def test_everything_is_gone_when_a_run_fails(launcher: torchrunx.Launcher) -> No
 
 
 def test_no_temporary_files_pile_up() -> None:
-    def ours() -> set[str]:
-        return {p.name for p in Path(tempfile.gettempdir()).iterdir() if "torchrunx" in p.name}
-
-    before = ours()
+    folders = []
     for _ in range(3):
         with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo") as lau:
             for _ in range(5):
                 lau.run(os.getpid)
-    assert ours() - before == set()
+            assert lau._pool is not None
+            folders += [Path(a.facts["dir"]) for a in lau._pool.agents if a and a.facts]
+            assert all(f.is_dir() and f.name.startswith("torchrunx-") for f in folders[-1:])
+    assert len(folders) == 3
+    assert [f for f in folders if f.exists()] == []
 
 
 def agent_pids(launcher: torchrunx.Launcher) -> list[int]:

@@ -35,7 +35,7 @@ import psutil
 import zmq
 
 from .environment import source_env_file
-from .hosts import local_facts
+from .hosts import interface_of, local_facts
 from .reaper import alive, signal_all
 from .transport.messages import decode, encode
 from .transport.unix import recv_message, send_message
@@ -195,6 +195,12 @@ class Agent:
                 self.poller.register(fd, zmq.POLLIN)
             fds += [out_w, err_w]
         env = {**spec["env"], **self.env_file_vars}  # the env file has the last word
+        if spec["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
+            # gloo binds to what the hostname resolves to, which may be 127.0.0.1 on a cluster
+            # node: use the interface of the address the other hosts reach this one at
+            interface = interface_of(spec["address"])
+            if interface is not None:
+                env["GLOO_SOCKET_IFNAME"] = interface
         sizes = [len(f.buffer) for f in frames]
         header = {
             **spec,

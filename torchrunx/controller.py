@@ -23,6 +23,7 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -35,6 +36,7 @@ from typing import Any
 import zmq
 
 from .transport.messages import decode, encode
+from .transport.ssh import RemoteAgentProcess
 
 logger = logging.getLogger("torchrunx")
 
@@ -48,7 +50,7 @@ class AgentHandle:
     """One agent as the launcher sees it."""
 
     hostname: str
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | RemoteAgentProcess
     identity: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     facts: dict[str, Any] | None = None
     failure: str | None = None
@@ -56,6 +58,7 @@ class AgentHandle:
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=_STDERR_TAIL))
     pidfd: int = -1
     partial_err: bytes = b""
+    explain_exit: Callable[[int], str | None] = lambda _code: None
 
     @property
     def ready(self) -> bool:
@@ -103,9 +106,11 @@ class Controller(threading.Thread):
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.IPV6, 1)  # remote agents may reach us over IPv6
         self.router.setsockopt(zmq.LINGER, 0)
         port = self.router.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{bind_host}:{port}"
+        self._addresses = {bind_host: self.address}
         self.agents: dict[bytes, AgentHandle] = {}
         self.runs: dict[str, RunState] = {}
         self.changed = threading.Condition()
@@ -133,6 +138,31 @@ class Controller(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
 
+    def address_on(self, host: str) -> str:
+        """An endpoint on the local address ``host`` (bound on first use) for remote agents."""
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def bind() -> None:
+            try:
+                if host not in self._addresses:
+                    url = f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
+                    port = self.router.bind_to_random_port(url)
+                    self._addresses[host] = f"{url}:{port}"
+            except zmq.ZMQError as e:
+                failure.append(e)
+            finally:
+                done.set()
+
+        self.call(bind)
+        if not done.wait(10):
+            msg = "the controller thread did not answer within 10 s"
+            raise RuntimeError(msg)
+        if failure:
+            msg = f"cannot listen on {host} for remote agents: {failure[0]}"
+            raise RuntimeError(msg)
+        return self._addresses[host]
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` holds (re-checked on every change) or ``timeout`` passes."""
         with self.changed:
@@ -143,8 +173,10 @@ class Controller(threading.Thread):
     def add_agent(self, agent: AgentHandle) -> None:
         """Watch a newly started agent: its exit (pidfd) and its stderr."""
         self.agents[agent.identity] = agent
-        agent.pidfd = os.pidfd_open(agent.process.pid)
-        self._watch(agent.pidfd, "exit", agent)
+        if isinstance(agent.process, subprocess.Popen):
+            agent.pidfd = os.pidfd_open(agent.process.pid)
+            self._watch(agent.pidfd, "exit", agent)
+        # a remote agent's exit is the end of its stderr (see RemoteAgentProcess)
         if agent.process.stderr is not None:
             fd = agent.process.stderr.fileno()
             os.set_blocking(fd, False)
@@ -165,7 +197,11 @@ class Controller(threading.Thread):
         self._drain_stderr(agent)
         agent.failure = reason
         folder = str((agent.facts or {}).get("dir", ""))
-        if agent.process.poll() is not None and Path(folder).name.startswith("torchrunx-agent-"):
+        if (
+            isinstance(agent.process, subprocess.Popen)
+            and agent.process.poll() is not None
+            and Path(folder).name.startswith("torchrunx-agent-")
+        ):
             # it died without cleaning up after itself: its private folder is ours to remove
             shutil.rmtree(folder, ignore_errors=True)
         for run in list(self.runs.values()):
@@ -271,17 +307,28 @@ class Controller(threading.Thread):
         what, agent = entry
         if what == "stderr":
             self._drain_stderr(agent)
-            return
-        self._unwatch(fd)
+        else:
+            self._unwatch(fd)
+            self._on_exit(agent)
+
+    def _on_exit(self, agent: AgentHandle) -> None:
         code = agent.process.wait()
         self._drain_stderr(agent)
-        if code < 0:
-            import signal  # noqa: PLC0415
-
-            how = f"was killed by {signal.Signals(-code).name}"
+        pid = agent.process.pid if agent.process.pid > 0 else (agent.facts or {}).get("pid")
+        who = f"the agent on {agent.hostname} (pid {pid})"
+        explained = agent.explain_exit(code)
+        if explained is not None:
+            reason = explained
+        elif code < 0:
+            reason = f"{who} was killed by {signal.Signals(-code).name}"
+        elif code == 255 and not isinstance(agent.process, subprocess.Popen):
+            reason = (
+                f"{who} is gone: its SSH session ended without an exit status (the agent "
+                "was killed, or the connection to the host dropped)"
+            )
         else:
-            how = f"exited with code {code}"
-        self.fail_agent(agent, f"the agent on {agent.hostname} (pid {agent.process.pid}) {how}")
+            reason = f"{who} exited with code {code}"
+        self.fail_agent(agent, reason)
 
     def _drain_stderr(self, agent: AgentHandle) -> None:
         stream = agent.process.stderr
@@ -304,6 +351,8 @@ class Controller(threading.Thread):
         if stream.closed and agent.partial_err:
             lines.append(agent.partial_err)
         agent.stderr_tail.extend(line.decode(errors="replace") for line in lines)
+        if stream.closed and not isinstance(agent.process, subprocess.Popen):
+            self._on_exit(agent)
 
     def _on_router(self) -> None:
         while True:

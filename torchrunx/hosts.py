@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "count_gpus",
     "in_slurm_job",
+    "interface_of",
     "is_local",
     "local_facts",
     "resolve_hostnames",
@@ -95,11 +96,12 @@ def count_gpus() -> int:
     return min(count, present)
 
 
-def _loopback_interface() -> str | None:
+def interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` on this host, if one does."""
     import psutil  # noqa: PLC0415
 
     for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address == "127.0.0.1" for a in addrs):
+        if any(a.address.split("%")[0] == address for a in addrs):
             return str(name)
     return None
 
@@ -111,6 +113,5 @@ def local_facts() -> dict[str, object]:
         "hostname": socket.gethostname(),
         "gpus": count_gpus(),
         "cpus": len(os.sched_getaffinity(0)),
-        "loopback": _loopback_interface(),
         "python": sys.executable,
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = ["Launcher", "launch"]
 
+import concurrent.futures
 import contextlib
 import functools
 import inspect
@@ -41,6 +42,7 @@ from .hosts import is_local, resolve_hostnames
 from .logs import HandlerFactory, default_handlers
 from .result import LaunchResult
 from .transport import serialization
+from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -107,11 +109,7 @@ class Launcher:
         _validate(self)
         hostnames = resolve_hostnames(self.hostnames)
         _check_hostnames(hostnames, self.workers_per_host)
-        remote = [h for h in hostnames if not is_local(h)]
-        if remote:
-            msg = f"hosts {remote!r} are not this machine: this release reaches local hosts only"
-            raise ValueError(msg)
-        key = (tuple(hostnames), str(self.env_file), self.agent_timeout)
+        key = (tuple(hostnames), str(self.ssh_config_file), str(self.env_file), self.agent_timeout)
         if self._pool is not None and self._pool.key != key:
             self.close()
         if self._pool is None:
@@ -304,35 +302,92 @@ class _Pool:
         self.controller = Controller(self.secret, launcher.agent_timeout)
         self.controller.start()
         self.agents: list[AgentHandle | None] = [None] * len(hostnames)
+        self.addresses = ["127.0.0.1"] * len(hostnames)  # remote ones: the peers of SSH sessions
+        self.local_address: str | None = None  # ours, as remote hosts see it
         self.lock = threading.Lock()
         self._finalizer = weakref.finalize(launcher, _close_pool, self.controller, self.agents)
 
     def ensure_agents(self, launcher: Launcher) -> list[AgentHandle]:
-        """Start the agents not up yet (or failed), then wait for their hello."""
+        """Start the agents not up yet (or failed), then wait for their hello.
+
+        If any host cannot be started, every agent is stopped again: no host is left running
+        an agent for a launcher that failed to start.
+        """
         with self.lock:
-            env = agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars))
-            for i, hostname in enumerate(self.hostnames):
-                agent = self.agents[i]
-                if agent is None or agent.failure is not None:
-                    if agent is not None:
-                        _stop_agent(agent)
-                    agent = self._start_local(hostname, env, launcher)
-                    self.agents[i] = agent
-                    self.controller.call(functools.partial(self.controller.add_agent, agent))
+            missing = [i for i, a in enumerate(self.agents) if a is None or a.failure is not None]
+            for i in missing:
+                old = self.agents[i]
+                if old is not None:
+                    _stop_agent(old)
+                    self.agents[i] = None
+            failures = self._start(missing, launcher)
             agents = [a for a in self.agents if a is not None]
-        settled = self.controller.wait_for(
-            lambda: all(a.facts is not None or a.failure is not None for a in agents),
-            launcher.agent_timeout + 5,
-        )
-        for agent in agents:
-            if agent.failure is not None or not settled:
-                raise AgentFailedError(
-                    agent.describe_failure()
-                    if agent.failure
-                    else f"the agent on {agent.hostname} did not start in time",
-                    hostname=agent.hostname,
+        if not failures:
+            settled = self.controller.wait_for(
+                lambda: all(a.facts is not None or a.failure is not None for a in agents),
+                launcher.agent_timeout + 5,
+            )
+            failures = [
+                (a.hostname, a.describe_failure() if a.failure else "its agent did not say hello")
+                for a in agents
+                if a.failure is not None or not settled
+            ]
+        if failures:
+            self.stop_agents()
+            hosts = [h for h, _ in failures]
+            if len(failures) == 1:
+                msg = failures[0][1]
+            else:
+                msg = f"agents failed to start on {hosts}:\n" + "\n".join(
+                    f"  {h}: {reason}" for h, reason in failures
                 )
+            raise AgentFailedError(msg, hostname=hosts[0])
         return agents
+
+    def _start(self, indexes: list[int], launcher: Launcher) -> list[tuple[str, str]]:
+        """Start agents for ``indexes``: the remote ones all at once; failures as (host, why)."""
+        remote = [i for i in indexes if not is_local(self.hostnames[i])]
+        failures: list[tuple[str, str]] = []
+        if remote:
+            with concurrent.futures.ThreadPoolExecutor(len(remote)) as pool:
+                futures = {i: pool.submit(self._start_remote, i, launcher) for i in remote}
+            for i, future in futures.items():
+                error = future.exception()
+                if error is None:
+                    self.agents[i] = future.result()
+                elif isinstance(error, Exception):  # SSH, network or the host itself: say which
+                    failures.append((self.hostnames[i], str(error) or type(error).__name__))
+                else:
+                    raise error
+        if failures:
+            return failures
+        env = agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars))
+        for i in indexes:
+            if i not in remote:
+                self.agents[i] = self._start_local(self.hostnames[i], env, launcher)
+        for i in indexes:
+            agent = self.agents[i]
+            assert agent is not None  # noqa: S101 -- started just above
+            self.controller.call(functools.partial(self.controller.add_agent, agent))
+        return []
+
+    def _start_remote(self, index: int, launcher: Launcher) -> AgentHandle:
+        hostname = self.hostnames[index]
+        connection = open_ssh(hostname, launcher.ssh_config_file, launcher.agent_timeout)
+        self.addresses[index] = connection.remote_address
+        self.local_address = self.local_address or connection.local_address
+        try:
+            address = self.controller.address_on(connection.local_address)
+            python, cwd = sys.executable, str(Path.cwd())
+            process = RemoteAgentProcess(connection, agent_command(python, cwd))
+        except BaseException:
+            connection.client.close()
+            raise
+        agent = AgentHandle(
+            hostname, process, explain_exit=lambda code: explain_exit(hostname, code, python, cwd)
+        )
+        self._boot(agent, address, launcher)
+        return agent
 
     def _start_local(self, hostname: str, env: dict[str, str], launcher: Launcher) -> AgentHandle:
         process = subprocess.Popen(
@@ -345,18 +400,37 @@ class _Pool:
             start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the agent's
         )
         agent = AgentHandle(hostname, process)
+        self._boot(agent, self.controller.address, launcher)
+        return agent
+
+    def _boot(self, agent: AgentHandle, address: str, launcher: Launcher) -> None:
+        """The agent's first line of stdin; stdin then stays open as its lifeline."""
         boot = {
-            "address": self.controller.address,
+            "address": address,
             "identity": agent.identity.hex(),
             "secret": self.secret,
-            "hostname": hostname,
+            "hostname": agent.hostname,
             "agent_timeout": launcher.agent_timeout,
             "env_file": None if launcher.env_file is None else os.fspath(launcher.env_file),
         }
-        assert process.stdin is not None  # noqa: S101 -- narrows the type: stdin=PIPE
-        process.stdin.write(json.dumps(boot).encode() + b"\n")
-        process.stdin.flush()  # stdin stays open: it is the agent's lifeline
-        return agent
+        stdin = agent.process.stdin
+        assert stdin is not None  # noqa: S101 -- narrows the type: stdin is a pipe or channel
+        stdin.write(json.dumps(boot).encode() + b"\n")
+        stdin.flush()
+
+    def host_address(self, index: int) -> str:
+        """Where the other hosts reach host ``index`` (its workers bind there)."""
+        if not is_local(self.hostnames[index]):
+            return self.addresses[index]
+        return self.local_address or "127.0.0.1"
+
+    def stop_agents(self) -> None:
+        """Stop every agent (bounded); the next run starts them again."""
+        with self.lock:
+            for i, agent in enumerate(self.agents):
+                if agent is not None:
+                    _stop_agent(agent)
+                    self.agents[i] = None
 
     def run(
         self,
@@ -370,11 +444,6 @@ class _Pool:
         backend = _backend(launcher.backend, agents)
         payload = serialization.dumps((func, args, kwargs))
         env = copied_env(launcher.copy_env_vars, launcher.extra_env_vars)
-        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
-            # one machine: talk over loopback, whatever the hostname resolves to
-            loopback = agents[0].facts.get("loopback") if agents[0].facts else None
-            if loopback:
-                env["GLOO_SOCKET_IFNAME"] = loopback
         run_id = uuid.uuid4().hex[:12]
         handlers = _handlers(launcher, self.hostnames, workers)
         run = RunState(run_id, agents, workers, _dispatch(handlers), secrets.token_hex(16))
@@ -383,7 +452,7 @@ class _Pool:
             "run": run_id,
             "world_size": offsets[-1],
             "backend": backend,
-            "master_addr": "127.0.0.1",
+            "master_addr": self.host_address(0),
             "env": env,
             "cwd": str(Path.cwd()),
             "sys_path": sys.path,
@@ -395,6 +464,7 @@ class _Pool:
                 {
                     **common,
                     "group_rank": i,
+                    "address": self.host_address(i),
                     "local_world_size": n,
                     "workers": [{"rank": offsets[i] + r, "local_rank": r} for r in range(n)],
                 },

@@ -1,0 +1,272 @@
+"""Agents on other hosts, started over SSH with paramiko.
+
+The user's ssh config decides how a host is reached (HostName, User, Port, IdentityFile,
+IdentitiesOnly, known_hosts files, StrictHostKeyChecking, ConnectTimeout, ProxyCommand,
+ProxyJump). The remote command holds no secret and no environment value: the boot message
+goes through the channel's stdin, which then stays open as the agent's lifeline -- when the
+launcher dies, sshd closes it and the agent reaps everything and exits.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RemoteAgentProcess", "SSHError", "agent_command", "open_ssh"]
+
+import contextlib
+import getpass
+import os
+import shlex
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import paramiko
+
+_DEFAULT_CONNECT_TIMEOUT_S = 10.0
+_NO_DIRECTORY = 97
+_NO_PYTHON = 98
+
+
+class SSHError(RuntimeError):
+    """A host cannot be reached or logged into; the message names the host and the reason."""
+
+
+class SSHConnection:
+    """A logged-in SSH client and the addresses of its connection."""
+
+    def __init__(self, client: paramiko.SSHClient, local_address: str, remote_address: str) -> None:
+        self.client = client
+        self.local_address = local_address  # ours, as the host sees it: its agent reaches us here
+        self.remote_address = remote_address  # the host's, as we reach it
+
+
+def _config_files(ssh_config_file: str | os.PathLike[str] | None) -> list[Path]:
+    if ssh_config_file is not None:
+        path = Path(ssh_config_file).expanduser()
+        if not path.is_file():
+            msg = f"ssh_config_file={os.fspath(ssh_config_file)!r} is not a file"
+            raise SSHError(msg)
+        return [path]
+    return [
+        p for p in (Path("~/.ssh/config").expanduser(), Path("/etc/ssh/ssh_config")) if p.is_file()
+    ]
+
+
+def _lookup(hostname: str, ssh_config_file: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The host's options, first value wins as in OpenSSH (the user's file before the system's)."""
+    import paramiko  # noqa: PLC0415 -- only launchers with remote hosts pay for it
+
+    options: dict[str, Any] = {}
+    for path in _config_files(ssh_config_file):
+        try:
+            found = paramiko.SSHConfig.from_path(str(path)).lookup(hostname)
+        except Exception as e:
+            msg = f"{hostname}: cannot read the ssh config {path}: {e}"
+            raise SSHError(msg) from e
+        for key, value in found.items():
+            if key not in options or (key == "hostname" and options[key] == hostname):
+                options[key] = value
+    options.setdefault("hostname", hostname)
+    return options
+
+
+def open_ssh(
+    hostname: str, ssh_config_file: str | os.PathLike[str] | None, timeout: float
+) -> SSHConnection:
+    """Connect and log in to ``hostname`` as its ssh config says; bounded by ``timeout``."""
+    import paramiko  # noqa: PLC0415
+
+    options = _lookup(hostname, ssh_config_file)
+    target = str(options["hostname"])
+    port = int(options.get("port", 22))
+    timeout = min(timeout, float(options.get("connecttimeout", _DEFAULT_CONNECT_TIMEOUT_S)))
+    client = paramiko.SSHClient()
+    _load_known_hosts(client, options)
+    strict = str(options.get("stricthostkeychecking", "ask")).lower()
+    client.set_missing_host_key_policy(
+        paramiko.AutoAddPolicy()
+        if strict in ("no", "off", "accept-new")
+        else paramiko.RejectPolicy()
+    )
+    only_listed = str(options.get("identitiesonly", "no")).lower() == "yes"
+    keys = [k for k in options.get("identityfile", []) if Path(k).is_file()]
+    sock = _proxy(hostname, options, ssh_config_file, timeout)
+    try:
+        client.connect(
+            target,
+            port=port,
+            username=str(options.get("user", getpass.getuser())),
+            key_filename=keys or None,
+            look_for_keys=not only_listed,
+            allow_agent=not only_listed,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            channel_timeout=timeout,
+            sock=sock,
+        )
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        msg = f"{hostname}: its host key does not match known_hosts ({e}): refusing to connect"
+        raise SSHError(msg) from e
+    except paramiko.SSHException as e:
+        client.close()
+        if "not found in known_hosts" in str(e):
+            msg = (
+                f"{hostname}: host {target} is not in known_hosts (ssh to it once, or add its "
+                "key with ssh-keyscan): refusing to connect to an unknown host"
+            )
+        elif isinstance(e, paramiko.AuthenticationException):
+            user = options.get("user", getpass.getuser())
+            msg = f"{hostname}: authentication as {user} failed ({e})"
+        else:
+            msg = f"{hostname}: SSH to {target}:{port} failed: {e}"
+        raise SSHError(msg) from e
+    except (OSError, EOFError) as e:
+        client.close()
+        reason = "timed out" if isinstance(e, TimeoutError) else (str(e) or type(e).__name__)
+        msg = f"{hostname}: cannot connect to {target}:{port}: {reason}"
+        raise SSHError(msg) from e
+    transport = client.get_transport()
+    assert transport is not None  # noqa: S101 -- connect() succeeded
+    local, remote = _addresses(transport, target, port)
+    return SSHConnection(client, local, remote)
+
+
+def _load_known_hosts(client: paramiko.SSHClient, options: dict[str, Any]) -> None:
+    files = [Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts")]
+    for key in ("userknownhostsfile", "globalknownhostsfile"):
+        if key in options:
+            files = [Path(f).expanduser() for f in shlex.split(str(options[key]))] + files
+    for path in files:
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                client.load_host_keys(str(path))
+
+
+def _proxy(
+    hostname: str,
+    options: dict[str, Any],
+    ssh_config_file: str | os.PathLike[str] | None,
+    timeout: float,
+) -> Any:
+    """A socket-like object for ProxyCommand or ProxyJump, or None for a direct connection."""
+    import paramiko  # noqa: PLC0415
+
+    command = options.get("proxycommand")
+    if command and str(command).lower() != "none":
+        return paramiko.ProxyCommand(str(command))
+    jump = options.get("proxyjump")
+    if not jump or str(jump).lower() == "none":
+        return None
+    first = str(jump).split(",")[0]  # one hop: chains of jumps are beyond paramiko here
+    user, _, rest = first.rpartition("@")
+    jump_host, _, jump_port = rest.partition(":")
+    via = open_ssh(jump_host, ssh_config_file, timeout)
+    transport = via.client.get_transport()
+    assert transport is not None  # noqa: S101
+    del user, jump_port  # the jump host's own config block names its user and port
+    try:
+        return transport.open_channel(
+            "direct-tcpip",
+            (str(options["hostname"]), int(options.get("port", 22))),
+            ("127.0.0.1", 0),
+            timeout=timeout,
+        )
+    except Exception as e:
+        msg = f"{hostname}: the jump host {jump_host} cannot reach it: {e}"
+        raise SSHError(msg) from e
+
+
+def _addresses(transport: paramiko.Transport, target: str, port: int) -> tuple[str, str]:
+    sock = transport.sock
+    if isinstance(sock, socket.socket):
+        return str(sock.getsockname()[0]), str(sock.getpeername()[0])
+    # a proxied connection: the route this machine would take to the host, if it has one
+    remote = socket.getaddrinfo(target, port, type=socket.SOCK_STREAM)[0][4][0]
+    with socket.socket(
+        socket.AF_INET6 if ":" in str(remote) else socket.AF_INET, socket.SOCK_DGRAM
+    ) as s:
+        s.connect((remote, port))
+        return str(s.getsockname()[0]), str(remote)
+
+
+def agent_command(python: str, cwd: str) -> str:
+    """POSIX sh that starts the agent in ``cwd``, or says precisely what is missing."""
+    q_python, q_cwd = shlex.quote(python), shlex.quote(cwd)
+    return (
+        f"cd {q_cwd} 2>/dev/null || exit {_NO_DIRECTORY}; "
+        f"test -x {q_python} || exit {_NO_PYTHON}; "
+        f"exec {q_python} -m torchrunx"
+    )
+
+
+def explain_exit(hostname: str, code: int, python: str, cwd: str) -> str | None:
+    """What the exit code of :func:`agent_command` means, for the codes it defines."""
+    if code == _NO_DIRECTORY:
+        return (
+            f"the launcher's working directory {cwd} does not exist on {hostname}: agents start "
+            "in it, so it must be on a filesystem shared by every host"
+        )
+    if code == _NO_PYTHON:
+        return (
+            f"the launcher's Python {python} is not on {hostname}: agents run the same "
+            "interpreter, so its environment must be on a filesystem shared by every host"
+        )
+    return None
+
+
+class RemoteAgentProcess:
+    """An agent behind an SSH channel, with the part of ``subprocess.Popen``'s API we use.
+
+    A thread copies the channel's stderr into a local pipe (``stderr``), which reaches EOF when
+    the agent has exited and its exit status is known: the controller watches it like a local
+    agent's stderr.
+    """
+
+    def __init__(self, connection: SSHConnection, command: str) -> None:
+        self.connection = connection
+        self.returncode: int | None = None
+        self.pid = -1  # the remote pid: known from the agent's hello
+        transport = connection.client.get_transport()
+        assert transport is not None  # noqa: S101 -- a connected client has one
+        self.channel = transport.open_session()
+        self.channel.exec_command(command)
+        self.stdin = self.channel.makefile_stdin("wb")
+        read_end, self._write_end = os.pipe()
+        self.stderr = os.fdopen(read_end, "rb", buffering=0)
+        self._exited = threading.Event()
+        threading.Thread(target=self._pump, name="torchrunx-ssh-stderr", daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                data = self.channel.recv_stderr(65536)
+                if not data:
+                    break
+                os.write(self._write_end, data)
+            status = self.channel.recv_exit_status()
+            self.returncode = 255 if status < 0 else status  # -1: the connection dropped
+        except Exception:  # noqa: BLE001 -- any transport error means the agent is gone to us
+            self.returncode = 255
+        finally:
+            self.connection.client.close()  # its agent is gone: nothing else uses it
+            self._exited.set()
+            os.close(self._write_end)
+
+    def poll(self) -> int | None:
+        """The exit status once known, else None."""
+        return self.returncode if self._exited.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the agent's exit; raises ``subprocess.TimeoutExpired`` like ``Popen``."""
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(["torchrunx agent"], timeout or 0)
+        assert self.returncode is not None  # noqa: S101 -- set before the event
+        return self.returncode
+
+    def kill(self) -> None:
+        """Drop the SSH connection: sshd closes the agent's stdin and it exits."""
+        self.connection.client.close()
