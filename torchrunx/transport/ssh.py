@@ -126,13 +126,25 @@ def open_ssh(
         raise SSHError(msg) from e
     except (OSError, EOFError) as e:
         client.close()
-        reason = "timed out" if isinstance(e, TimeoutError) else (str(e) or type(e).__name__)
-        msg = f"{hostname}: cannot connect to {target}:{port}: {reason}"
+        msg = f"{hostname}: cannot connect to {target}:{port}: {_reason(e)}"
         raise SSHError(msg) from e
     transport = client.get_transport()
     assert transport is not None  # noqa: S101 -- connect() succeeded
     local, remote = _addresses(transport, target, port)
     return SSHConnection(client, local, remote)
+
+
+def _reason(error: BaseException) -> str:
+    """Why a connection failed, in words (paramiko wraps the errors of each address it tried)."""
+    import paramiko  # noqa: PLC0415
+
+    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError) and error.errors:
+        error = next(iter(error.errors.values()))
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused (no SSH server listening there?)"
+    if isinstance(error, TimeoutError | socket.timeout):
+        return "timed out (host down or unreachable?)"
+    return str(error) or type(error).__name__
 
 
 def _load_known_hosts(client: paramiko.SSHClient, options: dict[str, Any]) -> None:
