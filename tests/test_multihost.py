@@ -259,3 +259,42 @@ def test_working_directory_or_python_missing_on_a_host(
         assert f"{private}/dir does not exist on {cluster.hostnames[0]}" in out.stderr
     else:
         assert f"Python {python} is not on {cluster.hostnames[0]}" in out.stderr
+
+
+def test_proxy_jump_reaches_a_host_only_its_jump_host_can_name(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """node2 is reached through node1 by a name that only the nodes resolve."""
+    config = tmp_path / "ssh_config"
+    jump = f"Host {cluster.hostnames[1]}\n    HostName {cluster.hostnames[1]}\n"
+    jump += f"    ProxyJump {cluster.hostnames[0]}\n\n"
+    config.write_text(jump + cluster.ssh_config.read_text())
+    with torchrunx.Launcher(
+        hostnames=cluster.hostnames[:2], backend="gloo", ssh_config_file=config
+    ) as launcher:
+        result = launcher.run(all_reduce_rank)
+    assert [v["host"] for v in result] == cluster.hostnames[:2]
+    assert {v["sum"] for v in result} == {3.0}
+
+
+def test_host_whose_hostname_resolves_to_loopback(cluster: Cluster) -> None:
+    """As on many cluster nodes: gloo's default interface would be lo, unreachable to peers."""
+    hosts_file = Path("/etc/netns") / cluster.namespaces[1] / "hosts"
+    original = hosts_file.read_text()
+    name = cluster.hostnames[1]
+    lines = [
+        f"127.0.0.1 {name}" if line.split()[1:] == [name] else line
+        for line in original.splitlines()
+    ]
+    assert lines != original.splitlines()
+    with hosts_file.open("w") as f:  # in place: the nodes see this inode through a bind mount
+        f.write("\n".join(lines) + "\n")
+    try:
+        with launcher_on(cluster, cluster.hostnames[:2], workers_per_host=2) as launcher:
+            result = launcher.run(all_reduce_rank)
+            looked_up = launcher.run(lambda: socket.gethostbyname(socket.gethostname())).rank(2)
+        assert looked_up == "127.0.0.1"
+        assert {v["sum"] for v in result} == {10.0}
+    finally:
+        with hosts_file.open("w") as f:
+            f.write(original)

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import zmq
 
@@ -39,6 +39,7 @@ from .transport.messages import decode, encode
 from .transport.ssh import RemoteAgentProcess
 
 logger = logging.getLogger("torchrunx")
+T = TypeVar("T")
 
 HEARTBEAT_INTERVAL_S = 1.0
 """How often the launcher tells its agents it is alive."""
@@ -138,30 +139,43 @@ class Controller(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
 
-    def address_on(self, host: str) -> str:
-        """An endpoint on the local address ``host`` (bound on first use) for remote agents."""
+    def call_and_wait(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
+        """Run ``fn`` on the controller thread and return its result (or raise its error)."""
         done = threading.Event()
-        failure: list[BaseException] = []
+        outcome: list[Any] = []
 
-        def bind() -> None:
+        def wrapped() -> None:
             try:
-                if host not in self._addresses:
-                    url = f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
-                    port = self.router.bind_to_random_port(url)
-                    self._addresses[host] = f"{url}:{port}"
-            except zmq.ZMQError as e:
-                failure.append(e)
+                outcome.append((True, fn()))
+            except Exception as e:  # noqa: BLE001 -- handed to the caller's thread
+                outcome.append((False, e))
             finally:
                 done.set()
 
-        self.call(bind)
-        if not done.wait(10):
-            msg = "the controller thread did not answer within 10 s"
+        self.call(wrapped)
+        if not done.wait(timeout):
+            msg = f"the controller thread did not answer within {timeout} s"
             raise RuntimeError(msg)
-        if failure:
-            msg = f"cannot listen on {host} for remote agents: {failure[0]}"
-            raise RuntimeError(msg)
-        return self._addresses[host]
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return cast("T", value)
+
+    def address_on(self, host: str) -> str:
+        """An endpoint on the local address ``host`` (bound on first use) for remote agents."""
+
+        def bind() -> str:
+            if host not in self._addresses:
+                url = f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
+                try:
+                    port = self.router.bind_to_random_port(url)
+                except zmq.ZMQError as e:
+                    msg = f"cannot listen on {host} for remote agents: {e}"
+                    raise RuntimeError(msg) from e
+                self._addresses[host] = f"{url}:{port}"
+            return self._addresses[host]
+
+        return self.call_and_wait(bind)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Block until ``predicate()`` holds (re-checked on every change) or ``timeout`` passes."""
@@ -171,7 +185,11 @@ class Controller(threading.Thread):
     # ---- agents (controller thread)
 
     def add_agent(self, agent: AgentHandle) -> None:
-        """Watch a newly started agent: its exit (pidfd) and its stderr."""
+        """Watch a newly started agent: its exit (pidfd) and its stderr.
+
+        Call it (on this thread) before the agent gets its boot message, or its hello may come
+        first and be dropped as a stranger's.
+        """
         self.agents[agent.identity] = agent
         if isinstance(agent.process, subprocess.Popen):
             agent.pidfd = os.pidfd_open(agent.process.pid)

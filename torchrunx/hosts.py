@@ -97,11 +97,15 @@ def count_gpus() -> int:
 
 
 def interface_of(address: str) -> str | None:
-    """The network interface that holds ``address`` on this host, if one does."""
+    """The network interface that holds ``address`` (an IP or a name) on this host, if one does."""
     import psutil  # noqa: PLC0415
 
+    try:
+        wanted = {str(info[4][0]) for info in socket.getaddrinfo(address, None)}
+    except OSError:
+        return None
     for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address.split("%")[0] == address for a in addrs):
+        if any(a.address.split("%")[0] in wanted for a in addrs):
             return str(name)
     return None
 

@@ -365,10 +365,6 @@ class _Pool:
         for i in indexes:
             if i not in remote:
                 self.agents[i] = self._start_local(self.hostnames[i], env, launcher)
-        for i in indexes:
-            agent = self.agents[i]
-            assert agent is not None  # noqa: S101 -- started just above
-            self.controller.call(functools.partial(self.controller.add_agent, agent))
         return []
 
     def _start_remote(self, index: int, launcher: Launcher) -> AgentHandle:
@@ -381,7 +377,7 @@ class _Pool:
             python, cwd = sys.executable, str(Path.cwd())
             process = RemoteAgentProcess(connection, agent_command(python, cwd))
         except BaseException:
-            connection.client.close()
+            connection.close()
             raise
         agent = AgentHandle(
             hostname, process, explain_exit=lambda code: explain_exit(hostname, code, python, cwd)
@@ -404,7 +400,8 @@ class _Pool:
         return agent
 
     def _boot(self, agent: AgentHandle, address: str, launcher: Launcher) -> None:
-        """The agent's first line of stdin; stdin then stays open as its lifeline."""
+        """Register the agent, then send its first line of stdin (which then stays open)."""
+        self.controller.call_and_wait(functools.partial(self.controller.add_agent, agent))
         boot = {
             "address": address,
             "identity": agent.identity.hex(),
@@ -415,8 +412,17 @@ class _Pool:
         }
         stdin = agent.process.stdin
         assert stdin is not None  # noqa: S101 -- narrows the type: stdin is a pipe or channel
-        stdin.write(json.dumps(boot).encode() + b"\n")
-        stdin.flush()
+        try:
+            stdin.write(json.dumps(boot).encode() + b"\n")
+            stdin.flush()
+        except OSError as e:  # it exited at once: say why, if its exit status tells
+            try:
+                code = agent.process.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            why = None if code is None else agent.explain_exit(code)
+            msg = why or f"the agent on {agent.hostname} could not be started ({e}; exit {code})"
+            raise RuntimeError(msg) from e
 
     def host_address(self, index: int) -> str:
         """Where the other hosts reach host ``index`` (its workers bind there)."""

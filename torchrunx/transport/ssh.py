@@ -36,10 +36,23 @@ class SSHError(RuntimeError):
 class SSHConnection:
     """A logged-in SSH client and the addresses of its connection."""
 
-    def __init__(self, client: paramiko.SSHClient, local_address: str, remote_address: str) -> None:
+    def __init__(
+        self,
+        client: paramiko.SSHClient,
+        local_address: str,
+        remote_address: str,
+        via: SSHConnection | None = None,
+    ) -> None:
         self.client = client
         self.local_address = local_address  # ours, as the host sees it: its agent reaches us here
         self.remote_address = remote_address  # the host's, as we reach it
+        self.via = via  # the ProxyJump host's connection
+
+    def close(self) -> None:
+        """Close the connection (and the jump host's, if any)."""
+        self.client.close()
+        if self.via is not None:
+            self.via.close()
 
 
 def _config_files(ssh_config_file: str | os.PathLike[str] | None) -> list[Path]:
@@ -92,7 +105,7 @@ def open_ssh(
     )
     only_listed = str(options.get("identitiesonly", "no")).lower() == "yes"
     keys = [k for k in options.get("identityfile", []) if Path(k).is_file()]
-    sock = _proxy(hostname, options, ssh_config_file, timeout)
+    sock, via = _proxy(hostname, options, ssh_config_file, timeout)
     try:
         client.connect(
             target,
@@ -109,10 +122,14 @@ def open_ssh(
         )
     except paramiko.BadHostKeyException as e:
         client.close()
+        if via is not None:
+            via.close()
         msg = f"{hostname}: its host key does not match known_hosts ({e}): refusing to connect"
         raise SSHError(msg) from e
     except paramiko.SSHException as e:
         client.close()
+        if via is not None:
+            via.close()
         if "not found in known_hosts" in str(e):
             msg = (
                 f"{hostname}: host {target} is not in known_hosts (ssh to it once, or add its "
@@ -126,12 +143,17 @@ def open_ssh(
         raise SSHError(msg) from e
     except (OSError, EOFError) as e:
         client.close()
+        if via is not None:
+            via.close()
         msg = f"{hostname}: cannot connect to {target}:{port}: {_reason(e)}"
         raise SSHError(msg) from e
     transport = client.get_transport()
     assert transport is not None  # noqa: S101 -- connect() succeeded
-    local, remote = _addresses(transport, target, port)
-    return SSHConnection(client, local, remote)
+    if isinstance(transport.sock, socket.socket):
+        local, remote = str(transport.sock.getsockname()[0]), str(transport.sock.getpeername()[0])
+    else:
+        local, remote = _proxied_addresses(target, port, via)
+    return SSHConnection(client, local, remote, via)
 
 
 def _reason(error: BaseException) -> str:
@@ -163,46 +185,50 @@ def _proxy(
     options: dict[str, Any],
     ssh_config_file: str | os.PathLike[str] | None,
     timeout: float,
-) -> Any:
-    """A socket-like object for ProxyCommand or ProxyJump, or None for a direct connection."""
+) -> tuple[Any, SSHConnection | None]:
+    """A socket-like object for ProxyCommand or ProxyJump (None: direct), and the jump host."""
     import paramiko  # noqa: PLC0415
 
     command = options.get("proxycommand")
     if command and str(command).lower() != "none":
-        return paramiko.ProxyCommand(str(command))
+        return paramiko.ProxyCommand(str(command)), None
     jump = options.get("proxyjump")
     if not jump or str(jump).lower() == "none":
-        return None
-    first = str(jump).split(",")[0]  # one hop: chains of jumps are beyond paramiko here
-    user, _, rest = first.rpartition("@")
-    jump_host, _, jump_port = rest.partition(":")
+        return None, None
+    # one hop, named by its own config block (user@host:port forms are not parsed here)
+    jump_host = str(jump).split(",")[0]
     via = open_ssh(jump_host, ssh_config_file, timeout)
     transport = via.client.get_transport()
-    assert transport is not None  # noqa: S101
-    del user, jump_port  # the jump host's own config block names its user and port
+    assert transport is not None  # noqa: S101 -- open_ssh() returns connected clients
     try:
-        return transport.open_channel(
+        channel = transport.open_channel(
             "direct-tcpip",
             (str(options["hostname"]), int(options.get("port", 22))),
             ("127.0.0.1", 0),
             timeout=timeout,
         )
     except Exception as e:
+        via.close()
         msg = f"{hostname}: the jump host {jump_host} cannot reach it: {e}"
         raise SSHError(msg) from e
+    return channel, via
 
 
-def _addresses(transport: paramiko.Transport, target: str, port: int) -> tuple[str, str]:
-    sock = transport.sock
-    if isinstance(sock, socket.socket):
-        return str(sock.getsockname()[0]), str(sock.getpeername()[0])
-    # a proxied connection: the route this machine would take to the host, if it has one
-    remote = socket.getaddrinfo(target, port, type=socket.SOCK_STREAM)[0][4][0]
-    with socket.socket(
-        socket.AF_INET6 if ":" in str(remote) else socket.AF_INET, socket.SOCK_DGRAM
-    ) as s:
-        s.connect((remote, port))
-        return str(s.getsockname()[0]), str(remote)
+def _proxied_addresses(target: str, port: int, via: SSHConnection | None) -> tuple[str, str]:
+    """Our address and the host's for a proxied connection: best guesses, from routes."""
+    try:
+        remote = str(socket.getaddrinfo(target, port, type=socket.SOCK_STREAM)[0][4][0])
+    except OSError:
+        remote = target  # only the jump host knows this name: the other hosts may too
+    if via is not None:
+        return via.local_address, remote
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((remote, port))  # no packet sent: asks the kernel for the route
+            return str(s.getsockname()[0]), remote
+    except OSError:
+        return socket.gethostbyname(socket.gethostname()), remote
 
 
 def agent_command(python: str, cwd: str) -> str:
@@ -264,7 +290,7 @@ class RemoteAgentProcess:
         except Exception:  # noqa: BLE001 -- any transport error means the agent is gone to us
             self.returncode = 255
         finally:
-            self.connection.client.close()  # its agent is gone: nothing else uses it
+            self.connection.close()  # its agent is gone: nothing else uses it
             self._exited.set()
             os.close(self._write_end)
 
@@ -281,4 +307,4 @@ class RemoteAgentProcess:
 
     def kill(self) -> None:
         """Drop the SSH connection: sshd closes the agent's stdin and it exits."""
-        self.connection.client.close()
+        self.connection.close()
