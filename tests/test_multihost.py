@@ -298,3 +298,35 @@ def test_host_whose_hostname_resolves_to_loopback(cluster: Cluster) -> None:
     finally:
         with hosts_file.open("w") as f:
             f.write(original)
+
+
+def test_key_the_host_refuses_is_a_clear_error(cluster: Cluster, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    stranger = tmp_path / "id_stranger"
+    stranger.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    stranger.chmod(0o600)
+    config = tmp_path / "ssh_config"
+    config.write_text(cluster.ssh_config.read_text().replace(str(cluster.key), str(stranger)))
+    start = time.monotonic()
+    with pytest.raises(torchrunx.AgentFailedError, match="authentication as root failed") as info:
+        torchrunx.Launcher(hostnames=cluster.hostnames[:2], ssh_config_file=config).run(int)
+    assert time.monotonic() - start < 10
+    assert info.value.hostname in cluster.hostnames[:2]
+
+
+def test_cpu_and_auto_worker_counts_are_taken_on_each_host(cluster: Cluster) -> None:
+    with launcher_on(cluster, cluster.hostnames[:2], workers_per_host="cpu") as launcher:
+        counts = [len(v) for v in launcher.run(os.cpu_count).by_hostname().values()]
+        assert counts == [len(os.sched_getaffinity(0))] * 2
+    with launcher_on(cluster, cluster.hostnames[:2], workers_per_host="auto") as launcher:
+        assert launcher.run(os.cpu_count).by_hostname() == {
+            h: [os.cpu_count()] for h in cluster.hostnames[:2]
+        }
