@@ -1,11 +1,13 @@
 """Benchmark our torchrunx against torchrunx 0.4.0 and torchrun on this machine.
 
-Usage: ``bash benchmarks/run.sh [--quick] [--only S1,S2] [--impl ours,040,torchrun]``.
+Usage: ``bash benchmarks/run.sh [--quick] [--only S1,S2] [--impl ours,040,torchrun] [--multihost]``.
 
 Every scenario runs in a fresh process (``scenario.py``) started with the Python of the
 implementation under test: ours (``../.venv/bin/python``, ``$PYTHON`` or ``--python``), torchrunx
 0.4.0 in its own virtual environment (created here on first use), and torchrun from the torch of
-that environment. Prints one table and writes ``results.json``. Standard library only.
+that environment. Prints one table and writes ``results.json``. Standard library only, except for
+the multi-host scenarios: they run on fake hosts made by ``tests/cluster.py`` (network namespaces
+with sshd; needs root and the ``cryptography`` package in this interpreter).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -39,6 +42,8 @@ TITLES = {"ours": "ours", "040": "torchrunx 0.4.0", "torchrun": "torchrun"}
 MODES = {"ours": "launcher", "040": "launcher", "torchrun": "torchrun"}
 STARTUP_TIMEOUT_S = 240.0  # until a failure scenario has injected its failure
 LEFTOVER_GRACE_S = 3.0  # how long processes may outlive the scenario process
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # unwind (kill, tear down) before exiting
+CLUSTER_MODULE_DIR = REPO / "tests"  # cluster.py: fake hosts for the multi-host scenarios
 
 
 def log(message: str) -> None:
@@ -57,6 +62,7 @@ class Scenario:
     failure: bool = False
     higher_is_better: bool = False
     description: str = ""
+    hosts: int = 0  # multi-host: nodes of a fresh cluster per scenario process; 0: localhost only
 
 
 SCENARIOS = (
@@ -108,8 +114,37 @@ SCENARIOS = (
         ("ours",),
         description="N noop runs on one launcher: leaked processes, fds, RSS",
     ),
+    *(
+        Scenario(
+            f"multihost_first_run_{k}",
+            "s",
+            ("ours", "040"),
+            process_per_rep=True,
+            description=f"first run(noop) of a fresh process on {k} host(s) x 1 worker",
+            hosts=k,
+        )
+        for k in (1, 4, 8)
+    ),
+    Scenario(
+        "multihost_later_run",
+        "s",
+        ("ours", "040"),
+        description="noop run of a launcher on 4 hosts x 1 worker after a warm-up run",
+        hosts=4,
+    ),
+    Scenario(
+        "multihost_worker_kill",
+        "s",
+        ("ours", "040"),
+        process_per_rep=True,
+        failure=True,
+        description="2 hosts x 1 worker: rank 1 (2nd host) SIGKILLs itself -> run() raises",
+        hosts=2,
+    ),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}
+MULTIHOST = tuple(s.name for s in SCENARIOS if s.hosts)
+SCALING = ("multihost_first_run_1", "multihost_first_run_8")  # the "8 hosts / 1 host" row
 
 
 @dataclass
@@ -301,20 +336,87 @@ def leftover_processes(tree: ProcessTree) -> list[str]:
     return [command_of(pid) for pid in tree.refresh()]
 
 
-def run_scenario_process(
+# --- hosts --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """Fake hosts for one scenario process: ``count`` nodes of a cluster made for it alone.
+
+    With ``hosts_file``, the scenario process runs in a mount namespace of its own in which the
+    cluster's hosts file (every node, and this machine's name as the nodes reach it) replaces
+    ``/etc/hosts``, as on a cluster whose launcher can resolve its nodes. Without it, the process
+    sees this machine's ``/etc/hosts``, which names no node: only the ssh config does.
+    """
+
+    count: int
+    hosts_file: bool = True
+
+
+def cluster_module() -> Any:
+    """``tests/cluster.py``, imported on first use: it needs root and ``cryptography``."""
+    if str(CLUSTER_MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(CLUSTER_MODULE_DIR))
+    return importlib.import_module("cluster")
+
+
+def start_cluster(count: int, state_dir: Path) -> Any:
+    """A fresh cluster of ``count`` nodes; the caller tears it down with ``down()``."""
+    return cluster_module().Cluster.up(count, state_dir=state_dir)
+
+
+def with_hosts_file(cmd: list[str], hosts_file: Path) -> list[str]:
+    """``cmd`` in a private mount namespace where ``hosts_file`` is bind-mounted on /etc/hosts."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    unshare = shutil.which("unshare", path=search) or "unshare"
+    mount = shutil.which("mount", path=search) or "mount"
+    script = f'{mount} --bind "$0" /etc/hosts && exec "$@"'
+    # private propagation: the bind mount never reaches this machine's own mount namespace
+    wrapper = [unshare, "--mount", "--propagation", "private", "/bin/sh", "-c", script]
+    return [*wrapper, str(hosts_file), *cmd]
+
+
+def run_scenario_process(  # noqa: PLR0913 -- keyword-only: how many, how long, where
     impl: Implementation,
     scenario: str,
     workdir: Path,
     *,
     reps: int,
     limits: Limits,
+    hosts: Hosts | None = None,
 ) -> Outcome:
-    """Run ``scenario.py`` once in ``workdir``, bounded as in :func:`wait_bounded`."""
+    """Run ``scenario.py`` once in ``workdir``, bounded as in :func:`wait_bounded`.
+
+    With ``hosts``, a cluster is brought up for it (its launcher is given the nodes and their ssh
+    config), checked for processes left on the nodes and torn down afterwards, whatever happens.
+    """
     workdir.mkdir(parents=True)
-    out, log_path, stamps = workdir / "result.json", workdir / "output.log", workdir / "stamps"
+    out, stamps = workdir / "result.json", workdir / "stamps"
     cmd = [impl.python, str(HERE / "scenario.py"), scenario, "--mode", MODES[impl.key]]
     cmd += ["--workdir", str(stamps), "--out", str(out), "--reps", str(reps)]
-    cmd += ["--t0", repr(time.time())]
+    cluster = None
+    if hosts is not None:
+        try:
+            cluster = start_cluster(hosts.count, workdir / "cluster")
+        except Exception as exc:  # noqa: BLE001 - reported as the cell's error
+            return Outcome("error", message=f"no cluster of {hosts.count} hosts: {exc}")
+    try:
+        if cluster is not None:
+            cmd += ["--hosts", ",".join(cluster.hostnames), "--ssh-config", str(cluster.ssh_config)]
+            if hosts is not None and hosts.hosts_file:
+                cmd = with_hosts_file(cmd, cluster.hosts_file)
+        return scenario_process(impl, cmd, workdir, limits, cluster)
+    finally:
+        if cluster is not None:
+            cluster.down()
+
+
+def scenario_process(
+    impl: Implementation, cmd: list[str], workdir: Path, limits: Limits, cluster: Any
+) -> Outcome:
+    """Start and supervise one scenario process; collect its result and what it left running."""
+    out, log_path, stamps = workdir / "result.json", workdir / "output.log", workdir / "stamps"
+    cmd = [*cmd, "--t0", repr(time.time())]
     start = time.monotonic()
     try:
         with log_path.open("wb") as output:
@@ -328,12 +430,15 @@ def run_scenario_process(
                 start_new_session=True,
             )
     except OSError as exc:
-        return Outcome("error", message=f"cannot start {impl.python}: {exc.strerror}")
+        return Outcome("error", message=f"cannot start {cmd[0]}: {exc.strerror}")
     tree = ProcessTree(proc.pid)
     killed, leftovers = "", []
     try:
         killed = wait_bounded(proc, tree, stamps / EVENT_STAMP, limits)
         leftovers = [] if killed else leftover_processes(tree)
+        if cluster is not None and not killed:
+            # started over ssh, the processes on the nodes are no descendants: ask the cluster
+            leftovers += cluster.wait_no_processes(timeout=LEFTOVER_GRACE_S)
     finally:
         tree.kill()
         proc.wait()
@@ -423,7 +528,11 @@ def repetitions(scenario: str, impl: str, opts: argparse.Namespace) -> int:
         "results_throughput": 2 if quick else 3,
         "agent_rss": 1 if quick else 3,
         "leak_1000": opts.leak_count or (100 if quick else 1000),
+        "multihost_later_run": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
+        "multihost_worker_kill": 2 if quick else 3,
     }
+    if scenario.startswith("multihost_first_run_"):
+        return 1 if quick else 3
     return counts[scenario]
 
 
@@ -435,6 +544,7 @@ def timeout_for(scenario: str, reps: int) -> float:
         "results_throughput": 60.0,
         "agent_rss": 30.0,
         "leak_1000": 2.0,
+        "multihost_later_run": 30.0,
     }
     return STARTUP_TIMEOUT_S + per_rep.get(scenario, 0.0) * reps
 
@@ -452,6 +562,7 @@ def run_cell(
         limits = Limits(STARTUP_TIMEOUT_S, opts.cap)
     else:
         limits = Limits(timeout_for(scenario.name, reps))
+    hosts = Hosts(scenario.hosts, not opts.system_hosts) if scenario.hosts else None
     cell = Cell("ok")
     for rep in runs:
         outcome = run_scenario_process(
@@ -460,6 +571,7 @@ def run_cell(
             workdir / f"{scenario.name}.{impl.key}.{rep}",
             reps=1 if per_process else reps,
             limits=limits,
+            hosts=hosts,
         )
         cell.processes.append({"status": outcome.status, "seconds": round(outcome.seconds, 2)})
         cell.leftovers += outcome.leftovers
@@ -589,6 +701,24 @@ def startup_cell(cell: Cell) -> Cell:
     return Cell("ok", values)
 
 
+def scaling(results: dict[str, dict[str, Cell]], impl: str) -> float | None:
+    """Median first run on 8 hosts over that on 1 host, where both were measured."""
+    if not all(name in results and impl in results[name] for name in SCALING):
+        return None
+    one, many = (results[name][impl] for name in SCALING)
+    if one.status != "ok" or many.status != "ok" or not one.median():
+        return None
+    return (many.median() or 0.0) / (one.median() or 1.0)
+
+
+def scaling_cell(results: dict[str, dict[str, Cell]], impl: str) -> str:
+    """Text of the "8 hosts / 1 host" cell of one implementation."""
+    ratio = scaling(results, impl)
+    if ratio is not None:
+        return f"{fmt_ratio_value(ratio)}x"
+    return "n/a" if results[SCALING[-1]][impl].status == "n/a" else "-"
+
+
 def table_rows(
     results: dict[str, dict[str, Cell]], impls: list[str], opts: argparse.Namespace
 ) -> list[list[str]]:
@@ -614,6 +744,10 @@ def table_rows(
             if len(header) > len(row):
                 row.append(fmt_ratio(derived, opts))
             rows.append(row)
+        if name == SCALING[-1] and SCALING[0] in results:
+            row = ["  8 hosts / 1 host [x, lower is better]"]
+            row += [scaling_cell(results, k) for k in impls]
+            rows.append(row + [""] * (len(header) - len(row)))
     return rows
 
 
@@ -684,8 +818,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--leak-count", type=int, default=0, help="runs in leak_1000 (1000)")
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="JSON report")
     parser.add_argument("--keep-workdir", action="store_true", help="keep logs of every process")
+    parser.add_argument(
+        "--multihost", action="store_true", help="only the multi-host scenarios (of --only)"
+    )
+    parser.add_argument(
+        "--single-host", action="store_true", help="leave out the multi-host scenarios"
+    )
+    parser.add_argument(
+        "--system-hosts",
+        action="store_true",
+        help="multi-host launchers see this machine's /etc/hosts, not the cluster's",
+    )
     opts = parser.parse_args(argv)
     opts.only = [s for s in opts.only.split(",") if s]
+    if opts.multihost:
+        opts.only = [s for s in opts.only if s in MULTIHOST]
+    if opts.single_host:
+        opts.only = [s for s in opts.only if s not in MULTIHOST]
     opts.impl = [i for i in opts.impl.split(",") if i]
     unknown = [s for s in opts.only if s not in BY_NAME] + [i for i in opts.impl if i not in IMPLS]
     if unknown:
@@ -693,9 +842,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
+def terminate(signum: int, _frame: object) -> None:
+    """On SIGTERM or SIGHUP, unwind: the scenario process is killed, the cluster torn down."""
+    for sig in TERMINATING:  # a second signal must not interrupt the clean-up of the first
+        signal.signal(sig, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected scenarios, print the table, write the JSON report."""
     opts = parse_args(argv)
+    for sig in TERMINATING:
+        signal.signal(sig, terminate)
     impls = implementations(opts)
     keys = [k for k in IMPLS if k in impls]
     workdir = Path(tempfile.mkdtemp(prefix="torchrunx-bench-"))
@@ -738,11 +896,15 @@ def main(argv: list[str] | None = None) -> int:
                 "unit": BY_NAME[name].unit,
                 "higher_is_better": BY_NAME[name].higher_is_better,
                 "description": BY_NAME[name].description,
+                "hosts": BY_NAME[name].hosts,
                 "cells": {k: asdict(c) for k, c in cells.items()},
             }
             for name, cells in results.items()
         },
         "table": rows,
+        "derived": {
+            "multihost_first_run_8_over_1": {k: scaling(results, k) for k in keys},
+        },
     }
     opts.output.write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {opts.output}")

@@ -8,6 +8,10 @@ interpreter.
   ``Launcher.run``.
 - ``--mode torchrun`` times ``python -m torch.distributed.run`` of ``torchrun_worker.py``.
 
+Single-host scenarios use 2 workers on ``localhost``; the ``multihost_*`` ones use 1 worker on each
+host given by ``--hosts`` (fake hosts that ``compare.py`` brings up), reached through the ssh
+config given by ``--ssh-config``.
+
 The file given by ``--out`` receives ``{"values": [...], "extra": {...}}`` or ``{"error": "..."}``.
 """
 
@@ -61,8 +65,15 @@ def load_torchrunx() -> Any:
     return importlib.import_module("torchrunx")
 
 
-def new_launcher(trx: Any) -> Any:
-    """The launcher configuration shared by all scenarios."""
+def new_launcher(trx: Any, opts: argparse.Namespace | None = None) -> Any:
+    """The launcher of a scenario: 2 workers on localhost, or 1 on each of ``opts.hosts``."""
+    if opts is not None and opts.hosts:
+        return trx.Launcher(
+            hostnames=opts.hosts,
+            workers_per_host=1,
+            backend="gloo",
+            ssh_config_file=opts.ssh_config,
+        )
     return trx.Launcher(hostnames=["localhost"], workers_per_host=WORKERS, backend="gloo")
 
 
@@ -73,9 +84,9 @@ def close_launcher(launcher: Any) -> None:
 
 
 @contextlib.contextmanager
-def open_launcher(trx: Any) -> Iterator[Any]:
-    """A launcher that is closed on exit."""
-    launcher = new_launcher(trx)
+def open_launcher(trx: Any, opts: argparse.Namespace | None = None) -> Iterator[Any]:
+    """A launcher (as in :func:`new_launcher`) that is closed on exit."""
+    launcher = new_launcher(trx, opts)
     try:
         yield launcher
     finally:
@@ -88,6 +99,16 @@ def timed_run(launcher: Any, fn: Callable[..., Any], *args: Any) -> tuple[float,
     result = launcher.run(fn, *args)
     elapsed = time.perf_counter() - start
     return elapsed, time.time(), result
+
+
+def check_hosts(launcher: Any, opts: argparse.Namespace) -> list[str]:
+    """Run once more (untimed) and check that rank ``i`` ran on host ``i``; return the hosts."""
+    result = launcher.run(workloads.hostname)
+    seen = [result.rank(r) for r in range(len(opts.hosts))]
+    if seen != opts.hosts:
+        msg = f"ranks ran on {seen}, not on {opts.hosts}"
+        raise RuntimeError(msg)
+    return seen
 
 
 def exception_name(exc: BaseException) -> str:
@@ -358,7 +379,7 @@ def failure_latency(opts: argparse.Namespace, fn: Callable[[str], None], mode: s
             raised.append(f"exit code {code}")
             details.append(log_tail(opts.workdir)[:300])
         else:
-            with open_launcher(trx) as launcher:
+            with open_launcher(trx, opts) as launcher:
                 try:
                     launcher.run(fn, str(opts.workdir))
                 except Exception as exc:  # noqa: BLE001 - the type raised is what is measured
@@ -548,6 +569,53 @@ def probe(opts: argparse.Namespace) -> Result:
     return {"values": [], "extra": info}
 
 
+def multihost_first_run(opts: argparse.Namespace) -> Result:
+    """Time the first ``run(noop)`` of a fresh process on ``opts.hosts``, 1 worker each."""
+    trx = load_torchrunx()
+    imported = time.time()
+    start = time.perf_counter()
+    launcher = new_launcher(trx, opts)
+    try:
+        launcher.run(workloads.noop)
+        elapsed = time.perf_counter() - start
+        seen = check_hosts(launcher, opts)
+    finally:
+        start = time.perf_counter()
+        close_launcher(launcher)
+        closed = time.perf_counter() - start
+    extra = {"startup_s": imported - opts.t0, "close_s": closed, "hosts": seen}
+    return {"values": [elapsed], "extra": extra}
+
+
+def multihost_later_run(opts: argparse.Namespace) -> Result:
+    """Time noop runs of one launcher on ``opts.hosts`` after a warm-up run."""
+    with open_launcher(load_torchrunx(), opts) as launcher:
+        warmup, _, _ = timed_run(launcher, workloads.noop)
+        values = [timed_run(launcher, workloads.noop)[0] for _ in range(opts.reps)]
+        seen = check_hosts(launcher, opts)
+    return {"values": values, "extra": {"warmup_s": warmup, "hosts": seen}}
+
+
+def multihost_worker_kill(opts: argparse.Namespace) -> Result:
+    """Rank 1, alone on the 2nd host, is SIGKILLed; time until ``run()`` raises."""
+    return failure_latency(opts, workloads.sigkill_rank1, "sigkill")
+
+
+def launcher_only(scenario: Callable[[argparse.Namespace], Result]) -> Callable[..., Result]:
+    """A multi-host scenario: launchers only, and only with ``--hosts``."""
+
+    def run(opts: argparse.Namespace) -> Result:
+        if opts.mode == "torchrun":
+            msg = "torchrun has no multi-host mode here"
+            raise RuntimeError(msg)
+        if not opts.hosts or not opts.ssh_config:
+            msg = "a multi-host scenario needs --hosts and --ssh-config"
+            raise RuntimeError(msg)
+        return scenario(opts)
+
+    return run
+
+
 SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "probe": probe,
     "first_run": first_run,
@@ -557,6 +625,11 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "results_throughput": results_throughput,
     "agent_rss": agent_rss,
     "leak_1000": leak_1000,
+    "multihost_first_run_1": launcher_only(multihost_first_run),
+    "multihost_first_run_4": launcher_only(multihost_first_run),
+    "multihost_first_run_8": launcher_only(multihost_first_run),
+    "multihost_later_run": launcher_only(multihost_later_run),
+    "multihost_worker_kill": launcher_only(multihost_worker_kill),
 }
 
 
@@ -569,7 +642,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--t0", type=float, default=time.time(), help="driver's start time")
+    parser.add_argument("--hosts", default="", help="comma-separated hosts (multi-host scenarios)")
+    parser.add_argument("--ssh-config", type=Path, help="ssh config that reaches --hosts")
     opts = parser.parse_args()
+    opts.hosts = [h for h in opts.hosts.split(",") if h]
     opts.workdir.mkdir(parents=True, exist_ok=True)
     try:
         result = SCENARIOS[opts.scenario](opts)

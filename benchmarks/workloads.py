@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def read_stamp(path: Path) -> float:
 
 def noop() -> None:
     """Do nothing."""
+
+
+def hostname() -> str:
+    """Name of the host this worker runs on."""
+    return socket.gethostname()
 
 
 def sleep(seconds: float) -> None:
