@@ -36,6 +36,7 @@ import zmq
 
 from .environment import source_env_file
 from .hosts import interface_of, local_facts
+from .logs import readable_line
 from .reaper import alive, signal_all
 from .transport.messages import decode, encode
 from .transport.unix import recv_message, send_message
@@ -49,6 +50,10 @@ LEFTOVER_GRACE_S = 3.0
 CLEAR_DEADLINE_S = 10.0
 """Longest wait for killed processes to vanish before the run is reported cleared anyway."""
 _READ_SIZE = 1 << 16
+_READS_PER_EVENT = 16  # at most 1 MiB from one pipe before the loop looks at anything else
+_READS_AT_EXIT = 1024  # a dead worker's pipe holds at most what it wrote last (64 KiB here)
+_OUTPUT_WINDOW = 8 << 20  # bytes of output the launcher may be behind before we stop reading
+_TAIL_BYTES = 8192
 
 
 @dataclass
@@ -112,6 +117,10 @@ class Agent:
             self.poller.register(s, zmq.POLLIN)
         self.last_from_launcher = time.monotonic()
         self.next_heartbeat = 0.0
+        # flow control: output the launcher has not confirmed yet; past the window we stop
+        # reading the workers' pipes (they block, losing nothing) but keep serving everything else
+        self.unconfirmed = 0
+        self.reading = True
 
     # ---- the loop
 
@@ -166,6 +175,8 @@ class Agent:
                 run.rendezvous = header
                 for local_rank in run.connected:
                     self.to_worker(run, local_rank, "rendezvous", header)
+        elif kind == "credit":
+            self.on_credit(int(header["bytes"]))
         elif kind == "cancel":
             run = self.runs.get(header["run"])
             if run is not None:
@@ -192,7 +203,8 @@ class Agent:
             for fd in (out_r, err_r):
                 os.set_blocking(fd, False)
                 self.by_fd[fd] = worker
-                self.poller.register(fd, zmq.POLLIN)
+                if self.reading:
+                    self.poller.register(fd, zmq.POLLIN)
             fds += [out_w, err_w]
         env = {**spec["env"], **self.env_file_vars}  # the env file has the last word
         if spec["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
@@ -238,7 +250,8 @@ class Agent:
         worker.exited = True
         run = worker.run
         for fd in list(worker.pipes):
-            self.on_output(fd)  # what it wrote last must reach the launcher before "died"
+            # what it wrote last must reach the launcher before "died"
+            self.on_output(fd, _READS_AT_EXIT)
         if worker.outcome is None and (not run.cancelled or worker.died_before_cancel):
             if os.WIFSIGNALED(status):
                 sig = os.WTERMSIG(status)
@@ -279,7 +292,7 @@ class Agent:
             self.send("port", {"run": run.id, "port": header["port"]})
         elif kind in ("result", "error"):
             for fd in list(worker.pipes):
-                self.on_output(fd)  # its output first, then its outcome
+                self.on_output(fd, _READS_AT_EXIT)  # its output first, then its outcome
             worker.outcome = kind
             if not header.get("direct"):  # a direct result is at the launcher already
                 header.update(run=run.id, rank=worker.rank, local_rank=worker.local_rank)
@@ -293,14 +306,15 @@ class Agent:
         with contextlib.suppress(zmq.ZMQError):
             self.workers.send_multipart([identity, *encode(kind, header)])
 
-    def on_output(self, fd: int) -> None:
+    def on_output(self, fd: int, max_reads: int = _READS_PER_EVENT) -> None:
+        """Forward what a worker wrote, whole lines only (a partial line waits for its end)."""
         worker = self.by_fd.get(fd)
         if worker is None:
             return
         stream = worker.pipes[fd]
         chunks = []
         eof = False
-        while True:
+        for _ in range(max_reads):  # bounded: a flooding worker must not starve the loop
             try:
                 data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
@@ -316,22 +330,30 @@ class Agent:
             if rest:
                 worker.partial[stream] = rest
         if data:
-            worker.tail.extend(data.decode(errors="replace").splitlines())
-            self.send(
-                "output",
-                {
-                    "run": worker.run.id,
-                    "rank": worker.rank,
-                    "local_rank": worker.local_rank,
-                    "stream": stream,
-                },
-                data,
-            )
+            last = data[-_TAIL_BYTES:].decode(errors="replace").split("\n")
+            worker.tail.extend(readable_line(line) for line in last if line)
+            run, rank, local_rank = worker.run.id, worker.rank, worker.local_rank
+            header = {"run": run, "rank": rank, "local_rank": local_rank, "stream": stream}
+            self.send("output", header, data)
+            self.on_credit(-len(data))
         if eof:
-            self.poller.unregister(fd)
+            if self.reading:
+                self.poller.unregister(fd)
             os.close(fd)
             del worker.pipes[fd]
             del self.by_fd[fd]
+
+    def on_credit(self, confirmed: int) -> None:
+        """Count output confirmed by the launcher (negative: sent); pause or resume reading."""
+        self.unconfirmed -= confirmed
+        if self.reading and self.unconfirmed > _OUTPUT_WINDOW:
+            self.reading = False
+            for fd in self.by_fd:
+                self.poller.unregister(fd)
+        elif not self.reading and self.unconfirmed <= _OUTPUT_WINDOW // 2:
+            self.reading = True
+            for fd in self.by_fd:
+                self.poller.register(fd, zmq.POLLIN)
 
     # ---- teardown
 

@@ -35,6 +35,7 @@ from typing import Any, TypeVar, cast
 
 import zmq
 
+from .logs import output_records
 from .transport.messages import decode, encode
 from .transport.ssh import RemoteAgentProcess
 
@@ -82,7 +83,7 @@ class RunState:
     id: str
     agents: list[AgentHandle]
     workers_per_host: list[int]
-    emit: Callable[[logging.LogRecord], None]
+    emit: Callable[[list[logging.LogRecord]], None]
     result_token: str  # proves a worker's direct result belongs to this run
     results: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = field(default_factory=dict)
     failures: list[tuple[str, dict[str, Any], list[zmq.Frame]]] = field(default_factory=list)
@@ -460,14 +461,23 @@ class Controller(threading.Thread):
             if "level" in header
             else (logging.INFO if stream == "stdout" else logging.WARNING)
         )
-        text = bytes(frames[0]).decode(errors="replace") if frames else ""
-        emit = run.emit if run is not None else logging.getLogger(name).handle
-        for line in text.splitlines():
-            record = logging.LogRecord(name, level, "", 0, line, None, None)
-            record.hostname = agent.hostname
-            record.local_rank = local_rank
-            record.stream = stream
-            emit(record)
+        data = frames[0].bytes if frames else b""
+        records = output_records(
+            data,
+            name=name,
+            hostname=agent.hostname,
+            local_rank=local_rank,
+            rank=header.get("rank"),
+            stream=stream,
+            level=level,
+        )
+        if run is not None:
+            run.emit(records)
+        else:
+            for record in records:
+                logging.getLogger(record.name).handle(record)
+        if "stream" in header:  # worker output: the agent may read that much more
+            self.send(agent, "credit", {"bytes": len(data)})
 
     def _notify(self) -> None:
         with self.changed:

@@ -39,7 +39,7 @@ from .environment import DEFAULT_ENV_VARS_FOR_COPY, agent_base_env, copied_env
 from .errors import AgentFailedError
 from .failures import raise_failure, unpickle_result
 from .hosts import is_local, resolve_hostnames
-from .logs import HandlerFactory, default_handlers
+from .logs import HandlerFactory, default_handlers, emit_batch, log_level_from_env
 from .result import LaunchResult
 from .transport import serialization
 from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
@@ -92,6 +92,8 @@ class Launcher:
     log_dir: str | Path | None = None
     """Folder for log files (one folder per run); ``""`` writes none. By default
     ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``."""
+    live_ranks: int | list[int] | Literal["all"] = 0
+    """Ranks whose output is shown live on the terminal: one, a list, or ``"all"``."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
@@ -254,6 +256,14 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
     f = launcher.env_file
     if f is not None and not os.path.isfile(f):  # noqa: PTH113
         msg = f"env_file={f!r}: no such file"
+        raise ValueError(msg)
+    r = launcher.live_ranks
+    ranks = [r] if isinstance(r, int) and not isinstance(r, bool) else r
+    if r != "all" and not (
+        isinstance(ranks, (list, tuple))
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ranks)
+    ):
+        msg = f'live_ranks={r!r}: use a rank (int >= 0), a list of ranks, or "all"'
         raise ValueError(msg)
 
 
@@ -464,6 +474,7 @@ class _Pool:
             "sys_path": sys.path,
             "worker_timeout": launcher.worker_timeout,
             "result_token": run.result_token,
+            "log_level": log_level_from_env(),
         }
         messages = [
             (
@@ -558,7 +569,9 @@ def _handlers(
     if factory is None:
         return []
     if factory == "auto":
-        return default_handlers(hostnames, workers, launcher.log_dir)
+        r = launcher.live_ranks
+        live = None if r == "all" else [r] if isinstance(r, int) else list(r)
+        return default_handlers(hostnames, workers, launcher.log_dir, live)
     handlers = factory()
     if not isinstance(handlers, list) or not all(isinstance(h, logging.Handler) for h in handlers):
         msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
@@ -566,10 +579,5 @@ def _handlers(
     return handlers
 
 
-def _dispatch(handlers: list[logging.Handler]) -> Callable[[logging.LogRecord], None]:
-    def emit(record: logging.LogRecord) -> None:
-        for handler in handlers:
-            if record.levelno >= handler.level:
-                handler.handle(record)
-
-    return emit
+def _dispatch(handlers: list[logging.Handler]) -> Callable[[list[logging.LogRecord]], None]:
+    return functools.partial(emit_batch, handlers)

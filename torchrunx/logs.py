@@ -1,9 +1,12 @@
 """Worker and agent output in the launcher: live on the terminal and in one folder per run.
 
 Every line becomes a :class:`logging.LogRecord` of logger ``torchrunx.<hostname>`` (agent) or
-``torchrunx.<hostname>.<local_rank>`` (worker), with ``hostname``, ``local_rank`` and ``stream``
-attributes, and goes to the run's handlers: by default rank 0's lines and the agents' warnings
-on the terminal, and one file per agent and per worker under ``$TORCHRUNX_LOG_DIR``.
+``torchrunx.<hostname>.<local_rank>`` (worker), with ``hostname``, ``local_rank``, ``rank`` and
+``stream`` attributes, and goes to the run's handlers: by default rank 0's lines and the agents'
+warnings on the terminal, and one file per agent and per worker under ``$TORCHRUNX_LOG_DIR``.
+
+A worker's ``logging`` records travel as lines of its stderr (:func:`record_line`), so they stay
+in order with what it prints, and arrive with their own logger name and level.
 """
 
 from __future__ import annotations
@@ -12,18 +15,26 @@ __all__ = [
     "HandlerFactory",
     "LiveHandler",
     "RedirectHandler",
+    "RunFilesHandler",
     "default_handlers",
     "file_handlers",
     "get_handler_filter",
     "log_level_from_env",
+    "output_records",
+    "readable_line",
+    "record_line",
 ]
 
+import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO, Any
 
 HandlerFactory = Callable[[], list[logging.Handler]]
 
@@ -50,18 +61,39 @@ class RedirectHandler(logging.Handler):
 
 
 class LiveHandler(logging.Handler):
-    """Writes lines to the launcher's stdout or stderr (as the worker did), prefixed compactly."""
+    """Writes to the launcher's stdout or stderr (as the worker did), prefixed ``[host:rank]``.
+
+    Shows the workers of ``ranks`` (global ranks; ``None``: all) and agents' warnings. Lines are
+    flushed once per batch (see :func:`emit_batch`), not once per line.
+    """
+
+    def __init__(self, ranks: Iterable[int] | None = (0,)) -> None:
+        super().__init__()
+        self.ranks = None if ranks is None else frozenset(ranks)
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write ``record`` as ``[hostname:local_rank] message``."""
+        """Write ``record``, each of its lines prefixed with where it came from."""
         local_rank = getattr(record, "local_rank", None)
+        if local_rank is None:
+            if record.levelno < logging.WARNING:
+                return
+        elif self.ranks is not None and getattr(record, "rank", None) not in self.ranks:
+            return
         where = getattr(record, "hostname", "?") + ("" if local_rank is None else f":{local_rank}")
         stream = sys.stderr if getattr(record, "stream", "stderr") == "stderr" else sys.stdout
+        text = "".join(f"[{where}] {line}\n" for line in record.getMessage().split("\n"))
         try:
-            stream.write(f"[{where}] {record.getMessage()}\n")
-            stream.flush()
+            stream.write(text)
+        except UnicodeEncodeError:  # bytes that are not UTF-8, on a strict terminal
+            stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         except Exception:  # noqa: BLE001 -- a closed terminal must not break the run
             self.handleError(record)
+
+    def flush(self) -> None:
+        """Flush both streams."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed terminal must not break the run
+                stream.flush()
 
 
 def log_level_from_env() -> int:
@@ -93,15 +125,72 @@ def _new_run_dir(root: Path) -> Path:
     raise FileExistsError(msg)
 
 
+def _file_line(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+    message = record.getMessage()
+    return f"{stamp},{int(record.msecs):03d} {record.levelname} {record.name}: {message}\n"
+
+
+def _open(path: Path) -> IO[str]:
+    # surrogateescape: bytes that are not UTF-8 come out of the file as they went in
+    return path.open("a", encoding="utf-8", errors="surrogateescape", buffering=1 << 16)
+
+
+class RunFilesHandler(logging.Handler):
+    """The run's files, one handler routing every record to its own.
+
+    One file per agent (``<hostname>.log``, with its local worker 0) and per worker
+    (``<hostname>[<local_rank>].log``) in ``folder``.
+    """
+
+    def __init__(self, folder: Path, hostnames: list[str], level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.folder = folder
+        self.hostnames = set(hostnames)
+        self.files: dict[tuple[str, int | None], IO[str]] = {}
+
+    def _file(self, hostname: str, local_rank: int | None) -> IO[str]:
+        key = (hostname, local_rank)
+        f = self.files.get(key)
+        if f is None:
+            suffix = "" if local_rank is None else f"[{local_rank}]"
+            f = self.files[key] = _open(self.folder / f"{hostname}{suffix}.log")
+        return f
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Append ``record`` to its worker's file (and its agent's, for local rank 0)."""
+        hostname = getattr(record, "hostname", None)
+        if hostname not in self.hostnames:
+            return
+        local_rank = getattr(record, "local_rank", None)
+        line = _file_line(record)
+        self._file(hostname, local_rank).write(line)
+        if local_rank == 0:
+            self._file(hostname, None).write(line)
+
+    def flush(self) -> None:
+        """Flush every file (once per batch of lines)."""
+        for f in self.files.values():
+            f.flush()
+
+    def close(self) -> None:
+        """Close every file."""
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+        super().close()
+
+
 def file_handlers(
     hostnames: list[str],
     workers_per_host: list[int],
     log_dir: str | os.PathLike[str],
     log_level: int = logging.NOTSET,
 ) -> list[logging.Handler]:
-    """One file per agent (``<hostname>.log``, with its local worker 0) and per worker.
+    """One ``logging.FileHandler`` per agent (with its local worker 0) and per worker.
 
-    Files go into a new folder under ``log_dir`` named by the time of the run's start.
+    Files go into a new folder under ``log_dir`` named by the time of the run's start. (The
+    default handlers use :class:`RunFilesHandler`, which writes the same files, faster.)
     """
     folder = _new_run_dir(Path(log_dir))
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -122,17 +211,111 @@ def file_handlers(
 
 
 def default_handlers(
-    hostnames: list[str], workers_per_host: list[int], log_dir: str | os.PathLike[str] | None
+    hostnames: list[str],
+    workers_per_host: list[int],
+    log_dir: str | os.PathLike[str] | None,
+    live_ranks: Iterable[int] | None = (0,),
 ) -> list[logging.Handler]:
-    """Rank 0's output and the agents' warnings live, and files unless ``log_dir`` is ``""``."""
-    live = LiveHandler()
-    worker0 = get_handler_filter(hostnames[0], 0)
-    live.addFilter(
-        lambda r: worker0(r) or (getattr(r, "local_rank", 0) is None and r.levelno >= 30)
-    )
-    handlers: list[logging.Handler] = [live]
+    """``live_ranks``' output and the agents' warnings live; files unless ``log_dir`` is ``""``."""
+    del workers_per_host  # files are made as their first line arrives
+    handlers: list[logging.Handler] = [LiveHandler(live_ranks)]
     if log_dir is None:
         log_dir = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")
     if str(log_dir) != "":
-        handlers += file_handlers(hostnames, workers_per_host, log_dir, log_level_from_env())
+        folder = _new_run_dir(Path(log_dir))
+        handlers.append(RunFilesHandler(folder, hostnames, log_level_from_env()))
     return handlers
+
+
+def emit_batch(handlers: list[logging.Handler], records: list[logging.LogRecord]) -> None:
+    """Hand ``records`` to every handler (honouring its level and filters), then flush it."""
+    for handler in handlers:
+        level = handler.level
+        for record in records:
+            if record.levelno >= level:
+                handler.handle(record)
+        handler.flush()
+
+
+# ---- records on the wire
+
+_MARK = "\x1etorchrunx\x1e"  # starts a stderr line that carries a worker's logging record
+_MARK_BYTES = _MARK.encode()
+_FORMATTER = logging.Formatter()
+_TEMPLATE = logging.LogRecord("", logging.INFO, "", 0, "", None, None).__dict__
+
+
+def record_line(record: logging.LogRecord) -> str:
+    """A worker's logging record as one line of its stderr (kept in order with its prints)."""
+    message = record.getMessage()
+    if record.exc_info:
+        message += "\n" + _FORMATTER.formatException(record.exc_info)
+    if record.stack_info:
+        message += "\n" + record.stack_info
+    return _MARK + json.dumps([record.name, record.levelno, record.created, message]) + "\n"
+
+
+def readable_line(line: str) -> str:
+    """A line of worker output as a person reads it (a record as ``LEVEL name: message``)."""
+    if not line.startswith(_MARK):
+        return line
+    try:
+        name, level, _, message = json.loads(line[len(_MARK) :])
+    except ValueError:
+        return line
+    return f"{logging.getLevelName(level)} {name}: {message}"
+
+
+def output_records(  # noqa: PLR0913 -- one per attribute of the records
+    data: bytes,
+    *,
+    name: str,
+    hostname: str,
+    local_rank: int | None,
+    rank: int | None,
+    stream: str,
+    level: int,
+) -> list[logging.LogRecord]:
+    """Records for a chunk of output: one per line, or the worker's own for marked lines.
+
+    Built without ``LogRecord.__init__`` (which looks up thread and process names): at 100,000
+    lines a second that is most of the cost.
+    """
+    now = time.time()
+    base: dict[str, Any] = {
+        **_TEMPLATE,
+        "name": name,
+        "levelno": level,
+        "levelname": logging.getLevelName(level),
+        "created": now,
+        "msecs": (now - int(now)) * 1000,
+        "hostname": hostname,
+        "local_rank": local_rank,
+        "rank": rank,
+        "stream": stream,
+    }
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    records = []
+    for raw in lines:
+        fields = base.copy()
+        if raw.startswith(_MARK_BYTES):
+            try:
+                logger, levelno, created, message = json.loads(raw[len(_MARK_BYTES) :])
+                fields.update(
+                    name=logger,
+                    levelno=levelno,
+                    levelname=logging.getLevelName(levelno),
+                    created=created,
+                    msecs=(created - int(created)) * 1000,
+                    msg=message,
+                )
+            except (ValueError, TypeError):
+                fields["msg"] = raw.decode("utf-8", "surrogateescape")
+        else:
+            fields["msg"] = raw.decode("utf-8", "surrogateescape")
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        record.__dict__ = fields
+        records.append(record)
+    return records

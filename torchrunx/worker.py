@@ -23,6 +23,7 @@ __all__ = ["run_worker"]
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ from typing import Any, NoReturn
 
 import zmq
 
+from .logs import record_line
 from .reaper import set_parent_death_signal
 from .transport import serialization
 from .transport.messages import decode, encode
@@ -86,6 +88,9 @@ class _Worker:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        # the worker's logging records reach the launcher whole: logger name, level, time
+        logging.root.addHandler(_RecordsToStderr())
+        logging.root.setLevel(self.spec.get("log_level", logging.INFO))
 
         self.sock.connect(self.spec["endpoint"])
         self.sock.send_multipart(encode("hello", {}))
@@ -221,6 +226,18 @@ class _Worker:
             frames = []
         self._send("error", header, frames)
         return 0
+
+
+class _RecordsToStderr(logging.Handler):
+    """Writes each record as one marked line of stderr, in order with what the worker prints."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write ``record`` (see :func:`torchrunx.logs.record_line`)."""
+        try:
+            sys.stderr.write(record_line(record))
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 -- logging must never raise into the user's code
+            self.handleError(record)
 
 
 def _split(payload: memoryview, sizes: list[int]) -> list[memoryview]:

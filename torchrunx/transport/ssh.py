@@ -290,6 +290,8 @@ class RemoteAgentProcess:
         except Exception:  # noqa: BLE001 -- any transport error means the agent is gone to us
             self.returncode = 255
         finally:
+            with contextlib.suppress(Exception):  # closed now, not noisily by the GC at exit
+                self.stdin.close()
             self.connection.close()  # its agent is gone: nothing else uses it
             self._exited.set()
             os.close(self._write_end)

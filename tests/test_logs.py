@@ -1,0 +1,221 @@
+"""Worker and agent output: live view, files, logging records, floods and crashes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+import torchrunx
+from torchrunx.logs import RedirectHandler, get_handler_filter
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir())
+
+
+@pytest.fixture
+def log_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "logs"
+    monkeypatch.setenv("TORCHRUNX_LOG_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[torchrunx.Launcher]:
+    with torchrunx.Launcher(
+        hostnames=["localhost"], workers_per_host=2, backend=None, log_dir=""
+    ) as launcher:
+        yield launcher
+
+
+def speak() -> None:
+    rank = os.environ["RANK"]
+    print(f"out-{rank}")
+    print(f"err-{rank}", file=sys.stderr)
+    os.write(1, f"fd1-{rank}\n".encode())  # as C code writes, past Python's buffers
+    logging.getLogger("my_app").warning("warned %s", rank)
+    logging.getLogger("my_app.sub").info("informed %s", rank)
+    logging.getLogger("my_app").debug("not at the default level %s", rank)
+
+
+def test_rank_0_is_live_with_prefix_and_stderr_stays_stderr(
+    two: torchrunx.Launcher, capfd: pytest.CaptureFixture[str]
+) -> None:
+    two.set_logging_handlers("auto")
+    two.run(speak)
+    out, err = capfd.readouterr()
+    assert "[localhost:0] out-0" in out.splitlines()
+    assert "[localhost:0] fd1-0" in out.splitlines()
+    assert "[localhost:0] err-0" in err.splitlines()
+    assert "[localhost:0] warned 0" in err.splitlines()
+    assert "-1" not in out + err  # rank 1 is not shown live by default
+
+
+def test_live_ranks_chooses_who_is_shown(capfd: pytest.CaptureFixture[str]) -> None:
+    for live, shown in ((1, {"1"}), ([0, 1], {"0", "1"}), ("all", {"0", "1"})):
+        with torchrunx.Launcher(
+            hostnames=["localhost"], workers_per_host=2, backend=None, log_dir="", live_ranks=live
+        ) as launcher:
+            launcher.run(speak)
+        out, _ = capfd.readouterr()
+        assert {line[-1] for line in out.splitlines() if "out-" in line} == shown
+
+
+def test_worker_logging_keeps_logger_names_and_levels(two: torchrunx.Launcher) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    two.set_logging_handlers(lambda: [Collect()])
+    try:
+        two.run(speak)
+    finally:
+        two.set_logging_handlers("auto")
+    mine = {
+        (r.name, r.levelno, r.getMessage(), r.hostname, r.local_rank)  # type: ignore[attr-defined]
+        for r in records
+        if r.name.startswith("my_app")
+    }
+    assert mine == {
+        (name, level, f"{text} {rank}", "localhost", rank)
+        for rank in (0, 1)
+        for name, level, text in (
+            ("my_app", logging.WARNING, "warned"),
+            ("my_app.sub", logging.INFO, "informed"),
+        )
+    }
+    prints = [r for r in records if r.getMessage() == "out-1"]
+    assert [(p.name, p.levelno, p.stream) for p in prints] == [  # type: ignore[attr-defined]
+        ("torchrunx.localhost.1", logging.INFO, "stdout")
+    ]
+
+
+def test_files_one_folder_per_run_per_agent_and_worker(log_root: Path) -> None:
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend=None) as launcher:
+        launcher.run(speak)
+        launcher.run(speak)  # same second: still a folder of its own
+    first, second = run_dirs(log_root)
+    assert first.name != second.name
+    assert sorted(p.name for p in first.iterdir()) == [
+        "localhost.log",
+        "localhost[0].log",
+        "localhost[1].log",
+    ]
+    worker1 = (first / "localhost[1].log").read_text()
+    for text in (
+        "out-1",
+        "err-1",
+        "fd1-1",
+        "WARNING my_app: warned 1",
+        "INFO my_app.sub: informed 1",
+    ):
+        assert text in worker1
+    assert "not at the default level" not in worker1
+    agent = (first / "localhost.log").read_text()
+    assert "out-0" in agent
+    assert "out-1" not in agent
+
+
+def test_log_level_and_log_dir_choices(log_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHRUNX_LOG_LEVEL", "DEBUG")
+    torchrunx.launch(speak, hostnames=["localhost"], workers_per_host=1, backend=None)
+    (folder,) = run_dirs(log_root)
+    assert "not at the default level 0" in (folder / "localhost[0].log").read_text()
+
+    monkeypatch.setenv("TORCHRUNX_LOG_DIR", "")
+    torchrunx.launch(speak, hostnames=["localhost"], workers_per_host=1, backend=None)
+    assert len(run_dirs(log_root)) == 1  # "" writes no files
+
+    elsewhere = log_root.parent / "elsewhere"
+    torchrunx.launch(speak, logs=str(elsewhere), hostnames=["localhost"], workers_per_host=1)
+    assert len(run_dirs(elsewhere)) == 1  # the argument wins over the variable
+
+
+def test_redirect_and_filter_helpers(two: torchrunx.Launcher) -> None:
+    seen: list[str] = []
+    target = logging.getLogger("torchrunx.localhost.1")
+    catcher = logging.Handler()
+    catcher.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    target.addHandler(catcher)
+    target.setLevel(logging.INFO)
+    try:
+
+        def handlers() -> list[logging.Handler]:
+            redirect = RedirectHandler()
+            redirect.addFilter(get_handler_filter("localhost", 1))
+            return [redirect]
+
+        two.set_logging_handlers(handlers)
+        two.run(speak)
+    finally:
+        two.set_logging_handlers("auto")
+        target.removeHandler(catcher)
+    assert "out-1" in seen
+    assert "out-0" not in seen
+
+
+def flood_then_die(n: int, folder: str) -> None:
+    rank = int(os.environ["RANK"])
+    for i in range(n):
+        print(f"{rank}:{i}")
+    Path(folder, f"done.{rank}").touch()
+    if rank == 1:
+        deadline = time.monotonic() + 60
+        while not Path(folder, "done.0").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # rank 0 finishes too: the crash would stop it otherwise
+        os.write(2, b"last words \xff\xfe not utf-8\n")
+        sys.stdout.write("no newline at the end")
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def test_flood_then_crash_loses_nothing(log_root: Path) -> None:
+    n = 100_000
+    with (
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend=None) as launcher,
+        pytest.raises(torchrunx.WorkerFailedError) as info,
+    ):
+        launcher.run(flood_then_die, n, str(log_root.parent))
+    assert "last words" in str(info.value)
+    assert "no newline at the end" in str(info.value)
+    (folder,) = run_dirs(log_root)
+    for rank in (0, 1):
+        lines = (folder / f"localhost[{rank}].log").read_bytes().split(b"\n")
+        numbered = [line.rsplit(b" ", 1)[-1] for line in lines if f": {rank}:".encode() in line]
+        assert numbered == [f"{rank}:{i}".encode() for i in range(n)]
+    worker1 = (folder / "localhost[1].log").read_bytes()
+    assert b"last words \xff\xfe not utf-8" in worker1  # the very bytes
+    assert worker1.rstrip().endswith(b"no newline at the end")
+
+
+def flood_forever_or_fail() -> None:
+    if os.environ["RANK"] == "1":
+        time.sleep(1)
+        msg = "raised while rank 0 floods"
+        raise ValueError(msg)
+    while True:
+        print("x" * 100)
+
+
+def test_flooding_worker_does_not_delay_failures(log_root: Path) -> None:
+    del log_root
+    start = time.monotonic()
+    with (
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend=None) as launcher,
+        pytest.raises(ValueError, match="raised while rank 0 floods"),
+    ):
+        launcher.run(flood_forever_or_fail)
+    assert time.monotonic() - start < 1 + 3
