@@ -143,11 +143,20 @@ class RunFilesHandler(logging.Handler):
     (``<hostname>[<local_rank>].log``) in ``folder``.
     """
 
-    def __init__(self, folder: Path, hostnames: list[str], level: int = logging.NOTSET) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        hostnames: list[str],
+        workers_per_host: list[int],
+        level: int = logging.NOTSET,
+    ) -> None:
         super().__init__(level)
         self.folder = folder
         self.hostnames = set(hostnames)
         self.files: dict[tuple[str, int | None], IO[str]] = {}
+        for hostname, workers in zip(hostnames, workers_per_host, strict=True):
+            for local_rank in (None, *range(workers)):  # every file, even for a silent run
+                self._file(hostname, local_rank)
 
     def _file(self, hostname: str, local_rank: int | None) -> IO[str]:
         key = (hostname, local_rank)
@@ -217,13 +226,12 @@ def default_handlers(
     live_ranks: Iterable[int] | None = (0,),
 ) -> list[logging.Handler]:
     """``live_ranks``' output and the agents' warnings live; files unless ``log_dir`` is ``""``."""
-    del workers_per_host  # files are made as their first line arrives
     handlers: list[logging.Handler] = [LiveHandler(live_ranks)]
     if log_dir is None:
         log_dir = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")
     if str(log_dir) != "":
         folder = _new_run_dir(Path(log_dir))
-        handlers.append(RunFilesHandler(folder, hostnames, log_level_from_env()))
+        handlers.append(RunFilesHandler(folder, hostnames, workers_per_host, log_level_from_env()))
     return handlers
 
 
