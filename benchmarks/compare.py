@@ -114,6 +114,19 @@ SCENARIOS = (
         ("ours",),
         description="N noop runs on one launcher: leaked processes, fds, RSS",
     ),
+    Scenario(
+        "log_lines",
+        "lines/s",
+        IMPLS,
+        higher_is_better=True,
+        description="1 worker prints 200,000 lines: N / (run - noop run); lines lost on the way",
+    ),
+    Scenario(
+        "log_overhead",
+        "s",
+        ("ours", "040"),
+        description="noop run of a launcher (1 worker) with default logging; below: logging off",
+    ),
     *(
         Scenario(
             f"multihost_first_run_{k}",
@@ -528,6 +541,8 @@ def repetitions(scenario: str, impl: str, opts: argparse.Namespace) -> int:
         "results_throughput": 2 if quick else 3,
         "agent_rss": 1 if quick else 3,
         "leak_1000": opts.leak_count or (100 if quick else 1000),
+        "log_lines": 1 if quick else 3,
+        "log_overhead": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
         "multihost_later_run": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
         "multihost_worker_kill": 2 if quick else 3,
     }
@@ -544,6 +559,8 @@ def timeout_for(scenario: str, reps: int) -> float:
         "results_throughput": 60.0,
         "agent_rss": 30.0,
         "leak_1000": 2.0,
+        "log_lines": 180.0,
+        "log_overhead": 60.0,
         "multihost_later_run": 30.0,
     }
     return STARTUP_TIMEOUT_S + per_rep.get(scenario, 0.0) * reps
@@ -611,6 +628,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value * 1e3:.3g} ms"
     if unit == "MiB":
         return f"{value:.0f} MiB"
+    if unit == "lines/s" and value >= 1e3:
+        return f"{value / 1e3:.3g}k lines/s"
     return f"{value:.3g} {unit}"
 
 
@@ -643,6 +662,29 @@ def fmt_leak(cell: Cell) -> str:
     )
 
 
+def fmt_lost(cell: Cell) -> str:
+    """Lines of ``log_lines`` that did not reach each destination, per repetition."""
+    extra = cell.extras[0]
+    dests = (
+        [("stdout", "stdout")]
+        if "stdout" in extra
+        else [("file", "file"), ("agent_file", "agent file"), ("live", "live")]
+    )
+    parts = []
+    for key, label in dests:
+        counts = [c for e in cell.extras for c in e.get(key, [])]
+        if not counts:
+            continue
+        lost = [str(c["lost"]) for c in counts]
+        text = f"{label} {lost[0] if len(set(lost)) == 1 else '/'.join(lost)}"
+        if key == "live" and not extra.get("live_view", True):
+            text += " (no live view)"
+        if not all(c["in_order"] for c in counts):
+            text += " (out of order)"
+        parts.append(text)
+    return f"lost: {', '.join(parts)}"
+
+
 def raised_types(cell: Cell) -> str:
     """Distinct exception types (or exit codes) recorded by a failure scenario."""
     names: list[str] = []
@@ -666,6 +708,8 @@ def fmt_cell(cell: Cell, scenario: Scenario, opts: argparse.Namespace) -> str:
         text = f"{fmt_range(cell, 'MiB')}, steady {steady:.0f}"
     else:
         text = fmt_range(cell, scenario.unit)
+    if scenario.name == "log_lines":
+        text += f" [{fmt_lost(cell)}]"
     if scenario.failure:
         text += f" [{raised_types(cell)}]"
     if cell.leftovers:
@@ -699,6 +743,22 @@ def startup_cell(cell: Cell) -> Cell:
     if cell.status != "ok" or not values:
         return Cell(cell.status if cell.status != "ok" else "n/a", message=cell.message)
     return Cell("ok", values)
+
+
+def logging_off_cell(cell: Cell) -> Cell:
+    """The runs of ``log_overhead`` with logging off."""
+    values = [v for e in cell.extras for v in e.get("off_s", [])]
+    if cell.status != "ok" or not values:
+        return Cell(cell.status if cell.status != "ok" else "n/a", message=cell.message)
+    return Cell("ok", values)
+
+
+def on_over_off(cell: Cell) -> str:
+    """Median run with logging on over that with it off."""
+    off = logging_off_cell(cell)
+    if cell.status != "ok" or off.status != "ok":
+        return "n/a" if cell.status == "n/a" else "-"
+    return f"{(cell.median() or 0.0) / (off.median() or 1.0):.2f}x"
 
 
 def scaling(results: dict[str, dict[str, Cell]], impl: str) -> float | None:
@@ -744,6 +804,15 @@ def table_rows(
             if len(header) > len(row):
                 row.append(fmt_ratio(derived, opts))
             rows.append(row)
+        if name == "log_overhead":
+            derived = {k: logging_off_cell(cells[k]) for k in impls}
+            row = ["  logging off [s]"]
+            row += [fmt_cell(derived[k], scenario, opts) for k in impls]
+            if len(header) > len(row):
+                row.append(fmt_ratio(derived, opts))
+            rows.append(row)
+            row = ["  on / off [x, lower is better]", *(on_over_off(cells[k]) for k in impls)]
+            rows.append(row + [""] * (len(header) - len(row)))
         if name == SCALING[-1] and SCALING[0] in results:
             row = ["  8 hosts / 1 host [x, lower is better]"]
             row += [scaling_cell(results, k) for k in impls]

@@ -8,9 +8,9 @@ interpreter.
   ``Launcher.run``.
 - ``--mode torchrun`` times ``python -m torch.distributed.run`` of ``torchrun_worker.py``.
 
-Single-host scenarios use 2 workers on ``localhost``; the ``multihost_*`` ones use 1 worker on each
-host given by ``--hosts`` (fake hosts that ``compare.py`` brings up), reached through the ssh
-config given by ``--ssh-config``.
+Single-host scenarios use 2 workers on ``localhost`` (``log_*``: 1); the ``multihost_*`` ones use
+1 worker on each host given by ``--hosts`` (fake hosts that ``compare.py`` brings up), reached
+through the ssh config given by ``--ssh-config``.
 
 The file given by ``--out`` receives ``{"values": [...], "extra": {...}}`` or ``{"error": "..."}``.
 """
@@ -24,6 +24,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import select
 import socket
 import statistics
@@ -53,6 +54,9 @@ SLEEP_S = 2.0  # how long the workers run while the agent's memory is sampled
 TORCHRUN_TIMEOUT_S = 300.0
 MIB = 2**20
 MAX_LEAK_FAILURES = 10  # failed runs that leak_1000 tolerates (and reports) before giving up
+LOG_LINES = 200_000  # lines printed by the one worker of log_lines
+LOG_HOST = "localhost"  # the log scenarios' only host: its files are <host>.log, <host>[0].log
+LINE_INDEX = re.compile(rb"\bline (\d+)$")  # the end of every line that print_lines printed
 
 Result = dict[str, Any]
 
@@ -65,8 +69,8 @@ def load_torchrunx() -> Any:
     return importlib.import_module("torchrunx")
 
 
-def new_launcher(trx: Any, opts: argparse.Namespace | None = None) -> Any:
-    """The launcher of a scenario: 2 workers on localhost, or 1 on each of ``opts.hosts``."""
+def new_launcher(trx: Any, opts: argparse.Namespace | None = None, workers: int = WORKERS) -> Any:
+    """The launcher of a scenario: ``workers`` on localhost, or 1 on each of ``opts.hosts``."""
     if opts is not None and opts.hosts:
         return trx.Launcher(
             hostnames=opts.hosts,
@@ -74,7 +78,7 @@ def new_launcher(trx: Any, opts: argparse.Namespace | None = None) -> Any:
             backend="gloo",
             ssh_config_file=opts.ssh_config,
         )
-    return trx.Launcher(hostnames=["localhost"], workers_per_host=WORKERS, backend="gloo")
+    return trx.Launcher(hostnames=["localhost"], workers_per_host=workers, backend="gloo")
 
 
 def close_launcher(launcher: Any) -> None:
@@ -84,9 +88,11 @@ def close_launcher(launcher: Any) -> None:
 
 
 @contextlib.contextmanager
-def open_launcher(trx: Any, opts: argparse.Namespace | None = None) -> Iterator[Any]:
+def open_launcher(
+    trx: Any, opts: argparse.Namespace | None = None, workers: int = WORKERS
+) -> Iterator[Any]:
     """A launcher (as in :func:`new_launcher`) that is closed on exit."""
-    launcher = new_launcher(trx, opts)
+    launcher = new_launcher(trx, opts, workers)
     try:
         yield launcher
     finally:
@@ -273,14 +279,20 @@ def free_port() -> int:
         return port
 
 
-def start_torchrun(mode: str, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """Start ``torchrun`` with two local workers running ``torchrun_worker.py MODE``."""
+def start_torchrun(
+    mode: str, workdir: Path, *extra: str, nproc: int = WORKERS, stdout: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``torchrun`` with ``nproc`` local workers running ``torchrun_worker.py MODE``.
+
+    Its output goes to ``torchrun.log`` in ``workdir``; with ``stdout``, its stdout (that of the
+    workers included) goes to that file instead.
+    """
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc-per-node",
-        str(WORKERS),
+        str(nproc),
         "--master-addr",
         "127.0.0.1",
         "--master-port",
@@ -291,7 +303,12 @@ def start_torchrun(mode: str, workdir: Path, *extra: str) -> subprocess.Popen[by
         *extra,
     ]
     with (workdir / "torchrun.log").open("ab") as log:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        if stdout is None:
+            return subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        with stdout.open("wb") as out:
+            return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=log)
 
 
 def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
@@ -324,10 +341,10 @@ def log_tail(workdir: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def torchrun_noop(workdir: Path) -> float:
+def torchrun_noop(workdir: Path, nproc: int = WORKERS) -> float:
     """Wall time of one complete ``torchrun`` of the noop workload."""
     start = time.perf_counter()
-    code = wait_exit(start_torchrun("noop", workdir), TORCHRUN_TIMEOUT_S)
+    code = wait_exit(start_torchrun("noop", workdir, nproc=nproc), TORCHRUN_TIMEOUT_S)
     elapsed = time.perf_counter() - start
     if code != 0:
         msg = f"torchrun exited with {code}: {log_tail(workdir)}"
@@ -601,6 +618,178 @@ def multihost_worker_kill(opts: argparse.Namespace) -> Result:
     return failure_latency(opts, workloads.sigkill_rank1, "sigkill")
 
 
+# --- logging ------------------------------------------------------------------------------------
+
+
+def count_lines(path: Path, count: int) -> dict[str, Any]:
+    """How many of the lines ``line 0`` to ``line {count-1}`` reached ``path``, and in order.
+
+    ``lost`` is how many of them are missing; ``lines`` counts every line that ends like one of
+    them (a duplicate included); ``in_order`` is whether they came in the order printed.
+    """
+    seen = bytearray(count)
+    lines, previous, in_order = 0, -1, True
+    data = path.read_bytes() if path.exists() else b""
+    for raw in data.splitlines():
+        match = LINE_INDEX.search(raw)
+        if match is None:
+            continue
+        index = int(match[1])
+        lines += 1
+        in_order = in_order and index > previous
+        previous = index
+        if index < count:
+            seen[index] = 1
+    found = sum(seen)
+    return {"lines": lines, "lost": count - found, "in_order": in_order, "exists": path.exists()}
+
+
+@contextlib.contextmanager
+def stdout_to(path: Path) -> Iterator[None]:
+    """Point this process's stdout (fd 1, and ``sys.stdout``) at ``path`` for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with path.open("wb") as target:
+            os.dup2(target.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def run_folder(log_dir: Path) -> Path | None:
+    """The one folder that a run made under ``log_dir`` (None if it made none)."""
+    folders = [p for p in log_dir.iterdir() if p.is_dir()] if log_dir.exists() else []
+    if len(folders) > 1:
+        msg = f"expected one run folder in {log_dir}, found {len(folders)}"
+        raise RuntimeError(msg)
+    return folders[0] if folders else None
+
+
+def set_log_dir(log_dir: Path | str) -> None:
+    """``$TORCHRUNX_LOG_DIR`` of the next runs: both implementations read it at each run."""
+    os.environ["TORCHRUNX_LOG_DIR"] = str(log_dir)
+
+
+def print_seconds(stamp_dir: Path) -> float:
+    """How long the worker itself took to print its lines (from its stamps)."""
+    start = workloads.read_stamp(stamp_dir / workloads.PRINT_START_STAMP)
+    return workloads.read_stamp(stamp_dir / workloads.PRINT_END_STAMP) - start
+
+
+def lines_per_s(wall: float, noop: float, printing: float) -> float:
+    """Lines per second: ``LOG_LINES`` over the run's wall time less a noop run's.
+
+    The difference is never taken below the worker's own printing time (it can be, where the
+    noop run happens to be slower: torchrun's whole run of seconds against half of one printing).
+    """
+    return LOG_LINES / max(wall - noop, printing)
+
+
+def log_lines_torchrun(opts: argparse.Namespace) -> Result:
+    """``torchrun`` of one worker printing ``LOG_LINES`` lines to a file (its stdout)."""
+    values: list[float] = []
+    extra: dict[str, list[Any]] = {"wall_s": [], "noop_s": [], "print_s": [], "stdout": []}
+    for rep in range(opts.reps):
+        noop = torchrun_noop(opts.workdir, nproc=1)
+        live = opts.workdir / f"stdout.{rep}.txt"
+        start = time.perf_counter()
+        proc = start_torchrun("print_lines", opts.workdir, str(LOG_LINES), nproc=1, stdout=live)
+        code = wait_exit(proc, TORCHRUN_TIMEOUT_S)
+        wall = time.perf_counter() - start
+        if code != 0:
+            msg = f"torchrun exited with {code}: {log_tail(opts.workdir)}"
+            raise RuntimeError(msg)
+        printing = print_seconds(opts.workdir)
+        values.append(lines_per_s(wall, noop, printing))
+        extra["wall_s"].append(wall)
+        extra["noop_s"].append(noop)
+        extra["print_s"].append(printing)
+        extra["stdout"].append(count_lines(live, LOG_LINES))
+    return {"values": values, "extra": {"lines": LOG_LINES, **extra}}
+
+
+def log_lines(opts: argparse.Namespace) -> Result:
+    """One worker prints ``LOG_LINES`` lines: lines/s, and how many reached the files and live.
+
+    Default log handling, files under a fresh ``$TORCHRUNX_LOG_DIR`` for each run; the live view
+    (this process's stdout) goes to a file. Each measured run follows a noop run of the same
+    launcher, whose time it is reduced by.
+    """
+    if opts.mode == "torchrun":
+        return log_lines_torchrun(opts)
+    values: list[float] = []
+    extra: dict[str, Any] = {"lines": LOG_LINES, "wall_s": [], "noop_s": [], "print_s": []}
+    extra.update({"file": [], "agent_file": [], "live": []})
+    with open_launcher(load_torchrunx(), workers=1) as launcher:
+        # ours shows rank 0 live and copies its lines into the agent's file; torchrunx 0.4.0
+        # hands rank 0's records to launcher loggers without handlers (so shows nothing) and
+        # keeps the agent's own records in the agent's file
+        ours = hasattr(launcher, "live_ranks")
+        extra["live_view"] = extra["agent_file_has_worker0"] = ours
+        set_log_dir(opts.workdir / "logs.warmup")
+        timed_run(launcher, workloads.noop)
+        for rep in range(opts.reps):
+            set_log_dir(opts.workdir / f"logs.noop.{rep}")
+            noop, _, _ = timed_run(launcher, workloads.noop)
+            log_dir, live = opts.workdir / f"logs.{rep}", opts.workdir / f"live.{rep}.txt"
+            set_log_dir(log_dir)
+            with stdout_to(live):
+                wall, _, _ = timed_run(
+                    launcher, workloads.print_lines, str(opts.workdir), LOG_LINES
+                )
+            # counted as run() returned: a line written later is a lost line
+            folder = run_folder(log_dir) or log_dir
+            extra["file"].append(count_lines(folder / f"{LOG_HOST}[0].log", LOG_LINES))
+            if ours:
+                extra["agent_file"].append(count_lines(folder / f"{LOG_HOST}.log", LOG_LINES))
+            extra["live"].append(count_lines(live, LOG_LINES))
+            printing = print_seconds(opts.workdir)
+            values.append(lines_per_s(wall, noop, printing))
+            extra["wall_s"].append(wall)
+            extra["noop_s"].append(noop)
+            extra["print_s"].append(printing)
+    return {"values": values, "extra": extra}
+
+
+def set_logging(launcher: Any, log_dir: Path, on: bool) -> None:
+    """Default logging (files under ``log_dir``, live view), or none at all.
+
+    Off: ``$TORCHRUNX_LOG_DIR=""``, ``log_dir=""`` (where the launcher has that field) and no
+    handlers (``set_logging_handlers(None)``).
+    """
+    set_log_dir(log_dir if on else "")
+    if hasattr(launcher, "log_dir"):
+        launcher.log_dir = None if on else ""
+    launcher.set_logging_handlers("auto" if on else None)
+
+
+def log_overhead(opts: argparse.Namespace) -> Result:
+    """Noop runs of one launcher with default logging and with none, alternating.
+
+    Values: the runs with logging on; ``extra["off_s"]``: those with it off.
+    """
+    if opts.mode == "torchrun":
+        msg = "torchrun has no log handling to switch off"
+        raise RuntimeError(msg)
+    on_s: list[float] = []
+    off_s: list[float] = []
+    log_dir = opts.workdir / "logs"
+    with open_launcher(load_torchrunx(), workers=1) as launcher:
+        for on in (True, False):  # a warm-up run of each
+            set_logging(launcher, log_dir, on)
+            timed_run(launcher, workloads.noop)
+        for rep in range(opts.reps):
+            order = (True, False) if rep % 2 == 0 else (False, True)
+            for on in order:
+                set_logging(launcher, log_dir, on)
+                (on_s if on else off_s).append(timed_run(launcher, workloads.noop)[0])
+    extra = {"off_s": off_s, "on_over_off": statistics.median(on_s) / statistics.median(off_s)}
+    return {"values": on_s, "extra": extra}
+
+
 def launcher_only(scenario: Callable[[argparse.Namespace], Result]) -> Callable[..., Result]:
     """A multi-host scenario: launchers only, and only with ``--hosts``."""
 
@@ -625,6 +814,8 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "results_throughput": results_throughput,
     "agent_rss": agent_rss,
     "leak_1000": leak_1000,
+    "log_lines": log_lines,
+    "log_overhead": log_overhead,
     "multihost_first_run_1": launcher_only(multihost_first_run),
     "multihost_first_run_4": launcher_only(multihost_first_run),
     "multihost_first_run_8": launcher_only(multihost_first_run),

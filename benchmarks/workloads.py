@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,10 @@ HOLD_S = 300.0
 
 #: Name of the stamp file that marks the moment of an injected failure.
 EVENT_STAMP = "event"
+
+#: Names of the stamp files written before and after :func:`print_lines` prints.
+PRINT_START_STAMP = "print_start"
+PRINT_END_STAMP = "print_end"
 
 
 def rank() -> int:
@@ -81,3 +86,12 @@ def build_tensor(stamp_dir: str, numel: int) -> torch.Tensor:
     tensor = torch.full((numel,), float(r + 1), dtype=torch.float32)
     write_stamp(Path(stamp_dir) / f"built.{r}")
     return tensor
+
+
+def print_lines(stamp_dir: str, count: int) -> None:
+    """Print ``count`` short lines (``line 0``, ``line 1``, ...); stamp the loop's start and end."""
+    write_stamp(Path(stamp_dir) / PRINT_START_STAMP)
+    for i in range(count):
+        print(f"line {i}")
+    sys.stdout.flush()
+    write_stamp(Path(stamp_dir) / PRINT_END_STAMP)
