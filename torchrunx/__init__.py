@@ -2,8 +2,9 @@
 
 from .environment import DEFAULT_ENV_VARS_FOR_COPY
 from .errors import AgentFailedError, WorkerFailedError
-from .launcher import Launcher, launch
+from .launcher import Launcher, LauncherView, launch
 from .result import LaunchResult
+from .runs import RunHandle
 
 __version__ = "0.5.0"
 
@@ -12,6 +13,8 @@ __all__ = [
     "AgentFailedError",
     "LaunchResult",
     "Launcher",
+    "LauncherView",
+    "RunHandle",
     "WorkerFailedError",
     "__version__",
     "launch",

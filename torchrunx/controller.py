@@ -89,6 +89,7 @@ class RunState:
     failures: list[tuple[str, dict[str, Any], list[zmq.Frame]]] = field(default_factory=list)
     uncleared: set[int] = field(default_factory=set)  # indexes into agents
     done: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[], None] | None = None  # called on the controller thread, once
 
     def agent_index(self, agent: AgentHandle) -> int | None:
         """Position of ``agent`` in this run, or None."""
@@ -272,6 +273,8 @@ class Controller(threading.Thread):
         if not run.uncleared:
             del self.runs[run.id]
             run.done.set()
+            if run.on_done is not None:
+                run.on_done()
             self._notify()
 
     # ---- the loop

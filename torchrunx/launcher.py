@@ -41,6 +41,7 @@ from .failures import raise_failure, unpickle_result
 from .hosts import is_local, resolve_hostnames
 from .logs import HandlerFactory, default_handlers, emit_batch, log_level_from_env
 from .result import LaunchResult
+from .runs import RunHandle
 from .transport import serialization
 from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
 
@@ -53,9 +54,6 @@ FunctionP = ParamSpec("FunctionP")
 FunctionR = TypeVar("FunctionR")
 
 logger = logging.getLogger("torchrunx")
-
-CANCEL_TIMEOUT_S = 15.0
-"""Longest wait, after a failure or Ctrl-C, for the agents to report a run's processes gone."""
 
 _BACKENDS = ("nccl", "gloo", "mpi", "ucc", "auto")
 _WORKER_COUNTS = ("cpu", "gpu", "auto")
@@ -160,19 +158,103 @@ class Launcher:
     ) -> LaunchResult[FunctionR]:
         """Run ``func(*args, **kwargs)`` on every worker and return what each returned.
 
+        The same as ``submit(func, *args, **kwargs).result()``; Ctrl-C cancels the run.
+
         Raises:
             Exception: what a worker's ``func`` raised, as its own type (remote traceback as
                 ``__cause__``, host and rank in ``__notes__``).
             WorkerFailedError: a worker died without a result, or its result cannot be pickled.
             AgentFailedError: an agent died, went silent, or could not start.
         """
+        return _wait(self.submit(func, *args, **kwargs))
+
+    def submit(
+        self,
+        func: Callable[FunctionP, FunctionR],
+        *args: FunctionP.args,
+        **kwargs: FunctionP.kwargs,
+    ) -> RunHandle[FunctionR]:
+        """Start ``func(*args, **kwargs)`` on every worker and return at once.
+
+        The handle is a ``concurrent.futures.Future`` of the :class:`LaunchResult`. Runs of one
+        launcher run side by side, each with its own process group; ``cancel()`` ends one.
+        """
+        return self._submit(func, args, kwargs, None)
+
+    def view(
+        self,
+        hostnames: list[str] | None = None,
+        workers_per_host: int | list[int] | Literal["cpu", "gpu", "auto"] | None = None,
+    ) -> LauncherView:
+        """Runs on some of this launcher's hosts, with their own worker counts, on its agents.
+
+        ``launcher.view(["node1"], 1).run(evaluate, model)`` starts no agent: it uses the warm
+        ones. ``None`` keeps the launcher's own value.
+        """
+        hosts = resolve_hostnames(self.hostnames)
+        chosen = hosts if hostnames is None else list(hostnames)
+        unknown = [h for h in chosen if h not in hosts]
+        if unknown or not chosen:
+            msg = f"view(hostnames={hostnames!r}): choose one or more of the launcher's {hosts}"
+            raise ValueError(msg)
+        workers = self.workers_per_host if workers_per_host is None else workers_per_host
+        if workers_per_host is None and isinstance(workers, (list, tuple)):
+            workers = [workers[hosts.index(h)] for h in chosen]
+        _check_workers(workers)
+        _check_hostnames(chosen, workers)
+        return LauncherView(self, chosen, workers)
+
+    def _submit(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        view: tuple[list[str], int | list[int] | str] | None,
+    ) -> RunHandle[Any]:
         if not callable(func):
             msg = f"run() needs a callable, got {func!r} ({type(func).__name__})"
             raise TypeError(msg)
         call_args, call_kwargs = _legacy_kwargs(func, args, kwargs)
         self.start()
         assert self._pool is not None  # noqa: S101 -- narrows the type: start() has set it
-        return self._pool.run(self, func, call_args, call_kwargs)
+        return self._pool.submit(self, func, call_args, call_kwargs, view)
+
+
+@dataclass(frozen=True)
+class LauncherView:
+    """Some of a launcher's hosts and worker counts; its runs share the launcher's agents."""
+
+    launcher: Launcher
+    hostnames: list[str]
+    workers_per_host: int | list[int] | str
+
+    def run(
+        self,
+        func: Callable[FunctionP, FunctionR],
+        *args: FunctionP.args,
+        **kwargs: FunctionP.kwargs,
+    ) -> LaunchResult[FunctionR]:
+        """As :meth:`Launcher.run`, on this view's hosts."""
+        return _wait(self.submit(func, *args, **kwargs))
+
+    def submit(
+        self,
+        func: Callable[FunctionP, FunctionR],
+        *args: FunctionP.args,
+        **kwargs: FunctionP.kwargs,
+    ) -> RunHandle[FunctionR]:
+        """As :meth:`Launcher.submit`, on this view's hosts."""
+        view = (self.hostnames, self.workers_per_host)
+        return self.launcher._submit(func, args, kwargs, view)  # noqa: SLF001 -- its own view
+
+
+def _wait(handle: RunHandle[FunctionR]) -> LaunchResult[FunctionR]:
+    try:
+        return handle.result()
+    except BaseException:
+        if not handle.done():  # interrupted while waiting (Ctrl-C): the run goes too
+            handle.cancel()
+        raise
 
 
 def launch(  # noqa: PLR0913 -- the public signature of earlier releases
@@ -200,7 +282,7 @@ def launch(  # noqa: PLR0913 -- the public signature of earlier releases
 # ---- validation
 
 
-def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check per field
+def _validate(launcher: Launcher) -> None:  # noqa: C901 -- one check per field
     h = launcher.hostnames
     if isinstance(h, str):
         if h not in ("auto", "slurm"):
@@ -214,27 +296,7 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
         raise ValueError(msg)
     else:
         _check_hostnames(list(h), launcher.workers_per_host)
-    w = launcher.workers_per_host
-    if isinstance(w, str):
-        if w not in _WORKER_COUNTS:
-            msg = (
-                f"workers_per_host={w!r}: use a positive int, a list of them, or one of "
-                f"{_WORKER_COUNTS}"
-            )
-            raise ValueError(msg)
-    elif isinstance(w, bool) or not isinstance(w, (int, list, tuple)):
-        msg = (
-            f"workers_per_host={w!r}: use a positive int, a list of them, or one of "
-            f"{_WORKER_COUNTS}"
-        )
-        raise TypeError(msg)
-    else:
-        counts = [w] if isinstance(w, int) else list(w)
-        if not counts or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts
-        ):
-            msg = f"workers_per_host={w!r}: every count must be a positive int"
-            raise ValueError(msg)
+    _check_workers(launcher.workers_per_host)
     if launcher.backend is not None and launcher.backend not in _BACKENDS:
         msg = f"backend={launcher.backend!r}: use one of {_BACKENDS} or None"
         raise ValueError(msg)
@@ -265,6 +327,29 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
     ):
         msg = f'live_ranks={r!r}: use a rank (int >= 0), a list of ranks, or "all"'
         raise ValueError(msg)
+
+
+def _check_workers(w: object) -> None:
+    if isinstance(w, str):
+        if w not in _WORKER_COUNTS:
+            msg = (
+                f"workers_per_host={w!r}: use a positive int, a list of them, or one of "
+                f"{_WORKER_COUNTS}"
+            )
+            raise ValueError(msg)
+    elif isinstance(w, bool) or not isinstance(w, (int, list, tuple)):
+        msg = (
+            f"workers_per_host={w!r}: use a positive int, a list of them, or one of "
+            f"{_WORKER_COUNTS}"
+        )
+        raise TypeError(msg)
+    else:
+        counts = [w] if isinstance(w, int) else list(w)
+        if not counts or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts
+        ):
+            msg = f"workers_per_host={w!r}: every count must be a positive int"
+            raise ValueError(msg)
 
 
 def _check_hostnames(hostnames: list[str], workers_per_host: object) -> None:
@@ -314,6 +399,7 @@ class _Pool:
         self.agents: list[AgentHandle | None] = [None] * len(hostnames)
         self.addresses = ["127.0.0.1"] * len(hostnames)  # remote ones: the peers of SSH sessions
         self.local_address: str | None = None  # ours, as remote hosts see it
+        self.handles: weakref.WeakSet[RunHandle[Any]] = weakref.WeakSet()  # runs in flight
         self.lock = threading.Lock()
         self._finalizer = weakref.finalize(launcher, _close_pool, self.controller, self.agents)
 
@@ -448,27 +534,31 @@ class _Pool:
                     _stop_agent(agent)
                     self.agents[i] = None
 
-    def run(
+    def submit(
         self,
         launcher: Launcher,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> LaunchResult[Any]:
-        agents = [a for a in self.agents if a is not None]
-        workers = _workers_per_host(launcher.workers_per_host, agents)
+        view: tuple[list[str], int | list[int] | str] | None = None,
+    ) -> RunHandle[Any]:
+        """Start a run on every host (or on ``view``'s hosts and worker counts); don't wait."""
+        hostnames, spec = view or (self.hostnames, launcher.workers_per_host)
+        indexes = [self.hostnames.index(h) for h in hostnames]
+        agents = [a for a in (self.agents[i] for i in indexes) if a is not None]
+        workers = _workers_per_host(spec, agents)
         backend = _backend(launcher.backend, agents)
         payload = serialization.dumps((func, args, kwargs))
         env = copied_env(launcher.copy_env_vars, launcher.extra_env_vars)
         run_id = uuid.uuid4().hex[:12]
-        handlers = _handlers(launcher, self.hostnames, workers)
+        handlers = _handlers(launcher, hostnames, workers)
         run = RunState(run_id, agents, workers, _dispatch(handlers), secrets.token_hex(16))
         offsets = [0, *itertools.accumulate(workers)]
         common = {
             "run": run_id,
             "world_size": offsets[-1],
             "backend": backend,
-            "master_addr": self.host_address(0),
+            "master_addr": self.host_address(indexes[0]),
             "env": env,
             "cwd": str(Path.cwd()),
             "sys_path": sys.path,
@@ -480,40 +570,51 @@ class _Pool:
             (
                 {
                     **common,
-                    "group_rank": i,
+                    "group_rank": g,
                     "address": self.host_address(i),
                     "local_world_size": n,
-                    "workers": [{"rank": offsets[i] + r, "local_rank": r} for r in range(n)],
+                    "workers": [{"rank": offsets[g] + r, "local_rank": r} for r in range(n)],
                 },
                 payload,
             )
-            for i, n in enumerate(workers)
+            for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
         ]
-        try:
-            self.controller.call(functools.partial(self.controller.start_run, run, messages))
-            try:
-                run.done.wait()
-            except BaseException:
-                self.controller.call(
-                    functools.partial(
-                        self.controller.cancel_run, run_id, "interrupted in the launcher"
-                    )
-                )
-                run.done.wait(CANCEL_TIMEOUT_S)
-                raise
+        handle: RunHandle[Any] = RunHandle(
+            run_id,
+            functools.partial(
+                self.controller.call,
+                functools.partial(self.controller.cancel_run, run_id, "cancelled in the launcher"),
+            ),
+            run.done,
+        )
+
+        def outcome() -> LaunchResult[Any]:
             if run.failures:
-                raise_failure(run, self.hostnames)
+                raise_failure(run, hostnames)
             return LaunchResult(
                 {
-                    host: [unpickle_result(run, offsets[i] + r, host) for r in range(workers[i])]
-                    for i, host in enumerate(self.hostnames)
+                    host: [unpickle_result(run, offsets[g] + r, host) for r in range(workers[g])]
+                    for g, host in enumerate(hostnames)
                 }
             )
-        finally:
+
+        def finish() -> None:
             for handler in handlers:
                 handler.close()
+            handle.settle(outcome)
+
+        # settled on a thread of its own: unpickling and the user's done-callbacks must neither
+        # hold up the controller thread nor wait behind another run
+        run.on_done = lambda: threading.Thread(
+            target=finish, name=f"torchrunx-run-{run_id}", daemon=True
+        ).start()
+        self.handles.add(handle)
+        self.controller.call(functools.partial(self.controller.start_run, run, messages))
+        return handle
 
     def close(self) -> None:
+        for handle in list(self.handles):
+            handle.cancel()
         self._finalizer()
 
 

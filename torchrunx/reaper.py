@@ -18,9 +18,8 @@ import ctypes
 import ctypes.util
 import os
 import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
-
-import psutil
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -49,11 +48,22 @@ def signal_all(pids: Iterable[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: the process is in do_exit()
+
+
 def alive(pids: Iterable[int]) -> list[int]:
-    """The processes among ``pids`` that still run (zombies excluded)."""
+    """The processes among ``pids`` that still run: not zombies, and not already exiting.
+
+    An exiting process (``PF_EXITING``) has closed its sockets, so its peers may already have
+    failed because of it, yet it is not a zombie yet: it counts as dead here.
+    """
     running = []
     for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                running.append(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(b")")[2].split()  # after the command name, which may hold spaces
+        if fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING:
+            running.append(pid)
     return running

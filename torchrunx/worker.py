@@ -114,14 +114,14 @@ class _Worker:
             return self._send_error(e)
         if store is not None:
             # Nobody leaves before every rank is done: a peer may still be finishing its side of
-            # the process group's connections (gloo's mesh set-up is not symmetric), and rank 0
-            # hosts the store the others wait on.
-            keys = [f"torchrunx/done/{r}" for r in range(self.world_size)]
+            # the process group's connections (gloo's mesh set-up is not symmetric). Rank 0
+            # hosts the store, so it leaves last: a wait on a store whose host has gone may
+            # never return (a process the user forked can keep its sockets open).
+            store.wait([f"torchrunx/done/{r}" for r in range(self.world_size)])
             if self.rank == 0:
-                store.wait(keys)
+                store.wait([f"torchrunx/left/{r}" for r in range(1, self.world_size)])
             else:
-                with contextlib.suppress(Exception):  # rank 0 may already be gone: we are done
-                    store.wait(keys)
+                store.set(f"torchrunx/left/{self.rank}", "1")
         return 0
 
     def _rendezvous(self) -> Any:

@@ -1,0 +1,68 @@
+"""Runs in flight: :class:`RunHandle`, a ``concurrent.futures.Future`` of a ``LaunchResult``."""
+
+from __future__ import annotations
+
+__all__ = ["RunHandle"]
+
+import concurrent.futures
+import contextlib
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .result import LaunchResult
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable
+
+FunctionR = TypeVar("FunctionR")
+
+CANCEL_TIMEOUT_S = 15.0
+"""How long ``cancel()`` waits for the run's processes to be gone everywhere."""
+
+
+class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
+    """A run started by ``Launcher.submit``, as a ``concurrent.futures.Future``.
+
+    ``result()`` (raising what ``Launcher.run`` would), ``exception()``, ``done()``, ``cancel()``,
+    ``add_done_callback()``; ``concurrent.futures.wait`` and ``as_completed`` take it.
+    """
+
+    def __init__(
+        self, run_id: str, cancel_run: Callable[[], None], finished: threading.Event
+    ) -> None:
+        super().__init__()
+        self.run_id = run_id
+        """The run's id, also ``$TORCHRUNX_RUN_ID`` in its workers."""
+        self._cancel_run = cancel_run
+        self._finished = finished
+        self._cancelling = False
+
+    def cancel(self) -> bool:
+        """Kill this run's workers everywhere (other runs and the agents stay); False if done.
+
+        Returns once its processes are gone (at most ``CANCEL_TIMEOUT_S``).
+        """
+        if self.done():
+            return False
+        self._cancelling = True  # the run's own end (a "cancelled" failure) must not win
+        self._cancel_run()
+        self._finished.wait(CANCEL_TIMEOUT_S)
+        return super().cancel()
+
+    def settle(self, outcome: Callable[[], Any]) -> None:
+        """Set the result from ``outcome()`` or the exception it raises, unless cancelled.
+
+        Called by the launcher when the run has ended everywhere.
+        """
+        if self._cancelling:
+            return
+        try:
+            value = outcome()
+        except BaseException as e:  # noqa: BLE001 -- it belongs to whoever waits on the handle
+            self._set(self.set_exception, e)
+        else:
+            self._set(self.set_result, value)
+
+    def _set(self, setter: Callable[[Any], None], value: Any) -> None:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            setter(value)  # unless cancelled meanwhile: the cancellation stands
