@@ -330,3 +330,27 @@ def test_cpu_and_auto_worker_counts_are_taken_on_each_host(cluster: Cluster) -> 
         assert launcher.run(os.cpu_count).by_hostname() == {
             h: [os.cpu_count()] for h in cluster.hostnames[:2]
         }
+
+
+def test_view_runs_on_a_subset_of_the_hosts_with_the_same_agents(cluster: Cluster) -> None:
+    with launcher_on(cluster, cluster.hostnames[:3], workers_per_host=2) as launcher:
+        launcher.start()
+        assert launcher._pool is not None
+        agents = [a.facts["pid"] for a in launcher._pool.agents if a and a.facts]
+        one = launcher.view([cluster.hostnames[1]], 1).run(all_reduce_rank)
+        assert one.by_hostname() == {
+            cluster.hostnames[1]: [
+                {
+                    "host": cluster.hostnames[1],
+                    "rank": 0,
+                    "local_rank": 0,
+                    "master": cluster.ips[1],
+                    "sum": 1.0,
+                }
+            ]
+        }
+        two = launcher.view(cluster.hostnames[1:3]).submit(all_reduce_rank)
+        everyone = launcher.submit(all_reduce_rank)
+        assert {v["sum"] for v in two.result(timeout=60)} == {10.0}
+        assert {v["sum"] for v in everyone.result(timeout=60)} == {21.0}
+        assert [a.facts["pid"] for a in launcher._pool.agents if a and a.facts] == agents

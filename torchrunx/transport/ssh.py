@@ -256,6 +256,26 @@ def explain_exit(hostname: str, code: int, python: str, cwd: str) -> str | None:
     return None
 
 
+class _ChannelStdin:
+    """The agent's stdin: unbuffered writes to the channel; ``close()`` sends EOF."""
+
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.channel.sendall(data)
+
+    def flush(self) -> None:
+        """Nothing to flush: writes go straight to the channel."""
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):  # the connection may be gone already
+                self.channel.shutdown_write()
+
+
 class RemoteAgentProcess:
     """An agent behind an SSH channel, with the part of ``subprocess.Popen``'s API we use.
 
@@ -272,7 +292,7 @@ class RemoteAgentProcess:
         assert transport is not None  # noqa: S101 -- a connected client has one
         self.channel = transport.open_session()
         self.channel.exec_command(command)
-        self.stdin = self.channel.makefile_stdin("wb")
+        self.stdin = _ChannelStdin(self.channel)
         read_end, self._write_end = os.pipe()
         self.stderr = os.fdopen(read_end, "rb", buffering=0)
         self._exited = threading.Event()
@@ -290,8 +310,6 @@ class RemoteAgentProcess:
         except Exception:  # noqa: BLE001 -- any transport error means the agent is gone to us
             self.returncode = 255
         finally:
-            with contextlib.suppress(Exception):  # closed now, not noisily by the GC at exit
-                self.stdin.close()
             self.connection.close()  # its agent is gone: nothing else uses it
             self._exited.set()
             os.close(self._write_end)
