@@ -354,3 +354,51 @@ def test_view_runs_on_a_subset_of_the_hosts_with_the_same_agents(cluster: Cluste
         assert {v["sum"] for v in two.result(timeout=60)} == {10.0}
         assert {v["sum"] for v in everyone.result(timeout=60)} == {21.0}
         assert [a.facts["pid"] for a in launcher._pool.agents if a and a.facts] == agents
+
+
+TRICKY = "a b 'c' \"d\" $HOME `x` \\ é\nsecond line"
+
+
+def environment_seen() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("TRX_")}
+
+
+def test_environment_is_the_same_on_every_host(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRX_COPIED", TRICKY)
+    monkeypatch.setenv("TRX_OVERRIDDEN", "from the launcher")
+    monkeypatch.setenv("TRX_NOT_COPIED", "no")
+    env_file = tmp_path / "env.sh"
+    env_file.write_text('TRX_HOST="on $(hostname)"\nTRX_OVERRIDDEN="from the file"\n')
+    hosts = ["localhost", *cluster.hostnames[:2]]
+    with launcher_on(
+        cluster,
+        hosts,
+        copy_env_vars=(*torchrunx.DEFAULT_ENV_VARS_FOR_COPY, "TRX_COPIED", "TRX_OVERRIDDEN"),
+        extra_env_vars={"TRX_EXTRA": TRICKY, "TRX_OVERRIDDEN": "from extra"},
+        env_file=env_file,
+    ) as launcher:
+        seen = launcher.run(environment_seen).by_hostname()
+        secret_free = [p for i in range(2) for p in cluster.processes(i) if TRICKY[:5] in p]
+    assert secret_free == []  # no value on any command line
+    for host, (env,) in seen.items():
+        assert env["TRX_COPIED"] == TRICKY
+        assert env["TRX_EXTRA"] == TRICKY
+        assert env["TRX_OVERRIDDEN"] == "from the file"  # copied, then extra, then the file
+        assert "TRX_NOT_COPIED" not in env
+        assert env["TRX_HOST"] == f"on {socket.gethostname() if host == 'localhost' else host}"
+
+
+def test_env_file_failing_on_a_host_names_host_file_and_message(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    env_file = tmp_path / "env.sh"
+    env_file.write_text('[ "$(hostname)" = node2 ] && no_such_command_on_node2\ntrue\n')
+    with pytest.raises(torchrunx.AgentFailedError) as info:
+        launcher_on(cluster, cluster.hostnames[:2], env_file=env_file).run(int)
+    text = str(info.value)
+    assert info.value.hostname == cluster.hostnames[1]
+    assert cluster.hostnames[1] in text
+    assert str(env_file) in text
+    assert "no_such_command_on_node2" in text

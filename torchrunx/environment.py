@@ -65,7 +65,7 @@ def source_env_file(path: str) -> dict[str, str]:
     Raises ``RuntimeError`` naming the file and the shell's message when sourcing fails.
     """
     shell = shutil.which("bash") or "/bin/sh"
-    script = 'set -a; . "$0" >&2 || exit 97; exec env -0'
+    script = 'set -ae; . "$0" >&2; exec env -0'  # -e: a command that fails fails the file
     try:
         out = subprocess.run(
             [shell, "-c", script, path],
