@@ -13,6 +13,7 @@ __all__ = [
     "is_local",
     "local_facts",
     "resolve_hostnames",
+    "route_to",
     "slurm_hostnames",
 ]
 
@@ -94,6 +95,25 @@ def count_gpus() -> int:
             break
         count += 1
     return min(count, present)
+
+
+def route_to(host: str) -> tuple[str, str]:
+    """``(our address towards host, host's address)``, from the routing table (nothing is sent).
+
+    A name this machine cannot resolve is returned as is (other hosts may resolve it), with our
+    address from the hostname.
+    """
+    try:
+        remote = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname()), host
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((remote, 9))  # a UDP "connect" only picks the route
+            return str(s.getsockname()[0]), remote
+    except OSError:
+        return socket.gethostbyname(socket.gethostname()), remote
 
 
 def interface_of(address: str) -> str | None:

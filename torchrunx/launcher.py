@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -38,7 +39,7 @@ from .controller import AgentHandle, Controller, RunState
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, agent_base_env, copied_env
 from .errors import AgentFailedError
 from .failures import raise_failure, unpickle_result
-from .hosts import is_local, resolve_hostnames
+from .hosts import in_slurm_job, is_local, resolve_hostnames, route_to
 from .logs import HandlerFactory, default_handlers, emit_batch, log_level_from_env
 from .result import LaunchResult
 from .runs import RunHandle
@@ -90,6 +91,10 @@ class Launcher:
     log_dir: str | Path | None = None
     """Folder for log files (one folder per run); ``""`` writes none. By default
     ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``."""
+    agent_start: Literal["auto", "ssh", "srun"] = "auto"
+    """How agents start on other hosts: ``"ssh"``, or ``"srun"`` (a job step on each node of
+    the SLURM allocation, for clusters without SSH between nodes). ``"auto"``: srun inside an
+    allocation when srun is there, else SSH."""
     live_ranks: int | list[int] | Literal["all"] = 0
     """Ranks whose output is shown live on the terminal: one, a list, or ``"all"``."""
 
@@ -282,7 +287,7 @@ def launch(  # noqa: PLR0913 -- the public signature of earlier releases
 # ---- validation
 
 
-def _validate(launcher: Launcher) -> None:  # noqa: C901 -- one check per field
+def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check per field
     h = launcher.hostnames
     if isinstance(h, str):
         if h not in ("auto", "slurm"):
@@ -318,6 +323,12 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901 -- one check per field
     f = launcher.env_file
     if f is not None and not os.path.isfile(f):  # noqa: PTH113
         msg = f"env_file={f!r}: no such file"
+        raise ValueError(msg)
+    if launcher.agent_start not in ("auto", "ssh", "srun"):
+        msg = f'agent_start={launcher.agent_start!r}: use "auto", "ssh" or "srun"'
+        raise ValueError(msg)
+    if launcher.agent_start == "srun" and not in_slurm_job():
+        msg = 'agent_start="srun" needs a SLURM allocation, but SLURM_JOB_ID is not set'
         raise ValueError(msg)
     r = launcher.live_ranks
     ranks = [r] if isinstance(r, int) and not isinstance(r, bool) else r
@@ -445,8 +456,9 @@ class _Pool:
         remote = [i for i in indexes if not is_local(self.hostnames[i])]
         failures: list[tuple[str, str]] = []
         if remote:
+            start = self._start_srun if _uses_srun(launcher) else self._start_remote
             with concurrent.futures.ThreadPoolExecutor(len(remote)) as pool:
-                futures = {i: pool.submit(self._start_remote, i, launcher) for i in remote}
+                futures = {i: pool.submit(start, i, launcher) for i in remote}
             for i, future in futures.items():
                 error = future.exception()
                 if error is None:
@@ -478,6 +490,34 @@ class _Pool:
         agent = AgentHandle(
             hostname, process, explain_exit=lambda code: explain_exit(hostname, code, python, cwd)
         )
+        self._boot(agent, address, launcher)
+        return agent
+
+    def _start_srun(self, index: int, launcher: Launcher) -> AgentHandle:
+        """An agent as a job step on one node of the allocation; srun forwards its stdin."""
+        hostname = self.hostnames[index]
+        local, self.addresses[index] = route_to(hostname)
+        self.local_address = self.local_address or local
+        address = self.controller.address_on(local)
+        env = {
+            **agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars)),
+            **{k: v for k, v in os.environ.items() if k.startswith("SLURM")},
+        }
+        srun = [
+            "srun", "--nodes=1", "--ntasks=1", f"--nodelist={hostname}",
+            "--overlap",  # beside the batch step and the other agents, on the same CPUs
+            "--quiet", "--kill-on-bad-exit=1", "--input=0",
+        ]  # fmt: skip
+        process = subprocess.Popen(
+            [*srun, sys.executable, "-m", "torchrunx"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=Path.cwd(),
+            start_new_session=True,
+        )
+        agent = AgentHandle(hostname, process)
         self._boot(agent, address, launcher)
         return agent
 
@@ -637,6 +677,12 @@ def _stop_agent(agent: AgentHandle, timeout: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+def _uses_srun(launcher: Launcher) -> bool:
+    if launcher.agent_start == "auto":
+        return in_slurm_job() and shutil.which("srun") is not None
+    return launcher.agent_start == "srun"
 
 
 def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:

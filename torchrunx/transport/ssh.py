@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torchrunx.hosts import route_to
+
 if TYPE_CHECKING:
     import paramiko
 
@@ -152,7 +154,7 @@ def open_ssh(
     if isinstance(transport.sock, socket.socket):
         local, remote = str(transport.sock.getsockname()[0]), str(transport.sock.getpeername()[0])
     else:
-        local, remote = _proxied_addresses(target, port, via)
+        local, remote = _proxied_addresses(target, via)
     return SSHConnection(client, local, remote, via)
 
 
@@ -214,21 +216,10 @@ def _proxy(
     return channel, via
 
 
-def _proxied_addresses(target: str, port: int, via: SSHConnection | None) -> tuple[str, str]:
+def _proxied_addresses(target: str, via: SSHConnection | None) -> tuple[str, str]:
     """Our address and the host's for a proxied connection: best guesses, from routes."""
-    try:
-        remote = str(socket.getaddrinfo(target, port, type=socket.SOCK_STREAM)[0][4][0])
-    except OSError:
-        remote = target  # only the jump host knows this name: the other hosts may too
-    if via is not None:
-        return via.local_address, remote
-    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((remote, port))  # no packet sent: asks the kernel for the route
-            return str(s.getsockname()[0]), remote
-    except OSError:
-        return socket.gethostbyname(socket.gethostname()), remote
+    local, remote = route_to(target)
+    return (via.local_address if via is not None else local), remote
 
 
 def agent_command(python: str, cwd: str) -> str:
