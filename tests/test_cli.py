@@ -71,6 +71,7 @@ def test_argparse_every_field() -> None:
             "--copy-env-vars", "PATH", "MY_*",
             "--extra-env-vars", "A=1", "B=x=y",
             "--log-dir", "",
+            "--agent-start", "ssh",
             "--live-ranks", "0", "2",
         ]
     )  # fmt: skip
@@ -86,6 +87,7 @@ def test_argparse_every_field() -> None:
         copy_env_vars=("PATH", "MY_*"),
         extra_env_vars={"A": "1", "B": "x=y"},
         log_dir="",
+        agent_start="ssh",
         live_ranks=[0, 2],
     )
     assert launcher_from_args(parser().parse_args(["--hostnames", "slurm"])).hostnames == "slurm"

@@ -54,6 +54,10 @@ def test_slurm_outside_an_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLURM_JOBID", raising=False)
     with pytest.raises(ValueError, match="SLURM"):
         torchrunx.Launcher(hostnames="slurm").run(os.getpid)
+    with pytest.raises(ValueError, match='agent_start="srun" needs a SLURM allocation'):
+        torchrunx.Launcher(agent_start="srun")
+    with pytest.raises(ValueError, match="agent_start='rsh'"):
+        torchrunx.Launcher(agent_start="rsh")  # type: ignore[arg-type]
 
 
 def test_bad_log_level(monkeypatch: pytest.MonkeyPatch) -> None:

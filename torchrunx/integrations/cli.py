@@ -73,6 +73,7 @@ def add_torchrunx_argument_group(parser: argparse.ArgumentParser) -> argparse._A
     option("extra_env_vars", nargs="*", metavar="NAME=VALUE")
     option("env_file", metavar="FILE")
     option("log_dir", metavar="DIR")
+    option("agent_start", choices=["auto", "ssh", "srun"])
     option("live_ranks", nargs="+", metavar="RANK")
     return group
 
@@ -103,6 +104,7 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
         extra_env_vars=extra,
         env_file=get("env_file"),
         log_dir=get("log_dir"),
+        agent_start=get("agent_start"),
         live_ranks=_counts(get("live_ranks"), words=("all",)),
     )
 
