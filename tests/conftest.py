@@ -1,5 +1,6 @@
 """Shared fixtures: a warm launcher per module, a check that no test leaves a process, and
-clusters of fake hosts (network namespaces with sshd, see cluster.py) for multi-host tests."""
+clusters of fake hosts (network namespaces with sshd, see cluster.py) for multi-host tests, also
+as a SLURM cluster (see slurm.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING
 import psutil
 import pytest
 from cluster import Cluster, ClusterUnavailableError
+from slurm import SlurmCluster, SlurmUnavailableError
 
 import torchrunx
 
@@ -17,8 +19,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 LEFTOVER_WAIT_S = 10.0
-CLUSTER_FIXTURES = {"cluster", "shared_cluster", "cluster_factory"}
+CLUSTER_FIXTURES = {"cluster", "shared_cluster", "cluster_factory", "slurm", "slurm_factory"}
 SHARED_CLUSTER_NODES = 4
+SLURM_NODES = 3
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -107,3 +110,37 @@ def cluster(shared_cluster: Cluster) -> Iterator[Cluster]:
     yield shared_cluster
     left = shared_cluster.reset(wait=LEFTOVER_WAIT_S)
     assert not left, f"processes left behind on the nodes: {left}"
+
+
+@pytest.fixture(scope="session")
+def slurm_factory(
+    cluster_factory: Callable[[int], Cluster], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[int], SlurmCluster]]:
+    """`make(n)` starts SLURM on a new cluster of n fake hosts; all are stopped at session end.
+
+    Skips the test where this machine cannot run one (not root, SLURM not installable).
+    """
+    made: list[SlurmCluster] = []
+
+    def make(n: int) -> SlurmCluster:
+        hosts = cluster_factory(n)
+        try:
+            sl = SlurmCluster.up(hosts, tmp_path_factory.mktemp("slurm"))
+        except SlurmUnavailableError as e:
+            pytest.skip(f"no SLURM cluster on this machine: {e}")
+        made.append(sl)
+        return sl
+
+    yield make
+    for sl in made:
+        sl.down()
+
+
+@pytest.fixture(scope="session")
+def slurm(slurm_factory: Callable[[int], SlurmCluster]) -> SlurmCluster:
+    """SLURM on three fake hosts of its own (node1..node3), for the whole session.
+
+    Client commands need `slurm.env`; jobs run as root on the nodes. Tests must not stop its
+    daemons; `slurm.reset()` cancels the jobs a test left and kills what they still run.
+    """
+    return slurm_factory(SLURM_NODES)

@@ -1,0 +1,788 @@
+"""A real SLURM cluster on the fake hosts of cluster.py, for tests that run under SLURM.
+
+On top of a :class:`cluster.Cluster`: ``munged`` with a key and socket of its own, ``slurmctld``
+in the root network namespace (its own UTS namespace, hostname ``head``, reached at the cluster's
+bridge address), and one ``slurmd`` per node inside the node's network namespace, with hostname
+``nodeI`` and the node's ``/etc`` files (hosts, resolv.conf, passwd) bind-mounted in a mount
+namespace of its own. Jobs are started by slurmd, so they inherit all of that: they run as root on
+``nodeI``, resolve every node and ``head`` (and this machine's hostname) through the node's hosts
+file, and see this machine's filesystem, virtual environment included. Needs root and apt-get
+(or SLURM and munge installed).
+
+Things to know when writing tests against it:
+
+* Client commands (``salloc``, ``sbatch``, ``srun``, ``scontrol``, ...) need
+  :attr:`SlurmCluster.env` (``SLURM_CONF``); :meth:`SlurmCluster.environ` is a whole environment
+  with it and without inherited ``SLURM_*`` variables.
+* ``salloc`` runs its command here, in the root namespace, which cannot resolve ``nodeI``; the
+  nodes reach this machine by its hostname.
+* There is no accounting (no ``sacct``): job states come from ``scontrol``, which remembers a job
+  for ``MinJobAge`` seconds after it ends.
+* Every process of a job lives in its node's slurmd mount namespace: :meth:`SlurmCluster.job_pids`
+  finds them (slurmd aside) even after they left the job.
+* The daemons detach from the process that starts them (not children of pytest) and carry their
+  owner in their environment, so those of a killed test session are reaped by the next one.
+* slurmctld listens on its own port (from 16817 + 2 * the cluster's slot on), so it runs beside
+  other SLURM clusters of this kind or one on the default port 6817.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cluster import NETNS_ETC, NETNS_RUN, NODE_ENV, SEARCH_PATH, _cmdline, _start_time
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Iterable, Sequence
+
+    from cluster import Cluster
+    from typing_extensions import Self
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("salloc", "sbatch", "srun", "scontrol", "scancel", "sinfo", "squeue")
+TOOLS = (*DAEMONS, *CLIENTS, "unshare", "nsenter", "mount")
+HEAD_NAME = "head"
+PORT_BASE = 16817  # slurmctld's port; slurmd's (in the nodes' namespaces) is the next one
+PORT_TRIES = 64
+NODE_CPUS = 2
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+CMD_TIMEOUT_S = 30.0
+INSTALL_TIMEOUT_S = 300.0
+POLL_S = 0.1
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; munged adds ".lock"
+OWNER_VAR = "TORCHRUNX_TESTS_SLURM_OWNER"  # "pid:start" of the process that started a daemon
+# inherited variables that would steer the client commands (e.g. pytest itself inside a job)
+CLIENT_VAR_PREFIXES = ("SLURM_", "SALLOC_", "SBATCH_", "SRUN_", "SQUEUE_", "SINFO_", "SCANCEL_")
+TERMINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "TIMEOUT",
+    }
+)
+
+
+class SlurmError(RuntimeError):
+    """Bringing up or driving the SLURM cluster failed."""
+
+
+class SlurmUnavailableError(SlurmError):
+    """This machine cannot run SLURM (not root, packages not installable): skip, don't fail."""
+
+
+_tools: dict[str, str] = {}
+_tools_error: SlurmError | None = None
+_tools_lock = threading.Lock()
+_job_names = itertools.count()
+
+
+def ensure_slurm() -> dict[str, str]:
+    """Return the paths of the SLURM and munge programs, installing them with apt-get if missing.
+
+    Runs at most once per process; a failure is remembered and raised again.
+    """
+    global _tools_error  # noqa: PLW0603 -- one install per session, whatever calls it
+    with _tools_lock:
+        if _tools_error is not None:
+            raise _tools_error
+        if not _tools:
+            try:
+                _tools.update(_find_or_install())
+            except SlurmError as e:
+                _tools_error = e
+                raise
+        return _tools
+
+
+def _find_or_install() -> dict[str, str]:
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        raise SlurmUnavailableError("needs root: slurmd in the nodes' namespaces, jobs as root")
+    if any(shutil.which(t, path=SEARCH_PATH) is None for t in TOOLS):
+        apt = shutil.which("apt-get", path=SEARCH_PATH)
+        if apt is None:
+            msg = f"SLURM is not installed and there is no apt-get for {' '.join(PACKAGES)}"
+            raise SlurmUnavailableError(msg)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        lock = ["-o", "DPkg::Lock::Timeout=120"]  # wait for a concurrent apt, don't fail on it
+        # every plugin used here is in slurm-wlm-basic-plugins, a dependency: no recommends
+        install = [apt, "install", "-y", "-q", "--no-install-recommends", *lock, *PACKAGES]
+        done = _apt(install, env)
+        if done.returncode != 0:  # stale package lists on a fresh machine: refresh, retry once
+            _apt([apt, "update", "-q", *lock], env)
+            done = _apt(install, env)
+        if done.returncode != 0:
+            msg = f"apt-get install {' '.join(PACKAGES)} failed:\n{done.stdout[-3000:]}"
+            raise SlurmUnavailableError(msg)
+    found = {t: shutil.which(t, path=SEARCH_PATH) for t in TOOLS}
+    missing = [t for t, p in found.items() if p is None]
+    if missing:
+        msg = f"still missing after installing {' '.join(PACKAGES)}: {missing}"
+        raise SlurmUnavailableError(msg)
+    return {t: p for t, p in found.items() if p is not None}
+
+
+def _apt(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=INSTALL_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        msg = f"{' '.join(argv)} took over {INSTALL_TIMEOUT_S:.0f} s"
+        raise SlurmUnavailableError(msg) from e
+
+
+# ---- processes --------------------------------------------------------------------------------
+
+Proc = tuple[int, str]  # (pid, start time): a process, whatever later reuses its pid
+
+
+def _proc(pid: int) -> Proc | None:
+    start = _start_time(pid)
+    return None if start is None else (pid, start)
+
+
+def _alive(proc: Proc) -> bool:
+    """Whether ``proc`` runs (a zombie waiting for a lazy init to reap it does not)."""
+    pid, start = proc
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and fields[19] == start
+
+
+def _signal(proc: Proc, sig: int) -> None:
+    if _alive(proc):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc[0], sig)
+
+
+def _stop(procs: Iterable[Proc], timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM ``procs``, then SIGKILL those still running after ``timeout`` s."""
+    procs = list(procs)
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for p in procs:
+        _signal(p, signal.SIGKILL)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``."""
+    for pid in _pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[3] == str(sid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _ns_id(pid: int, kind: str) -> tuple[int, int] | None:
+    try:
+        st = Path(f"/proc/{pid}/ns/{kind}").stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _pids() -> list[int]:
+    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _owner(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    for var in environ.split(b"\0"):
+        if var.startswith(f"{OWNER_VAR}=".encode()):
+            return var.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+def reap_stale_daemons() -> list[int]:
+    """SIGKILL the SLURM and munge daemons of test sessions that are gone; return their pids."""
+    reaped = []
+    for pid in _pids():
+        if _comm(pid) not in {*DAEMONS, "slurmscriptd", "slurmstepd"}:
+            continue
+        owner = _owner(pid)
+        if owner is None or ":" not in owner:
+            continue  # not started by this module
+        opid, ostart = owner.split(":", 1)
+        if opid.isdigit() and _start_time(int(opid)) != ostart:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            reaped.append(pid)
+    return reaped
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as slurmctld binds it
+        try:
+            s.bind(("0.0.0.0", port))  # noqa: S104 -- slurmctld listens on every address
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(slot: int) -> int:
+    first = PORT_BASE + 2 * slot
+    for port in range(first, first + 2 * PORT_TRIES, 2):
+        if _port_free(port):
+            return port
+    msg = f"no free port for slurmctld in {first}..{first + 2 * PORT_TRIES}"
+    raise SlurmError(msg)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return f"--- {path} (last lines) ---\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
+
+
+# ---- the cluster ------------------------------------------------------------------------------
+
+
+class SlurmCluster:
+    """SLURM on the nodes of a :class:`cluster.Cluster`; see the module docstring. Use :meth:`up`.
+
+    Attributes:
+        cluster: the fake hosts it runs on.
+        nodes: SLURM's node names, the cluster's hostnames (``node1``, ...).
+        env: what client commands need on top of the environment (``SLURM_CONF``, ``PATH``).
+        conf: the generated slurm.conf.
+        state_dir: conf, munge key, logs (``slurmctld.log``, ``spool/slurmd.<node>.log``), job
+            state; removed by :meth:`down`.
+        port: slurmctld's port on :attr:`cluster.Cluster.head_ip`; slurmd's is ``port + 1``.
+        up_seconds: how long :meth:`up` took.
+    """
+
+    def __init__(self, cluster: Cluster, state_dir: Path, tools: dict[str, str], port: int) -> None:
+        self.cluster = cluster
+        self.nodes = list(cluster.hostnames)
+        self.state_dir = state_dir
+        self.conf = state_dir / "slurm.conf"
+        self.port = port
+        self.up_seconds = 0.0
+        self._tools = tools
+        self._spool = state_dir / "spool"
+        socket_path = state_dir / "munge" / "munge.socket"
+        self._socket_dir: Path | None = None
+        if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="trx-munge-"))
+            socket_path = self._socket_dir / "munge.socket"
+        self._munge_socket = socket_path
+        client_dir = str(Path(tools["srun"]).parent)
+        path = os.environ.get("PATH", "")
+        if client_dir not in path.split(os.pathsep):
+            path = os.pathsep.join([client_dir, path])
+        self.env = {"SLURM_CONF": str(self.conf), "PATH": path}
+        self._munged: Proc | None = None
+        self._slurmctld: Proc | None = None
+        self._slurmd: dict[str, Proc] = {}
+        self._job_mnt_ns: dict[str, tuple[int, int]] = {}  # node -> its slurmd's mount namespace
+        self._down = False
+
+    # ---- life cycle ----
+
+    @classmethod
+    def up(cls, cluster: Cluster, state_dir: Path, cpus: int = NODE_CPUS) -> Self:
+        """Start munged, slurmctld and a slurmd per node; wait until every node is idle.
+
+        Args:
+            cluster: the nodes; SLURM adds processes to them (slurmd's), nothing else.
+            state_dir: made if missing; removed by :meth:`down`.
+            cpus: CPUs each node offers to jobs.
+
+        Raises:
+            SlurmUnavailableError: this machine cannot run SLURM (skip, don't fail).
+            SlurmError: a daemon did not come up; the message quotes its log.
+        """
+        started = time.monotonic()
+        tools = ensure_slurm()
+        reap_stale_daemons()
+        port = _pick_port(cluster.slot)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.chmod(0o700)
+        slurm = cls(cluster, state_dir, tools, port)
+        try:
+            slurm._bring_up(cpus)
+        except BaseException:
+            slurm.down()
+            raise
+        slurm.up_seconds = time.monotonic() - started
+        return slurm
+
+    def down(self) -> None:
+        """Stop the slurmd's (and what runs in their jobs), slurmctld and munged; remove the state.
+
+        Idempotent.
+        """
+        if self._down:
+            return
+        _stop(self._slurmd.values())
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while (left := self.job_pids()) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        self._job_mnt_ns.clear()  # gone with their processes: the kernel may reuse the ids
+        _stop([p for p in (self._slurmctld, self._munged) if p is not None])
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+        self._down = True
+
+    def reset(self, wait: float = 0.0) -> list[str]:
+        """Cancel every job, then kill what still runs in jobs on the nodes.
+
+        Args:
+            wait: seconds to let the jobs' processes exit by themselves first.
+
+        Returns:
+            ``"nodeI: pid cmdline"`` of each process that was killed; empty when none was left.
+        """
+        done = self.run([self._tools["squeue"], "-h", "-o", "%i"], check=False)
+        if jobs := done.stdout.split():
+            self.run([self._tools["scancel"], *jobs], check=False)
+        deadline = time.monotonic() + wait
+        while (left := self.job_processes()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for _ in range(100):
+            if not (pids := self.job_pids()):
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.02)
+        return left
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        state = "down" if self._down else f"slurmctld {self.cluster.head_ip}:{self.port}"
+        return f"SlurmCluster({', '.join(self.nodes)}; {state}; {self.state_dir})"
+
+    def daemons(self) -> dict[str, int]:
+        """Pids of the daemons that run now: ``munged``, ``slurmctld``, ``slurmd@nodeI``."""
+        named = {"munged": self._munged, "slurmctld": self._slurmctld}
+        named |= {f"slurmd@{node}": p for node, p in self._slurmd.items()}
+        return {name: p[0] for name, p in named.items() if p is not None and _alive(p)}
+
+    def job_pids(self, node: str | None = None) -> list[int]:
+        """Live processes that slurmd started on ``node`` (default: on every node), slurmd aside.
+
+        They are found by mount namespace, so even those that left their job are listed.
+        """
+        targets = {n: ns for n, ns in self._job_mnt_ns.items() if node is None or n == node}
+        daemons = {p[0] for p in self._slurmd.values()}
+        found = []
+        for pid in _pids():
+            if pid in daemons or _ns_id(pid, "mnt") not in targets.values():
+                continue
+            p = _proc(pid)
+            if p is not None and _alive(p):
+                found.append(pid)
+        return sorted(found)
+
+    def job_processes(self) -> list[str]:
+        """``"nodeI: pid cmdline"`` of :meth:`job_pids`, for assertion messages."""
+        return [
+            f"{node}: {pid} {_cmdline(pid)[:200]}"
+            for node in self.nodes
+            for pid in self.job_pids(node)
+        ]
+
+    # ---- client commands ----
+
+    def environ(self) -> dict[str, str]:
+        """This process's environment without inherited SLURM variables, plus :attr:`env`."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(CLIENT_VAR_PREFIXES)}
+        return base | self.env
+
+    def run(
+        self, argv: Sequence[str], timeout: float = CMD_TIMEOUT_S, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a client command (``sinfo``, ``scontrol ...``) against this cluster; bounded."""
+        try:
+            done = subprocess.run(
+                argv,
+                env=self.environ(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            msg = f"{shlex.join(argv)} did not finish in {timeout} s"
+            raise SlurmError(msg) from e
+        if check and done.returncode != 0:
+            msg = f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}"
+            raise SlurmError(msg)
+        return done
+
+    def salloc(
+        self, n: int, command: Sequence[str], timeout: float = 60.0, args: Sequence[str] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """``salloc -N n [args] command``: run ``command`` here inside an allocation of n nodes.
+
+        Returns whatever its exit status; stdout and stderr are captured (salloc's own messages
+        are on stderr).
+
+        Raises:
+            SlurmError: it ran over ``timeout`` s; salloc, ``command`` and the job are killed.
+        """
+        name = f"trx-salloc-{os.getpid()}-{next(_job_names)}"
+        argv = [self._tools["salloc"], "-N", str(n), f"--job-name={name}", *args, *command]
+        proc = subprocess.Popen(
+            argv,
+            env=self.environ(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a session of its own: on timeout, killed with its command
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # salloc gives its command a process group of its own: kill the whole session
+            _kill_session(proc.pid)
+            self.run([self._tools["scancel"], f"--name={name}"], check=False)
+            try:
+                out, err = proc.communicate(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:  # a process that left the session holds the pipes
+                out, err = "", ""
+            msg = f"{shlex.join(argv)} did not finish in {timeout} s\n{out[-2000:]}{err[-2000:]}"
+            raise SlurmError(msg) from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_TIMEOUT_S)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+    def sbatch(self, script: Path, n: int, args: Sequence[str] = ()) -> str:
+        """Submit ``script`` on ``n`` nodes; return the job id.
+
+        The job's working directory is the script's; its output goes to ``slurm-<id>.out`` there
+        unless ``args`` say otherwise.
+        """
+        argv = [self._tools["sbatch"], "--parsable", "-N", str(n), *args, str(script)]
+        try:
+            done = subprocess.run(
+                argv,
+                env=self.environ(),
+                cwd=script.parent,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=CMD_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            msg = f"{shlex.join(argv)} did not finish in {CMD_TIMEOUT_S} s"
+            raise SlurmError(msg) from e
+        job_id = done.stdout.strip().split(";")[0]
+        if done.returncode != 0 or not job_id.isdigit():
+            msg = f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}"
+            raise SlurmError(msg)
+        return job_id
+
+    def job_state(self, job_id: str) -> str:
+        """The job's state as slurmctld has it (``PENDING``, ``RUNNING``, ``COMPLETED``, ...)."""
+        done = self.run([self._tools["scontrol"], "-o", "show", "job", job_id])
+        m = re.search(r"\bJobState=(\S+)", done.stdout)
+        if m is None:
+            msg = f"no JobState for job {job_id} in: {done.stdout.strip()}"
+            raise SlurmError(msg)
+        return m.group(1)
+
+    def wait_job(
+        self, job_id: str, timeout: float = 60.0, until: Collection[str] = TERMINAL_STATES
+    ) -> str:
+        """Poll the job until its state is one of ``until`` (default: it ended); return the state.
+
+        Raises:
+            SlurmError: not there within ``timeout`` s (the message has the last state).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.job_state(job_id)
+            if state in until:
+                return state
+            if time.monotonic() > deadline:
+                msg = f"job {job_id} still {state} after {timeout} s (waiting for {set(until)})"
+                raise SlurmError(msg)
+            time.sleep(POLL_S)
+
+    def scancel(self, job_id: str, args: Sequence[str] = ()) -> None:
+        """Cancel the job (``args`` e.g. ``["--signal=USR1"]``); does not wait for it to end."""
+        self.run([self._tools["scancel"], *args, job_id])
+
+    # ---- bring-up ----
+
+    def _bring_up(self, cpus: int) -> None:
+        (self.state_dir / "ctld").mkdir(exist_ok=True)
+        for node in self.nodes:
+            (self._spool / node).mkdir(parents=True, exist_ok=True)
+        self._munge_socket.parent.mkdir(mode=0o700, exist_ok=True)
+        self._write_conf(cpus)
+        self._start_munged()
+        self._start_slurmctld()
+        self._start_slurmds()
+        self._wait_idle()
+
+    def _write_conf(self, cpus: int) -> None:
+        cl = self.cluster
+        nodes = "".join(
+            f"NodeName={host} NodeAddr={ip} CPUs={cpus} Boards=1 SocketsPerBoard=1 "
+            f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN\n"
+            for host, ip in zip(cl.hostnames, cl.ips, strict=True)
+        )
+        s = self.state_dir
+        # no cgroups (plain process tracking, no task binding), no accounting; jobs stay known
+        # for MinJobAge s after they end
+        self.conf.write_text(
+            f"""\
+ClusterName=trx{cl.slot}
+SlurmctldHost={HEAD_NAME}({cl.head_ip})
+SlurmctldPort={self.port}
+SlurmdPort={self.port + 1}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self._munge_socket}
+StateSaveLocation={s / "ctld"}
+SlurmdSpoolDir={self._spool}/%n
+SlurmctldPidFile={s / "slurmctld.pid"}
+SlurmdPidFile={self._spool}/slurmd.%n.pid
+SlurmctldLogFile={s / "slurmctld.log"}
+SlurmdLogFile={self._spool}/slurmd.%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+MailProg=/bin/true
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+SlurmctldTimeout=30
+SlurmdTimeout=30
+InactiveLimit=0
+MinJobAge=300
+KillWait=5
+Waittime=0
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""",
+            encoding="utf-8",
+        )
+
+    def _daemon_env(self) -> dict[str, str]:
+        return {**NODE_ENV, OWNER_VAR: f"{os.getpid()}:{_start_time(os.getpid())}"}
+
+    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
+        """Start a daemon's launch command; it exits once the daemon has detached."""
+        err = (self.state_dir / f"{name}.start.err").open("wb")  # not a pipe: daemons keep it
+        with err:
+            return subprocess.Popen(
+                argv, env=self._daemon_env(), stdin=subprocess.DEVNULL, stdout=err, stderr=err
+            )
+
+    def _wait_started(
+        self, launched: dict[str, subprocess.Popen[bytes]], pidfile: dict[str, Path], comm: str
+    ) -> dict[str, Proc]:
+        """Wait until each launch command exited and its daemon wrote a pid file and runs."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        found: dict[str, Proc] = {}
+        try:
+            while pending := [name for name in launched if name not in found]:
+                for name in pending:
+                    rc = launched[name].poll()
+                    if rc not in {None, 0}:
+                        raise self._failure(name, f"its launch command exited with {rc}")
+                    p = self._read_pid(pidfile[name])
+                    if rc == 0 and p is not None and _comm(p[0]) == comm:
+                        found[name] = p
+                if time.monotonic() > deadline:
+                    raise self._failure(pending[0], f"not running after {START_TIMEOUT_S} s")
+                time.sleep(0.01)
+        finally:
+            for proc in launched.values():
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        return found
+
+    @staticmethod
+    def _read_pid(path: Path) -> Proc | None:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return None
+        return _proc(int(text)) if text.isdigit() else None
+
+    def _start_munged(self) -> None:
+        key = self.state_dir / "munge.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # munged wants 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(1024))
+        d = self._munge_socket.parent
+        argv = [
+            self._tools["munged"],
+            "--force",  # the socket's directory is not /run/munge
+            f"--key-file={key}",
+            f"--socket={self._munge_socket}",
+            f"--pid-file={d / 'munged.pid'}",
+            f"--log-file={self.state_dir / 'munged.log'}",
+            f"--seed-file={d / 'munged.seed'}",
+        ]
+        started = self._wait_started(
+            {"munged": self._spawn(argv, "munged")}, {"munged": d / "munged.pid"}, "munged"
+        )
+        self._munged = started["munged"]
+
+    def _start_slurmctld(self) -> None:
+        q = shlex.quote
+        # own UTS namespace: slurmctld runs only where the hostname is SlurmctldHost's
+        script = (
+            f"echo {HEAD_NAME} > /proc/sys/kernel/hostname && "
+            f"exec {q(self._tools['slurmctld'])} -i -f {q(str(self.conf))}"  # -i: no old state
+        )
+        argv = [self._tools["unshare"], "--uts", "/bin/sh", "-ec", script]
+        pidfile = {"slurmctld": self.state_dir / "slurmctld.pid"}
+        started = self._wait_started(
+            {"slurmctld": self._spawn(argv, "slurmctld")}, pidfile, "slurmctld"
+        )
+        self._slurmctld = started["slurmctld"]
+
+    def _start_slurmds(self) -> None:
+        """One slurmd per node: its netns, its own hostname, the node's /etc files.
+
+        Not `ip netns exec`: it remounts /sys, which hides /sys/fs/cgroup, and slurmd fails
+        without it ("No filesystem mounted on /sys/fs/cgroup"). nsenter joins the network
+        namespace only; the node's /etc/netns files are bind-mounted by hand, in a mount namespace
+        of slurmd's own.
+        """
+        q = shlex.quote
+        launched, pidfile = {}, {}
+        for host, ns in zip(self.nodes, self.cluster.namespaces, strict=True):
+            etc = sorted((NETNS_ETC / ns).iterdir()) if (NETNS_ETC / ns).is_dir() else []
+            binds = "".join(
+                f"{q(self._tools['mount'])} --bind {q(str(f))} {q(f'/etc/{f.name}')} && "
+                for f in etc
+                if Path("/etc", f.name).exists()
+            )
+            script = (
+                f"{binds}echo {q(host)} > /proc/sys/kernel/hostname && "
+                f"exec {q(self._tools['slurmd'])} -f {q(str(self.conf))}"
+            )
+            argv = [
+                self._tools["nsenter"],
+                f"--net={NETNS_RUN / ns}",
+                self._tools["unshare"],
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-ec",
+                script,
+            ]
+            launched[host] = self._spawn(argv, f"slurmd.{host}")
+            pidfile[host] = self._spool / f"slurmd.{host}.pid"
+        self._slurmd = self._wait_started(launched, pidfile, "slurmd")
+        for host, (pid, _) in self._slurmd.items():
+            ns_id = _ns_id(pid, "mnt")
+            if ns_id is None:
+                raise self._failure(host, f"slurmd (pid {pid}) exited")
+            self._job_mnt_ns[host] = ns_id
+
+    def _wait_idle(self) -> None:
+        """Wait until sinfo lists every node idle, resuming nodes that registered down."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        sinfo = [self._tools["sinfo"], "-h", "-N", "-o", "%N %t"]
+        states: dict[str, str] = {}
+        while True:
+            for name, p in [("slurmctld", self._slurmctld), *self._slurmd.items()]:
+                if p is not None and not _alive(p):
+                    raise self._failure(name, f"it exited (pid {p[0]})")
+            done = self.run(sinfo, check=False)
+            states = dict(line.split(None, 1) for line in done.stdout.splitlines() if " " in line)
+            if set(states) == set(self.nodes) and set(states.values()) == {"idle"}:
+                return
+            if any(s.startswith(("down", "drain")) for s in states.values()):
+                resume = [self._tools["scontrol"], "update", "nodename=ALL", "state=resume"]
+                self.run(resume, check=False)
+            if time.monotonic() > deadline:
+                raise self._failure("slurmctld", f"nodes not idle in {START_TIMEOUT_S} s: {states}")
+            time.sleep(POLL_S)
+
+    def _failure(self, name: str, why: str) -> SlurmError:
+        logs = {
+            "munged": [self.state_dir / "munged.log"],
+            "slurmctld": [self.state_dir / "slurmctld.log"],
+        }.get(name, [self._spool / f"slurmd.{name}.log"])
+        logs.insert(
+            0, self.state_dir / f"{name if name in DAEMONS else f'slurmd.{name}'}.start.err"
+        )
+        parts = [f"{name} did not come up: {why}", *filter(None, map(_tail, logs))]
+        return SlurmError("\n".join(parts))
