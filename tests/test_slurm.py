@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 import time
@@ -90,3 +91,40 @@ def test_scancel_leaves_nothing_on_any_node(fresh_slurm: SlurmCluster, tmp_path:
     while slurm.job_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert slurm.job_processes() == []
+
+
+TRAIN = textwrap.dedent("""
+    import os, sys
+    import submitit, torchrunx
+
+    def launch_training():
+        # submitit runs this once per task (one per node): the first task launches
+        if submitit.JobEnvironment().global_rank != 0:
+            return None
+        with torchrunx.Launcher(hostnames="slurm", workers_per_host=2, backend=None) as launcher:
+            return launcher.run(lambda: int(os.environ["RANK"])).by_hostname()
+
+    if __name__ == "__main__":
+        executor = submitit.SlurmExecutor(folder="submitit", python=sys.executable)
+        executor.update_parameters(nodes=2, ntasks_per_node=1, time=5)
+        print(executor.submit(launch_training).results()[0])
+""")
+
+
+def test_submitit_submits_a_function_that_launches(
+    fresh_slurm: SlurmCluster, tmp_path: Path
+) -> None:
+    slurm = fresh_slurm
+    (tmp_path / "train.py").write_text(TRAIN)
+    out = subprocess.run(
+        [sys.executable, "train.py"],
+        cwd=tmp_path,
+        env=slurm.environ(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    expected = {slurm.nodes[0]: [0, 1], slurm.nodes[1]: [2, 3]}
+    assert out.stdout.strip().splitlines()[-1] == repr(expected)
