@@ -87,7 +87,9 @@ def count_gpus() -> int:
     if present == 0:
         present = sum(1 for p in Path("/dev").glob("nvidia*") if re.fullmatch(r"nvidia\d+", p.name))
     if visible is None:
-        return present
+        # in a SLURM step without GPU binding, the allocation's share of this node's GPUs
+        share = os.environ.get("SLURM_GPUS_ON_NODE", "")
+        return min(present, int(share)) if share.isdigit() else present
     count = 0
     for entry in visible.split(","):
         # CUDA stops at the first invalid entry ("-1" is the usual way to hide all GPUs)
