@@ -72,6 +72,7 @@ def test_argparse_every_field() -> None:
             "--extra-env-vars", "A=1", "B=x=y",
             "--log-dir", "",
             "--agent-start", "ssh",
+            "--encrypt",
             "--live-ranks", "0", "2",
         ]
     )  # fmt: skip
@@ -88,6 +89,7 @@ def test_argparse_every_field() -> None:
         extra_env_vars={"A": "1", "B": "x=y"},
         log_dir="",
         agent_start="ssh",
+        encrypt=True,
         live_ranks=[0, 2],
     )
     assert launcher_from_args(parser().parse_args(["--hostnames", "slurm"])).hostnames == "slurm"

@@ -39,6 +39,7 @@ from .hosts import interface_of, local_facts
 from .logs import readable_line
 from .reaper import alive, signal_all
 from .transport.messages import decode, encode
+from .transport.security import encrypt_client
 from .transport.unix import recv_message, send_message
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -95,6 +96,7 @@ class Agent:
         self.launcher = self.ctx.socket(zmq.DEALER)
         self.launcher.setsockopt(zmq.IDENTITY, bytes.fromhex(boot["identity"]))
         self.launcher.setsockopt(zmq.LINGER, 2000)
+        encrypt_client(self.launcher, boot.get("server_key"))
         self.launcher.connect(boot["address"])
         self.address: str = boot["address"]
         self.dir = tempfile.mkdtemp(prefix="torchrunx-agent-")  # mode 0700: the user's only

@@ -37,6 +37,7 @@ import zmq
 
 from .logs import output_records
 from .transport.messages import decode, encode
+from .transport.security import encrypt_server, new_server_keys
 from .transport.ssh import RemoteAgentProcess
 
 logger = logging.getLogger("torchrunx")
@@ -102,12 +103,23 @@ class RunState:
 class Controller(threading.Thread):
     """Owns the ROUTER socket; serves agents and runs until :meth:`stop`."""
 
-    def __init__(self, secret: str, agent_timeout: float, bind_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        secret: str,
+        agent_timeout: float,
+        bind_host: str = "127.0.0.1",
+        *,
+        encrypt: bool = False,
+    ) -> None:
         super().__init__(name="torchrunx-controller", daemon=True)
         self.secret = secret
         self.agent_timeout = agent_timeout
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
+        self.server_key: str | None = None  # CURVE public key, when encrypting
+        if encrypt:
+            self.server_key, server_secret = new_server_keys()
+            encrypt_server(self.router, server_secret)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.IPV6, 1)  # remote agents may reach us over IPv6
         self.router.setsockopt(zmq.LINGER, 0)

@@ -36,6 +36,7 @@ from .logs import record_line
 from .reaper import set_parent_death_signal
 from .transport import serialization
 from .transport.messages import decode, encode
+from .transport.security import encrypt_client
 
 _ACK_TIMEOUT_MS = 60_000
 _DIRECT_RESULT_BYTES = 1 << 20
@@ -193,6 +194,7 @@ class _Worker:
             return
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        encrypt_client(sock, self.spec.get("server_key"))
         try:
             sock.connect(self.spec["launcher"])
             token = self.spec["result_token"]

@@ -13,18 +13,16 @@ from __future__ import annotations
 
 __all__ = ["add_torchrunx_argument_group", "launcher_from_args"]
 
+import argparse
 import ast
 import dataclasses
 import inspect
 import itertools
 import textwrap
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torchrunx.launcher import Launcher
-
-if TYPE_CHECKING:
-    import argparse
 
 
 @cache
@@ -74,6 +72,7 @@ def add_torchrunx_argument_group(parser: argparse.ArgumentParser) -> argparse._A
     option("env_file", metavar="FILE")
     option("log_dir", metavar="DIR")
     option("agent_start", choices=["auto", "ssh", "srun"])
+    option("encrypt", action=argparse.BooleanOptionalAction)
     option("live_ranks", nargs="+", metavar="RANK")
     return group
 
@@ -105,6 +104,7 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
         env_file=get("env_file"),
         log_dir=get("log_dir"),
         agent_start=get("agent_start"),
+        encrypt=get("encrypt"),
         live_ranks=_counts(get("live_ranks"), words=("all",)),
     )
 
