@@ -127,6 +127,13 @@ SCENARIOS = (
         ("ours", "040"),
         description="noop run of a launcher (1 worker) with default logging; below: logging off",
     ),
+    Scenario(
+        "sweep_in_flight",
+        "runs/s",
+        ("ours", "040"),
+        higher_is_better=True,
+        description="100 noop runs of a launcher, 1 in flight (0.4.0: 10); below: 2 and 4",
+    ),
     *(
         Scenario(
             f"multihost_first_run_{k}",
@@ -158,6 +165,8 @@ SCENARIOS = (
 BY_NAME = {s.name: s for s in SCENARIOS}
 MULTIHOST = tuple(s.name for s in SCENARIOS if s.hosts)
 SCALING = ("multihost_first_run_1", "multihost_first_run_8")  # the "8 hosts / 1 host" row
+IN_FLIGHT = (1, 2, 4)  # the rows of sweep_in_flight: runs kept in flight (scenario.IN_FLIGHT)
+ROW_LABELS = {"sweep_in_flight": f"sweep_in_flight_{IN_FLIGHT[0]}"}  # first row, where not the name
 
 
 @dataclass
@@ -543,6 +552,7 @@ def repetitions(scenario: str, impl: str, opts: argparse.Namespace) -> int:
         "leak_1000": opts.leak_count or (100 if quick else 1000),
         "log_lines": 1 if quick else 3,
         "log_overhead": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
+        "sweep_in_flight": (1 if quick else 3) if impl == "ours" else 1,
         "multihost_later_run": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
         "multihost_worker_kill": 2 if quick else 3,
     }
@@ -561,6 +571,7 @@ def timeout_for(scenario: str, reps: int) -> float:
         "leak_1000": 2.0,
         "log_lines": 180.0,
         "log_overhead": 60.0,
+        "sweep_in_flight": 300.0,  # ours: 3 sweeps of 100 runs; 0.4.0: 1 of 10
         "multihost_later_run": 30.0,
     }
     return STARTUP_TIMEOUT_S + per_rep.get(scenario, 0.0) * reps
@@ -710,6 +721,8 @@ def fmt_cell(cell: Cell, scenario: Scenario, opts: argparse.Namespace) -> str:
         text = fmt_range(cell, scenario.unit)
     if scenario.name == "log_lines":
         text += f" [{fmt_lost(cell)}]"
+    if scenario.name == "sweep_in_flight":
+        text += f" [{fmt_slow(cell)}]"
     if scenario.failure:
         text += f" [{raised_types(cell)}]"
     if cell.leftovers:
@@ -761,6 +774,35 @@ def on_over_off(cell: Cell) -> str:
     return f"{(cell.median() or 0.0) / (off.median() or 1.0):.2f}x"
 
 
+def in_flight_cell(cell: Cell, count: int) -> Cell:
+    """The sweeps of ``sweep_in_flight`` with ``count`` runs in flight (n/a where it had none).
+
+    Its extras are those of ``cell`` with ``in_flight``: the count that :func:`fmt_slow` shows.
+    """
+    values = [v for e in cell.extras for v in e.get("runs_per_s", {}).get(str(count), [])]
+    if cell.status != "ok" or not values:
+        return Cell(cell.status if cell.status != "ok" else "n/a", message=cell.message)
+    return Cell("ok", values, [{**e, "in_flight": count} for e in cell.extras])
+
+
+def fmt_slow(cell: Cell) -> str:
+    """Runs of each sweep that took ``slow_run_s`` or more, at ``in_flight`` (default: 1)."""
+    counts, limit, runs = [], 1.0, 0
+    for extra in cell.extras:
+        counts += extra.get("slow_runs", {}).get(str(extra.get("in_flight", IN_FLIGHT[0])), [])
+        limit, runs = extra.get("slow_run_s", limit), extra.get("runs_per_sweep", runs)
+    shown = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+    return f"runs >= {limit:g} s: {shown} of {runs}"
+
+
+def in_flight_speedup(cell: Cell) -> float | None:
+    """Median runs/s with the most runs in flight over that with one."""
+    one, most = in_flight_cell(cell, IN_FLIGHT[0]), in_flight_cell(cell, IN_FLIGHT[-1])
+    if one.status != "ok" or most.status != "ok" or not one.median():
+        return None
+    return (most.median() or 0.0) / (one.median() or 1.0)
+
+
 def scaling(results: dict[str, dict[str, Cell]], impl: str) -> float | None:
     """Median first run on 8 hosts over that on 1 host, where both were measured."""
     if not all(name in results and impl in results[name] for name in SCALING):
@@ -779,6 +821,29 @@ def scaling_cell(results: dict[str, dict[str, Cell]], impl: str) -> str:
     return "n/a" if results[SCALING[-1]][impl].status == "n/a" else "-"
 
 
+def in_flight_rows(
+    name: str, cells: dict[str, Cell], impls: list[str], opts: argparse.Namespace, width: int
+) -> list[list[str]]:
+    """Rows below ``sweep_in_flight_1``: 2 and 4 runs in flight, and 4 over 1 (other: none)."""
+    if name != "sweep_in_flight":
+        return []
+    scenario = BY_NAME[name]
+    rows = []
+    for count in IN_FLIGHT[1:]:
+        derived = {k: in_flight_cell(cells[k], count) for k in impls}
+        row = [f"{scenario.name}_{count} [{scenario.unit}, higher is better]"]
+        row += [fmt_cell(derived[k], scenario, opts) for k in impls]
+        if width > len(row):
+            row.append(fmt_ratio(derived, opts))
+        rows.append(row)
+    row = [f"  {IN_FLIGHT[-1]} / {IN_FLIGHT[0]} in flight [x, higher is better]"]
+    for k in impls:
+        speedup = in_flight_speedup(cells[k])
+        row.append("n/a" if speedup is None else f"{fmt_ratio_value(speedup)}x")
+    rows.append(row + [""] * (width - len(row)))
+    return rows
+
+
 def table_rows(
     results: dict[str, dict[str, Cell]], impls: list[str], opts: argparse.Namespace
 ) -> list[list[str]]:
@@ -793,10 +858,12 @@ def table_rows(
         scenario = BY_NAME[name]
         better = "higher" if scenario.higher_is_better else "lower"
         unit = "" if scenario.unit == "procs" else f" [{scenario.unit}, {better} is better]"
-        row = [name + unit, *(fmt_cell(cells[k], scenario, opts) for k in impls)]
+        row = [ROW_LABELS.get(name, name) + unit]
+        row += [fmt_cell(cells[k], scenario, opts) for k in impls]
         if len(header) > len(row):
             row.append(fmt_ratio(cells, opts))
         rows.append(row)
+        rows += in_flight_rows(name, cells, impls, opts, len(header))
         if name == "first_run":
             derived = {k: startup_cell(cells[k]) for k in impls}
             row = ["  startup (python + imports) [s]"]
@@ -973,6 +1040,12 @@ def main(argv: list[str] | None = None) -> int:
         "table": rows,
         "derived": {
             "multihost_first_run_8_over_1": {k: scaling(results, k) for k in keys},
+            "sweep_in_flight_4_over_1": {
+                k: in_flight_speedup(results["sweep_in_flight"][k])
+                if "sweep_in_flight" in results
+                else None
+                for k in keys
+            },
         },
     }
     opts.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -18,6 +18,7 @@ The file given by ``--out`` receives ``{"values": [...], "extra": {...}}`` or ``
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 import importlib
@@ -57,6 +58,10 @@ MAX_LEAK_FAILURES = 10  # failed runs that leak_1000 tolerates (and reports) bef
 LOG_LINES = 200_000  # lines printed by the one worker of log_lines
 LOG_HOST = "localhost"  # the log scenarios' only host: its files are <host>.log, <host>[0].log
 LINE_INDEX = re.compile(rb"\bline (\d+)$")  # the end of every line that print_lines printed
+IN_FLIGHT = (1, 2, 4)  # runs kept in flight by the sweeps of sweep_in_flight
+SWEEP_RUNS = 100  # runs per sweep, where the launcher has submit()
+SWEEP_RUNS_SEQUENTIAL = 10  # runs per sweep without it (torchrunx 0.4.0: seconds per run)
+SLOW_RUN_S = 1.0  # a run of sweep_in_flight that takes this long is counted (a stall)
 
 Result = dict[str, Any]
 
@@ -790,6 +795,97 @@ def log_overhead(opts: argparse.Namespace) -> Result:
     return {"values": on_s, "extra": extra}
 
 
+# --- runs in flight -----------------------------------------------------------------------------
+
+
+def check_echo(result: Any, value: int) -> None:
+    """Raise unless every worker of a run of ``echo(value)`` returned ``value``."""
+    for r in range(WORKERS):
+        got = result.rank(r)
+        if got != value:
+            msg = f"run {value}: rank {r} returned {got!r}"
+            raise RuntimeError(msg)
+
+
+def sweep_sequential(launcher: Any, runs: int) -> tuple[float, list[float]]:
+    """``runs`` runs of ``echo``, one after another with ``run()``: (runs/s, each run's s)."""
+    latencies = []
+    start = time.perf_counter()
+    for i in range(runs):
+        began = time.perf_counter()
+        check_echo(launcher.run(workloads.echo, i), i)
+        latencies.append(time.perf_counter() - began)
+    return runs / (time.perf_counter() - start), latencies
+
+
+def sweep_submitted(launcher: Any, runs: int, in_flight: int) -> tuple[float, list[float]]:
+    """``runs`` runs of ``echo``, ``in_flight`` of them submitted at any time: (runs/s, each's s).
+
+    A run is submitted the moment another one completes (``wait(FIRST_COMPLETED)``); a run's
+    time is from its ``submit()`` to the return of the ``wait()`` that found it done.
+    """
+    pending: dict[Any, tuple[int, float]] = {}  # handle -> (its argument, when submitted)
+    latencies = []
+    submitted = 0
+    start = time.perf_counter()
+    while submitted < runs or pending:
+        while submitted < runs and len(pending) < in_flight:
+            pending[launcher.submit(workloads.echo, submitted)] = (
+                submitted,
+                time.perf_counter(),
+            )
+            submitted += 1
+        done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        now = time.perf_counter()
+        for handle in done:
+            value, began = pending.pop(handle)
+            check_echo(handle.result(), value)
+            latencies.append(now - began)
+    return runs / (time.perf_counter() - start), latencies
+
+
+def sweep_in_flight(opts: argparse.Namespace) -> Result:
+    """Runs/s of one launcher with 1, 2 or 4 noop runs (``echo``) kept in flight.
+
+    After a warm-up run, each repetition sweeps ``SWEEP_RUNS`` runs at each count in flight
+    (in the order 1, 2, 4, then 4, 2, 1 at the next repetition): 1 is a loop of ``run()``, more
+    use ``submit()``. Without ``submit()`` (torchrunx 0.4.0), only 1 in flight, with
+    ``SWEEP_RUNS_SEQUENTIAL`` runs. Every result is checked. Values: the sweeps of 1 in flight;
+    ``extra["runs_per_s"]``: those of each count; ``extra["slow_runs"]``: runs of each sweep that
+    took ``SLOW_RUN_S`` or more.
+    """
+    if opts.mode == "torchrun":
+        msg = "torchrun runs one program per process: no runs in flight"
+        raise RuntimeError(msg)
+    runs_per_s: dict[str, list[float]] = {}
+    latency: dict[str, list[float]] = {}
+    slow: dict[str, list[int]] = {}
+    with open_launcher(load_torchrunx()) as launcher:
+        submits = hasattr(launcher, "submit")
+        runs = SWEEP_RUNS if submits else SWEEP_RUNS_SEQUENTIAL
+        counts = IN_FLIGHT if submits else (1,)
+        warmup, _, result = timed_run(launcher, workloads.echo, -1)
+        check_echo(result, -1)
+        for rep in range(opts.reps):
+            for k in counts if rep % 2 == 0 else counts[::-1]:
+                if k == 1:
+                    rate, times = sweep_sequential(launcher, runs)
+                else:
+                    rate, times = sweep_submitted(launcher, runs, k)
+                runs_per_s.setdefault(str(k), []).append(rate)
+                latency.setdefault(str(k), []).append(statistics.median(times))
+                slow.setdefault(str(k), []).append(sum(t >= SLOW_RUN_S for t in times))
+    extra = {
+        "runs_per_sweep": runs,
+        "runs_per_s": runs_per_s,
+        "median_run_s": latency,
+        "slow_runs": slow,
+        "slow_run_s": SLOW_RUN_S,
+        "warmup_s": warmup,
+    }
+    return {"values": runs_per_s["1"], "extra": extra}
+
+
 def launcher_only(scenario: Callable[[argparse.Namespace], Result]) -> Callable[..., Result]:
     """A multi-host scenario: launchers only, and only with ``--hosts``."""
 
@@ -816,6 +912,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "leak_1000": leak_1000,
     "log_lines": log_lines,
     "log_overhead": log_overhead,
+    "sweep_in_flight": sweep_in_flight,
     "multihost_first_run_1": launcher_only(multihost_first_run),
     "multihost_first_run_4": launcher_only(multihost_first_run),
     "multihost_first_run_8": launcher_only(multihost_first_run),

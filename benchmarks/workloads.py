@@ -53,6 +53,11 @@ def noop() -> None:
     """Do nothing."""
 
 
+def echo(value: int) -> int:
+    """Do nothing but return ``value`` (the runs of ``sweep_in_flight``)."""
+    return value
+
+
 def hostname() -> str:
     """Name of the host this worker runs on."""
     return socket.gethostname()
