@@ -133,15 +133,10 @@ class _Worker:
                 port = _free_port()
                 store = None
             else:
-                from torch.distributed import TCPStore  # noqa: PLC0415
-
-                store = TCPStore(
+                store = _master_store(
                     self.spec["master_addr"],
-                    0,
                     self.world_size,
-                    is_master=True,
-                    timeout=dt.timedelta(seconds=self.spec["worker_timeout"]),
-                    wait_for_workers=False,
+                    dt.timedelta(seconds=self.spec["worker_timeout"]),
                 )
                 port = store.port
             self.sock.send_multipart(encode("port", {"port": port}))
@@ -248,6 +243,41 @@ def _split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
         frames.append(payload[start : start + size])
         start += size
     return frames
+
+
+def _master_store(host: str, world_size: int, timeout: dt.timedelta) -> Any:
+    """Rank 0's TCPStore, on a socket we bind: port 0 (no race) and the host's own family.
+
+    torch binds a dual-stack IPv6 socket by itself and then looks up the name of every peer's
+    IPv4-mapped address, which no hosts file lists: a DNS query per connection, and a
+    resolver that drops one stalls the run by its timeout (5 s). An IPv4 socket's peers are
+    found in the hosts file.
+    """
+    from torch.distributed import TCPStore  # noqa: PLC0415
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.bind(("", 0))
+        listener.listen(1024)
+        port = listener.getsockname()[1]
+        return TCPStore(
+            host,
+            port,
+            world_size,
+            is_master=True,
+            timeout=timeout,
+            wait_for_workers=False,
+            master_listen_fd=listener.fileno(),
+        )
+    except TypeError:  # a torch without master_listen_fd: let it bind
+        listener.close()
+        return TCPStore(
+            host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+    finally:
+        if listener.fileno() >= 0:
+            listener.detach()  # the store owns it now
 
 
 def _free_port() -> int:
