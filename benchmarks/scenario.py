@@ -74,7 +74,9 @@ def load_torchrunx() -> Any:
     return importlib.import_module("torchrunx")
 
 
-def new_launcher(trx: Any, opts: argparse.Namespace | None = None, workers: int = WORKERS) -> Any:
+def new_launcher(
+    trx: Any, opts: argparse.Namespace | None = None, workers: int = WORKERS, **fields: Any
+) -> Any:
     """The launcher of a scenario: ``workers`` on localhost, or 1 on each of ``opts.hosts``."""
     if opts is not None and opts.hosts:
         return trx.Launcher(
@@ -83,7 +85,7 @@ def new_launcher(trx: Any, opts: argparse.Namespace | None = None, workers: int 
             backend="gloo",
             ssh_config_file=opts.ssh_config,
         )
-    return trx.Launcher(hostnames=["localhost"], workers_per_host=workers, backend="gloo")
+    return trx.Launcher(hostnames=["localhost"], workers_per_host=workers, backend="gloo", **fields)
 
 
 def close_launcher(launcher: Any) -> None:
@@ -94,10 +96,10 @@ def close_launcher(launcher: Any) -> None:
 
 @contextlib.contextmanager
 def open_launcher(
-    trx: Any, opts: argparse.Namespace | None = None, workers: int = WORKERS
+    trx: Any, opts: argparse.Namespace | None = None, workers: int = WORKERS, **fields: Any
 ) -> Iterator[Any]:
     """A launcher (as in :func:`new_launcher`) that is closed on exit."""
-    launcher = new_launcher(trx, opts, workers)
+    launcher = new_launcher(trx, opts, workers, **fields)
     try:
         yield launcher
     finally:
@@ -444,7 +446,12 @@ def check_tensors(result: Any) -> None:
             raise RuntimeError(msg)
 
 
-def results_throughput(opts: argparse.Namespace) -> Result:
+def results_throughput_encrypted(opts: argparse.Namespace) -> Result:
+    """As :func:`results_throughput`, with ``encrypt=True`` (CURVE) on our control plane."""
+    return results_throughput(opts, encrypt=True)
+
+
+def results_throughput(opts: argparse.Namespace, **fields: Any) -> Result:
     """GiB/s of returning a 256 MiB tensor from each worker to the launcher."""
     if opts.mode == "torchrun":
         msg = "torchrun does not return results"
@@ -452,7 +459,7 @@ def results_throughput(opts: argparse.Namespace) -> Result:
     values: list[float] = []
     transfer: list[float] = []
     wall: list[float] = []
-    with open_launcher(load_torchrunx()) as launcher:
+    with open_launcher(load_torchrunx(), **fields) as launcher:
         timed_run(launcher, workloads.noop)
         noop_s = statistics.median(timed_run(launcher, workloads.noop)[0] for _ in range(3))
         for _ in range(opts.reps):
@@ -908,6 +915,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "sigkill_latency": sigkill_latency,
     "exception_in_barrier": exception_in_barrier,
     "results_throughput": results_throughput,
+    "results_throughput_encrypted": results_throughput_encrypted,
     "agent_rss": agent_rss,
     "leak_1000": leak_1000,
     "log_lines": log_lines,

@@ -97,7 +97,7 @@ class Launcher:
     allocation when srun is there, else SSH."""
     encrypt: bool = False
     """Encrypt the control plane (CURVE), for networks you do not trust. Authentication is
-    always on; encryption costs throughput (results: about 0.4 GiB/s instead of 1.5 here)."""
+    always on; encryption costs throughput (results: 0.33 GiB/s instead of 1.33 here)."""
     live_ranks: int | list[int] | Literal["all"] = 0
     """Ranks whose output is shown live on the terminal: one, a list, or ``"all"``."""
 
