@@ -128,3 +128,19 @@ def test_submitit_submits_a_function_that_launches(
     assert out.returncode == 0, out.stdout + out.stderr
     expected = {slurm.nodes[0]: [0, 1], slurm.nodes[1]: [2, 3]}
     assert out.stdout.strip().splitlines()[-1] == repr(expected)
+
+
+def test_salloc_from_a_login_node(fresh_slurm: SlurmCluster, tmp_path: Path) -> None:
+    """The launcher runs where salloc runs (here: the head, which resolves the node names
+    through a hosts file of its own, as a login node would); agents start as srun steps."""
+    slurm = fresh_slurm
+    batch_script(tmp_path, "srun", slurm.cluster.ssh_config)  # writes launch.py
+    login = 'mount --bind "$0" /etc/hosts && cd "$1" && exec "$2" launch.py srun run out.json -'
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", login]
+    out = slurm.salloc(
+        2, [*command, str(slurm.cluster.hosts_file), str(tmp_path), sys.executable], timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    hosts = json.loads((tmp_path / "out.json").read_text())["hosts"]
+    assert list(hosts) == slurm.nodes[:2]
+    assert {v[2] for values in hosts.values() for v in values} == {10.0}
