@@ -157,8 +157,12 @@ class _Worker:
         return store
 
     def _init_process_group(self, store: Any) -> None:
+        import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
+        if self.spec["backend"] == "nccl" and self.local_rank < torch.cuda.device_count():
+            # each worker its own GPU, as NCCL expects: cuda:LOCAL_RANK is the current device
+            torch.cuda.set_device(self.local_rank)
         dist.init_process_group(
             backend=self.spec["backend"],
             store=store,
