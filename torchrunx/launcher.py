@@ -89,7 +89,8 @@ class Launcher:
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
     )
-    _pool: AgentPool | None = field(default=None, init=False, repr=False, compare=False)
+    # typed loosely on purpose: CLI builders (tyro) read every annotation of a default Launcher
+    _pool: Any = field(default=None, init=False, repr=False, compare=False)  # AgentPool | None
 
     def __post_init__(self) -> None:
         """Check every field now, not at the first run."""
@@ -215,8 +216,8 @@ class Launcher:
             raise TypeError(msg)
         call_args, call_kwargs = _legacy_kwargs(func, args, kwargs)
         self.start()
-        assert self._pool is not None  # noqa: S101 -- narrows the type: start() has set it
-        return self._pool.submit(self, func, call_args, call_kwargs, view)
+        pool: AgentPool = self._pool  # start() has set it
+        return pool.submit(self, func, call_args, call_kwargs, view)
 
 
 @dataclass(frozen=True)
