@@ -219,4 +219,4 @@ def test_flooding_worker_does_not_delay_failures(log_root: Path) -> None:
         with pytest.raises(ValueError, match="raised while rank 0 floods"):
             launcher.run(flood_forever_or_fail, str(stamp))
         delay = time.time() - float(stamp.read_text())
-    assert delay < 1.0  # tens of milliseconds when the machine is idle
+    assert delay < 2.0  # tens of milliseconds on an idle machine; a flood loads both cores
