@@ -55,7 +55,7 @@ NETNS_ETC = Path("/etc/netns")
 SYS_NET = Path("/sys/class/net")
 START_TIMEOUT_S = 15.0
 CMD_TIMEOUT_S = 30.0
-INSTALL_TIMEOUT_S = 240.0
+INSTALL_TIMEOUT_S = 300.0  # slurm and its plugins on a fresh machine
 # sbin is missing from some users' PATH, yet that is where sshd, ip and nft live
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 NODE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -69,53 +69,63 @@ class ClusterUnavailableError(ClusterError):
     """This machine cannot host a cluster (not root, no network namespaces, no package manager)."""
 
 
-_tools: dict[str, str] = {}
-_tools_error: ClusterError | None = None
+_installed: dict[tuple[str, ...], dict[str, str] | ClusterError] = {}
 _tools_lock = threading.Lock()
 
 
-def ensure_prerequisites() -> dict[str, str]:
-    """Return the paths of the tools the cluster needs, installing them with apt-get if missing.
+def ensure_tools(tools: Sequence[str], packages: Sequence[str], why_root: str) -> dict[str, str]:
+    """Paths of ``tools``, installing ``packages`` with apt-get first if any is missing.
 
-    Runs at most once per process; a failure is remembered and raised again.
+    Once per process and tool set; a failure is remembered and raised again.
+    :class:`ClusterUnavailableError`: not root, or no apt-get (skip); :class:`ClusterError`: the
+    install failed.
     """
-    global _tools_error  # noqa: PLW0603 -- one install per session, whatever calls it
+    key = tuple(tools)
     with _tools_lock:
-        if _tools_error is not None:
-            raise _tools_error
-        if not _tools:
+        found = _installed.get(key)
+        if found is None:
             try:
-                _tools.update(_find_or_install_tools())
+                found = _find_or_install(tools, packages, why_root)
             except ClusterError as e:
-                _tools_error = e
-                raise
-        return _tools
+                found = e
+            _installed[key] = found
+    if isinstance(found, ClusterError):
+        raise found
+    return found
 
 
-def _find_or_install_tools() -> dict[str, str]:
+def ensure_prerequisites() -> dict[str, str]:
+    """Return the paths of the tools the cluster needs, installing them with apt-get if missing."""
+    return ensure_tools(TOOLS, PACKAGES, "network namespaces, veths and sshd as root")
+
+
+def _find_or_install(
+    tools: Sequence[str], packages: Sequence[str], why_root: str
+) -> dict[str, str]:
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        raise ClusterUnavailableError("needs root: network namespaces, veths and sshd as root")
-    missing = [t for t in TOOLS if shutil.which(t, path=SEARCH_PATH) is None]
+        msg = f"needs root: {why_root}"
+        raise ClusterUnavailableError(msg)
+    missing = [t for t in tools if shutil.which(t, path=SEARCH_PATH) is None]
     if missing:
         apt = shutil.which("apt-get", path=SEARCH_PATH)
         if apt is None:
-            msg = f"missing {', '.join(missing)} and no apt-get to install {' '.join(PACKAGES)}"
+            msg = f"missing {', '.join(missing)} and no apt-get to install {' '.join(packages)}"
             raise ClusterUnavailableError(msg)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         # wait for a concurrent apt (another test session) instead of failing on its lock
-        install = [apt, "install", "-y", "-q", "--no-install-recommends"]
-        install += ["-o", "DPkg::Lock::Timeout=120", *PACKAGES]
+        lock = ["-o", "DPkg::Lock::Timeout=120"]
+        install = [apt, "install", "-y", "-q", "--no-install-recommends", *lock, *packages]
         done = _apt(install, env)
         if done.returncode != 0:  # stale package lists on a fresh machine: refresh, retry once
-            _apt([apt, "update", "-q", "-o", "DPkg::Lock::Timeout=120"], env)
+            _apt([apt, "update", "-q", *lock], env)
             done = _apt(install, env)
         if done.returncode != 0:
-            msg = f"apt-get install {' '.join(PACKAGES)} failed:\n{done.stdout[-3000:]}"
+            msg = f"apt-get install {' '.join(packages)} failed:\n{done.stdout[-3000:]}"
             raise ClusterError(msg)
-    found = {t: shutil.which(t, path=SEARCH_PATH) for t in TOOLS}
+    found = {t: shutil.which(t, path=SEARCH_PATH) for t in tools}
     still = [t for t, p in found.items() if p is None]
     if still:
-        msg = f"still missing after installing {' '.join(PACKAGES)}: {still}"
+        msg = f"still missing after installing {' '.join(packages)}: {still}"
         raise ClusterError(msg)
     return {t: p for t, p in found.items() if p is not None}
 

@@ -38,12 +38,19 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster import NETNS_ETC, NETNS_RUN, NODE_ENV, SEARCH_PATH, _cmdline, _start_time
+from cluster import (
+    NETNS_ETC,
+    NETNS_RUN,
+    NODE_ENV,
+    ClusterError,
+    _cmdline,
+    _start_time,
+    ensure_tools,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Sequence
@@ -62,7 +69,6 @@ NODE_CPUS = 2
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 CMD_TIMEOUT_S = 30.0
-INSTALL_TIMEOUT_S = 300.0
 POLL_S = 0.1
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; munged adds ".lock"
 OWNER_VAR = "TORCHRUNX_TESTS_SLURM_OWNER"  # "pid:start" of the process that started a daemon
@@ -91,71 +97,19 @@ class SlurmUnavailableError(SlurmError):
     """This machine cannot run SLURM (not root, packages not installable): skip, don't fail."""
 
 
-_tools: dict[str, str] = {}
-_tools_error: SlurmError | None = None
-_tools_lock = threading.Lock()
 _job_names = itertools.count()
 
 
 def ensure_slurm() -> dict[str, str]:
     """Return the paths of the SLURM and munge programs, installing them with apt-get if missing.
 
-    Runs at most once per process; a failure is remembered and raised again.
+    Every failure here means "no SLURM on this machine": the tests that need it are skipped.
     """
-    global _tools_error  # noqa: PLW0603 -- one install per session, whatever calls it
-    with _tools_lock:
-        if _tools_error is not None:
-            raise _tools_error
-        if not _tools:
-            try:
-                _tools.update(_find_or_install())
-            except SlurmError as e:
-                _tools_error = e
-                raise
-        return _tools
-
-
-def _find_or_install() -> dict[str, str]:
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        raise SlurmUnavailableError("needs root: slurmd in the nodes' namespaces, jobs as root")
-    if any(shutil.which(t, path=SEARCH_PATH) is None for t in TOOLS):
-        apt = shutil.which("apt-get", path=SEARCH_PATH)
-        if apt is None:
-            msg = f"SLURM is not installed and there is no apt-get for {' '.join(PACKAGES)}"
-            raise SlurmUnavailableError(msg)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        lock = ["-o", "DPkg::Lock::Timeout=120"]  # wait for a concurrent apt, don't fail on it
-        # every plugin used here is in slurm-wlm-basic-plugins, a dependency: no recommends
-        install = [apt, "install", "-y", "-q", "--no-install-recommends", *lock, *PACKAGES]
-        done = _apt(install, env)
-        if done.returncode != 0:  # stale package lists on a fresh machine: refresh, retry once
-            _apt([apt, "update", "-q", *lock], env)
-            done = _apt(install, env)
-        if done.returncode != 0:
-            msg = f"apt-get install {' '.join(PACKAGES)} failed:\n{done.stdout[-3000:]}"
-            raise SlurmUnavailableError(msg)
-    found = {t: shutil.which(t, path=SEARCH_PATH) for t in TOOLS}
-    missing = [t for t, p in found.items() if p is None]
-    if missing:
-        msg = f"still missing after installing {' '.join(PACKAGES)}: {missing}"
-        raise SlurmUnavailableError(msg)
-    return {t: p for t, p in found.items() if p is not None}
-
-
-def _apt(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        msg = f"{' '.join(argv)} took over {INSTALL_TIMEOUT_S:.0f} s"
-        raise SlurmUnavailableError(msg) from e
+        # every plugin used here is in slurm-wlm-basic-plugins, a dependency: no recommends
+        return ensure_tools(TOOLS, PACKAGES, "slurmd in the nodes' namespaces, jobs as root")
+    except ClusterError as e:
+        raise SlurmUnavailableError(str(e)) from e
 
 
 # ---- processes --------------------------------------------------------------------------------
