@@ -196,27 +196,12 @@ def file_handlers(
     log_dir: str | os.PathLike[str],
     log_level: int = logging.NOTSET,
 ) -> list[logging.Handler]:
-    """One ``logging.FileHandler`` per agent (with its local worker 0) and per worker.
+    """The run's files (:class:`RunFilesHandler`) in a new folder under ``log_dir``.
 
-    Files go into a new folder under ``log_dir`` named by the time of the run's start. (The
-    default handlers use :class:`RunFilesHandler`, which writes the same files, faster.)
+    The folder is named by the time of the run's start; records below ``log_level`` are left out.
     """
     folder = _new_run_dir(Path(log_dir))
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = []
-    for hostname, workers in zip(hostnames, workers_per_host, strict=False):
-        agent = logging.FileHandler(folder / f"{hostname}.log", delay=True)
-        worker0 = get_handler_filter(hostname, 0, log_level)
-        agent_own = get_handler_filter(hostname, None, log_level)
-        agent.addFilter(lambda r, a=agent_own, w=worker0: a(r) or w(r))  # type: ignore[misc]
-        handlers.append(agent)
-        for local_rank in range(workers):
-            worker = logging.FileHandler(folder / f"{hostname}[{local_rank}].log", delay=True)
-            worker.addFilter(get_handler_filter(hostname, local_rank, log_level))
-            handlers.append(worker)
-    for h in handlers:
-        h.setFormatter(formatter)
-    return handlers
+    return [RunFilesHandler(folder, hostnames, workers_per_host, log_level)]
 
 
 def default_handlers(
@@ -230,8 +215,7 @@ def default_handlers(
     if log_dir is None:
         log_dir = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")
     if str(log_dir) != "":
-        folder = _new_run_dir(Path(log_dir))
-        handlers.append(RunFilesHandler(folder, hostnames, workers_per_host, log_level_from_env()))
+        handlers += file_handlers(hostnames, workers_per_host, log_dir, log_level_from_env())
     return handlers
 
 
