@@ -116,7 +116,8 @@ class AgentPool:
         env = agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars))
         for i in indexes:
             if i not in remote:
-                self.agents[i] = self._start_local(self.hostnames[i], env, launcher)
+                hostname, address = self.hostnames[i], self.controller.address
+                self.agents[i] = self._spawn(hostname, [], env, address, launcher)
         return []
 
     def _start_remote(self, index: int, launcher: Launcher) -> AgentHandle:
@@ -152,22 +153,19 @@ class AgentPool:
             "--overlap",  # beside the batch step and the other agents, on the same CPUs
             "--quiet", "--kill-on-bad-exit=1", "--input=0",
         ]  # fmt: skip
-        process = subprocess.Popen(
-            [*srun, sys.executable, "-m", "torchrunx"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-            cwd=Path.cwd(),
-            start_new_session=True,
-        )
-        agent = AgentHandle(hostname, process)
-        self._boot(agent, address, launcher)
-        return agent
+        return self._spawn(hostname, srun, env, address, launcher)
 
-    def _start_local(self, hostname: str, env: dict[str, str], launcher: Launcher) -> AgentHandle:
+    def _spawn(
+        self,
+        hostname: str,
+        prefix: list[str],
+        env: dict[str, str],
+        address: str,
+        launcher: Launcher,
+    ) -> AgentHandle:
+        """An agent as our child process (``prefix``, e.g. srun, may run it elsewhere)."""
         process = subprocess.Popen(
-            [sys.executable, "-m", "torchrunx"],
+            [*prefix, sys.executable, "-m", "torchrunx"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -176,7 +174,7 @@ class AgentPool:
             start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the agent's
         )
         agent = AgentHandle(hostname, process)
-        self._boot(agent, self.controller.address, launcher)
+        self._boot(agent, address, launcher)
         return agent
 
     def _boot(self, agent: AgentHandle, address: str, launcher: Launcher) -> None:
