@@ -108,11 +108,12 @@ def open_ssh(
     only_listed = str(options.get("identitiesonly", "no")).lower() == "yes"
     keys = [k for k in options.get("identityfile", []) if Path(k).is_file()]
     sock, via = _proxy(hostname, options, ssh_config_file, timeout)
+    user = str(options.get("user", getpass.getuser()))
     try:
         client.connect(
             target,
             port=port,
-            username=str(options.get("user", getpass.getuser())),
+            username=user,
             key_filename=keys or None,
             look_for_keys=not only_listed,
             allow_agent=not only_listed,
@@ -122,33 +123,11 @@ def open_ssh(
             channel_timeout=timeout,
             sock=sock,
         )
-    except paramiko.BadHostKeyException as e:
+    except (paramiko.SSHException, OSError, EOFError) as e:
         client.close()
         if via is not None:
             via.close()
-        msg = f"{hostname}: its host key does not match known_hosts ({e}): refusing to connect"
-        raise SSHError(msg) from e
-    except paramiko.SSHException as e:
-        client.close()
-        if via is not None:
-            via.close()
-        if "not found in known_hosts" in str(e):
-            msg = (
-                f"{hostname}: host {target} is not in known_hosts (ssh to it once, or add its "
-                "key with ssh-keyscan): refusing to connect to an unknown host"
-            )
-        elif isinstance(e, paramiko.AuthenticationException):
-            user = options.get("user", getpass.getuser())
-            msg = f"{hostname}: authentication as {user} failed ({e})"
-        else:
-            msg = f"{hostname}: SSH to {target}:{port} failed: {e}"
-        raise SSHError(msg) from e
-    except (OSError, EOFError) as e:
-        client.close()
-        if via is not None:
-            via.close()
-        msg = f"{hostname}: cannot connect to {target}:{port}: {_reason(e)}"
-        raise SSHError(msg) from e
+        raise SSHError(_refusal(hostname, target, port, user, e)) from e
     transport = client.get_transport()
     assert transport is not None  # noqa: S101 -- connect() succeeded
     if isinstance(transport.sock, socket.socket):
@@ -156,6 +135,24 @@ def open_ssh(
     else:
         local, remote = _proxied_addresses(target, via)
     return SSHConnection(client, local, remote, via)
+
+
+def _refusal(hostname: str, target: str, port: int, user: str, error: BaseException) -> str:
+    """Why connecting to ``hostname`` failed, as the error to raise."""
+    import paramiko  # noqa: PLC0415
+
+    if isinstance(error, paramiko.BadHostKeyException):
+        return f"{hostname}: its host key does not match known_hosts ({error}): refusing to connect"
+    if isinstance(error, paramiko.AuthenticationException):
+        return f"{hostname}: authentication as {user} failed ({error})"
+    if isinstance(error, paramiko.SSHException):
+        if "not found in known_hosts" in str(error):
+            return (
+                f"{hostname}: host {target} is not in known_hosts (ssh to it once, or add its "
+                "key with ssh-keyscan): refusing to connect to an unknown host"
+            )
+        return f"{hostname}: SSH to {target}:{port} failed: {error}"
+    return f"{hostname}: cannot connect to {target}:{port}: {_reason(error)}"
 
 
 def _reason(error: BaseException) -> str:
