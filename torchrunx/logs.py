@@ -113,12 +113,19 @@ def log_level_from_env() -> int:
 
 
 def _new_run_dir(root: Path) -> Path:
-    stamp = dt.datetime.now().astimezone().strftime("%Y-%m-%d_%H-%M-%S.%f")
-    for i in range(1000):
-        path = root / (stamp if i == 0 else f"{stamp}-{i}")
+    """A new folder named by the local time, ISO 8601 to the microsecond.
+
+    ``datetime.fromisoformat(name)`` gives the time back (naive, local, as
+    ``datetime.now()``), as torchrunx 0.4's folders did. Two runs starting in the same
+    microsecond take the next free microsecond, so every name stays a timestamp.
+    """
+    stamp = dt.datetime.now()  # noqa: DTZ005 -- naive local time, as 0.4 named its folders
+    for _ in range(1000):
+        path = root / stamp.isoformat(timespec="microseconds")
         try:
             path.mkdir(parents=True)
         except FileExistsError:
+            stamp += dt.timedelta(microseconds=1)
             continue
         return path
     msg = f"could not make a new log folder under {root}"
@@ -193,7 +200,7 @@ class RunFilesHandler(logging.Handler):
 def file_handlers(
     hostnames: list[str],
     workers_per_host: list[int],
-    log_dir: str | os.PathLike[str],
+    log_dir: str | os.PathLike[str] = "torchrunx_logs",
     log_level: int = logging.NOTSET,
 ) -> list[logging.Handler]:
     """The run's files (:class:`RunFilesHandler`) in a new folder under ``log_dir``.
@@ -207,10 +214,13 @@ def file_handlers(
 def default_handlers(
     hostnames: list[str],
     workers_per_host: list[int],
-    log_dir: str | os.PathLike[str] | None,
+    log_dir: str | os.PathLike[str] | None = None,
     live_ranks: Iterable[int] | None = (0,),
 ) -> list[logging.Handler]:
-    """``live_ranks``' output and the agents' warnings live; files unless ``log_dir`` is ``""``."""
+    """``live_ranks``' output and the agents' warnings live; files unless ``log_dir`` is ``""``.
+
+    ``log_dir=None``: ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``.
+    """
     handlers: list[logging.Handler] = [LiveHandler(live_ranks)]
     if log_dir is None:
         log_dir = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")

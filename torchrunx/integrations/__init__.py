@@ -1,1 +1,1 @@
-"""Adapters for command lines (argparse; ``tyro.cli(torchrunx.Launcher)`` works as is)."""
+"""Adapters: command lines (argparse; ``tyro.cli(torchrunx.Launcher)`` works as is), Lightning."""
