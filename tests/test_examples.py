@@ -38,6 +38,8 @@ TESTED = {
     "cli_argparse.py",
     "cli_tyro.py",
     "transformers_trainer.py",
+    "lightning_trainer.py",
+    "accelerate_train.py",
     "multihost.py",
     "slurm_batch.sh",
     "slurm_submitit.py",
@@ -155,9 +157,7 @@ def test_cli_help_lists_the_launcher_options(tmp_path: Path) -> None:
 
 
 def test_transformers_trainer(tmp_path: Path) -> None:
-    for module in ("transformers", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"needs {module} (pip install transformers accelerate)")
+    needs("transformers", "accelerate")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing may be downloaded
     out = run_example(
         "transformers_trainer.py", "--steps", "2", "--output-dir", "hf", cwd=tmp_path, env=env
@@ -167,6 +167,37 @@ def test_transformers_trainer(tmp_path: Path) -> None:
     assert "'train_loss'" in out.stdout
     assert "loaded the fine-tuned model from hf: loss" in out.stdout
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def needs(*modules: str) -> None:
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs {module} (pip install {' '.join(modules)})")
+
+
+def test_lightning_trainer(tmp_path: Path) -> None:
+    needs("lightning", "transformers", "tyro")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing may be downloaded
+    args = ["--steps", "3", "--checkpoint", "trained.ckpt", "--launcher.workers-per-host", "2"]
+    out = run_example("lightning_trainer.py", *args, cwd=tmp_path, env=env)
+    assert "[localhost:0] rank 0 of 2: 3 steps" in out.stdout
+    assert "[localhost:1] rank 1 of 2: 3 steps" in out.stdout
+    assert "loaded trained.ckpt (step 3): loss" in out.stdout
+    assert (tmp_path / "trained.ckpt").is_file()
+    # Lightning prints through a handler of its own: each message once, as under torchrun
+    stopped = [line for line in out.stderr.splitlines() if "`Trainer.fit` stopped" in line]
+    assert stopped == ["[localhost:0] `Trainer.fit` stopped: `max_steps=3` reached."]
+
+
+def test_accelerate_train(tmp_path: Path) -> None:
+    needs("accelerate", "transformers")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = run_example("accelerate_train.py", "--steps", "6", cwd=tmp_path, env=env)
+    assert "[localhost:0] step 5: mean loss over 2 workers" in out.stdout
+    assert "[localhost:1]" not in out.stdout  # accelerator.print: the main process only
+    untrained = number_after(out.stdout, "held-out loss:")
+    trained = number_after(out.stdout, "untrained,")
+    assert trained < untrained - 0.2
 
 
 # ---- on several hosts

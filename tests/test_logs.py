@@ -102,6 +102,38 @@ def test_worker_logging_keeps_logger_names_and_levels(two: torchrunx.Launcher) -
     ]
 
 
+def log_through_handlers_of_its_own(folder: str) -> None:
+    # as Lightning does: a stream handler on its own logger, records still propagating
+    printed = logging.getLogger("lib_prints")
+    printed.addHandler(logging.StreamHandler())  # stderr
+    printed.warning("printed by the library")
+    filed = logging.getLogger("lib_files")
+    filed.addHandler(logging.FileHandler(f"{folder}/lib.log"))
+    filed.warning("filed by the library")
+
+
+def test_a_record_that_a_library_prints_itself_arrives_once(
+    two: torchrunx.Launcher, tmp_path: Path
+) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    two.set_logging_handlers(lambda: [Collect()])
+    try:
+        two.view(workers_per_host=1).run(log_through_handlers_of_its_own, str(tmp_path))
+    finally:
+        two.set_logging_handlers("auto")
+    seen = [(r.name, r.getMessage()) for r in records if "by the library" in r.getMessage()]
+    assert seen == [
+        ("torchrunx.localhost.0", "printed by the library"),  # the library's own line, once
+        ("lib_files", "filed by the library"),  # a file is not the terminal: the record comes
+    ]
+    assert (tmp_path / "lib.log").read_text() == "filed by the library\n"
+
+
 def test_files_one_folder_per_run_per_agent_and_worker(log_root: Path) -> None:
     with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend=None) as launcher:
         launcher.run(speak)

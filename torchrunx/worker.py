@@ -233,12 +233,35 @@ class _RecordsToStderr(logging.Handler):
     """Writes each record as one marked line of stderr, in order with what the worker prints."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write ``record`` (see :func:`torchrunx.logs.record_line`)."""
+        """Write ``record`` (see :func:`torchrunx.logs.record_line`), unless it is written."""
         try:
+            if _on_the_terminal_already(record):
+                return
             sys.stderr.write(record_line(record))
             sys.stderr.flush()
         except Exception:  # noqa: BLE001 -- logging must never raise into the user's code
             self.handleError(record)
+
+
+def _on_the_terminal_already(record: logging.LogRecord) -> bool:
+    """Whether a handler on the record's way up to ours has written it to stdout or stderr.
+
+    Libraries such as Lightning give their loggers a stream handler of their own and let records
+    propagate; without a root handler (as under torchrun) each record is printed once, and so it
+    must be here: the line that handler wrote is what the user sees.
+    """
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None and logger is not logging.root:
+        for handler in logger.handlers:
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and handler.stream in streams
+                and record.levelno >= handler.level
+            ):
+                return True
+        logger = logger.parent
+    return False
 
 
 def _split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
