@@ -56,7 +56,7 @@ def two_workers(backend: str | None = "gloo") -> torchrunx.Launcher:
     )
 
 
-# ---- import paths
+# ---- import paths and 0.4's documented behaviour
 
 
 @pytest.mark.parametrize("module", sorted(DOCUMENTED_0_4_IMPORTS))
@@ -73,6 +73,22 @@ def test_old_paths_are_the_same_objects_not_copies() -> None:
     assert parsing is cli
     for name in DOCUMENTED_0_4_IMPORTS["torchrunx.utils.log_handling"]:
         assert getattr(log_handling, name) is getattr(torchrunx.logs, name)
+
+
+def test_slurm_hostnames_outside_an_allocation_raise_runtime_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 0.4's manual: "A RuntimeError will be raised if hostnames="slurm" but no SLURM allocation"
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_JOBID", raising=False)
+    with pytest.raises(RuntimeError, match="needs a SLURM allocation, but SLURM_JOB_ID is not set"):
+        torchrunx.Launcher(hostnames="slurm").run(speak)
+
+
+def test_default_env_vars_for_copy_are_0_4s() -> None:
+    assert torchrunx.DEFAULT_ENV_VARS_FOR_COPY == (
+        "PATH", "LD_LIBRARY*", "LIBRARY_PATH", "PYTHON*", "CUDA*", "TORCH*", "PYTORCH*", "NCCL*"
+    )  # fmt: skip
 
 
 # ---- log folders and handlers

@@ -91,6 +91,7 @@ def test_every_example_is_tested_and_says_what_it_shows_and_how_to_run_it() -> N
 
 def test_quickstart(tmp_path: Path) -> None:
     out = run_example("quickstart.py", "--steps", "100", cwd=tmp_path)
+    assert "Failed to initialize NumPy" not in out.stderr  # numpy is a dependency, as in 0.4
     assert "[localhost:0] step   0  loss" in out.stdout  # rank 0's lines, live
     assert "[localhost:1]" not in out.stdout
     assert number_after(out.stdout, "trained on 2 workers; mean squared error") < 0.01

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 DEFAULT_ENV_VARS_FOR_COPY: tuple[str, ...] = (
     "PATH",
-    "LD_LIBRARY_PATH",
+    "LD_LIBRARY*",
     "LIBRARY_PATH",
     "PYTHON*",
     "CUDA*",

@@ -36,14 +36,17 @@ def in_slurm_job() -> bool:
 
 
 def slurm_hostnames() -> list[str]:
-    """Hostnames of the current SLURM allocation (``scontrol show hostnames``)."""
+    """Hostnames of the current SLURM allocation (``scontrol show hostnames``).
+
+    Raises ``RuntimeError`` outside an allocation, as torchrunx 0.4 documents.
+    """
     if not in_slurm_job():
         msg = 'hostnames="slurm" needs a SLURM allocation, but SLURM_JOB_ID is not set'
-        raise ValueError(msg)
+        raise RuntimeError(msg)
     scontrol = shutil.which("scontrol")
     if scontrol is None:
         msg = 'hostnames="slurm": SLURM_JOB_ID is set but scontrol is not on PATH'
-        raise ValueError(msg)
+        raise RuntimeError(msg)
     out = subprocess.run(
         [scontrol, "show", "hostnames"], capture_output=True, text=True, check=True, timeout=30
     )
