@@ -128,31 +128,34 @@ def test_failure_on_every_rank_raises_one_of_them(launcher: torchrunx.Launcher) 
 
 
 def test_the_cause_comes_first_and_the_rest_is_summarised() -> None:
-    from torchrunx.controller import RunState
-    from torchrunx.failures import raise_failure
+    from torchrunx.outcome import WorkerDied, WorkerRaised, settle
+    from torchrunx.transport.messages import Died, Raised, decode, encode
 
-    run = RunState("r", [], [2], lambda _: None, "token")
-    error = {
-        "type": "builtins.RuntimeError",
-        "message": "Connection closed by peer",
-        "traceback": "...",
-        "rank": 0,
-        "local_rank": 0,
-        "hostname": "h",
-    }
-    died = {
-        "signal": "SIGKILL",
-        "rank": 1,
-        "local_rank": 1,
-        "hostname": "h",
-        "pid": 9,
-        "tail": ["last words"],
-    }
-    run.failures = [("error", error, []), ("died", died, [])]
+    # as they arrive: encoded by the agent, decoded by the launcher
+    raised, frames = decode(
+        encode(
+            Raised(
+                run="r",
+                rank=0,
+                local_rank=0,
+                type="builtins.RuntimeError",
+                message="Connection closed by peer",
+                traceback="...",
+                unpicklable="no pickle here",
+            )
+        )
+    )
+    died, _ = decode(
+        encode(Died(run="r", rank=1, local_rank=1, pid=9, tail=("last words",), signal="SIGKILL"))
+    )
+    assert isinstance(raised, Raised)
+    assert isinstance(died, Died)
+    failures = [WorkerRaised("h", raised, frames), WorkerDied("h", died)]
     with pytest.raises(torchrunx.WorkerFailedError) as info:
-        raise_failure(run, ["h"])
+        settle(failures, {}, ["h"], [2])
     assert "SIGKILL" in str(info.value)
     assert "last words" in str(info.value)
+    assert info.value.rank == 1
     assert "rank 0 (local rank 0) on h raised builtins.RuntimeError" in info.value.__notes__[0]
 
 

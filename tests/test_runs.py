@@ -168,14 +168,14 @@ def _forge_result(address: str, marker: str) -> str:
     import zmq
 
     from torchrunx.transport import serialization
-    from torchrunx.transport.messages import encode
+    from torchrunx.transport.messages import DirectResult, encode
 
     if os.environ["RANK"] == "1":
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
-        header = {"run": os.environ["TORCHRUNX_RUN_ID"], "rank": 0, "token": "0" * 32}
+        forged = DirectResult(run=os.environ["TORCHRUNX_RUN_ID"], rank=0, token="0" * 32)
         sock.connect(address)
-        sock.send_multipart(encode("result", header, *serialization.dumps(_CreatesFile(marker))))
+        sock.send_multipart(encode(forged, *serialization.dumps(_CreatesFile(marker))))
         answered = sock.poll(500)
         ctx.destroy(linger=0)
         assert not answered, "a result with a wrong token was acknowledged"

@@ -52,7 +52,7 @@ def test_gpu_workers_without_gpus_is_a_clear_error() -> None:
 def test_slurm_outside_an_allocation(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.delenv("SLURM_JOBID", raising=False)
-    with pytest.raises(ValueError, match="SLURM"):
+    with pytest.raises(RuntimeError, match="SLURM"):  # as torchrunx 0.4 documents
         torchrunx.Launcher(hostnames="slurm").run(os.getpid)
     with pytest.raises(ValueError, match='agent_start="srun" needs a SLURM allocation'):
         torchrunx.Launcher(agent_start="srun")

@@ -17,7 +17,7 @@ from __future__ import annotations
 __all__ = ["main"]
 
 import contextlib
-import json
+import dataclasses
 import os
 import shutil
 import signal
@@ -28,17 +28,43 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import psutil
 import zmq
 
 from .environment import source_env_file
 from .hosts import interface_of, local_facts
 from .logs import readable_line
-from .reaper import alive, signal_all
-from .transport.messages import decode, encode
+from .reaper import Teardown, alive, run_processes, signal_all
+from .transport.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Boot,
+    Cancel,
+    Cleared,
+    Connect,
+    Credit,
+    Died,
+    Exited,
+    Fork,
+    Forked,
+    Heartbeat,
+    Hello,
+    Message,
+    Output,
+    Port,
+    Raised,
+    Rendezvous,
+    Result,
+    Run,
+    RunSpec,
+    Unpicklable,
+    WireError,
+    WorkerSlot,
+    decode,
+    encode,
+    parse,
+)
 from .transport.security import encrypt_client
 from .transport.unix import recv_message, send_message
 
@@ -46,10 +72,6 @@ HEARTBEAT_INTERVAL_S = 1.0
 """How often the agent tells the launcher it is alive."""
 TAIL_LINES = 20
 """Lines of a worker's output kept for the message of a ``WorkerFailedError``."""
-LEFTOVER_GRACE_S = 3.0
-"""How long a process left behind by a finished worker gets between SIGTERM and SIGKILL."""
-CLEAR_DEADLINE_S = 10.0
-"""Longest wait for killed processes to vanish before the run is reported cleared anyway."""
 _READ_SIZE = 1 << 16
 _READS_PER_EVENT = 16  # at most 1 MiB from one pipe before the loop looks at anything else
 _READS_AT_EXIT = 1024  # a dead worker's pipe holds at most what it wrote last (64 KiB here)
@@ -58,15 +80,14 @@ _TAIL_BYTES = 8192
 
 
 @dataclass
-class _Worker:
+class _WorkerProcess:
     run: _Run
-    rank: int
-    local_rank: int
+    slot: WorkerSlot
     pipes: dict[int, str]  # read end -> "stdout" | "stderr"
     pipe_inodes: tuple[int, ...] = ()
     pid: int | None = None
     exited: bool = False
-    outcome: str | None = None  # "result" | "error", once the agent has it
+    has_outcome: bool = False  # its result or error has reached us
     died_before_cancel: bool = False
     partial: dict[str, bytes] = field(default_factory=dict)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
@@ -75,30 +96,28 @@ class _Worker:
 @dataclass
 class _Run:
     id: str
-    workers: dict[int, _Worker]  # by local rank
-    rendezvous: dict[str, Any] | None = None
+    workers: dict[int, _WorkerProcess]  # by local rank
+    rendezvous: Rendezvous | None = None
     connected: set[int] = field(default_factory=set)
     cancelled: bool = False
-    leftovers: list[int] = field(default_factory=list)
-    clear_started: float | None = None
-    escalated: bool = False
+    teardown: Teardown | None = None  # of what the workers left, once they have all exited
 
 
 class Agent:
     """The agent's state and event loop."""
 
-    def __init__(self, boot: dict[str, Any]) -> None:
-        self.hostname: str = boot["hostname"]
-        self.secret: str = boot["secret"]
-        self.agent_timeout: float = boot["agent_timeout"]
-        self.env_file_vars: dict[str, str] = boot.get("env_file_vars", {})
+    def __init__(self, boot: Boot, env_file_vars: dict[str, str]) -> None:
+        self.hostname = boot.hostname
+        self.secret = boot.secret
+        self.agent_timeout = boot.agent_timeout
+        self.env_file_vars = env_file_vars
         self.ctx = zmq.Context()
         self.launcher = self.ctx.socket(zmq.DEALER)
-        self.launcher.setsockopt(zmq.IDENTITY, bytes.fromhex(boot["identity"]))
+        self.launcher.setsockopt(zmq.IDENTITY, bytes.fromhex(boot.identity))
         self.launcher.setsockopt(zmq.LINGER, 2000)
-        encrypt_client(self.launcher, boot.get("server_key"))
-        self.launcher.connect(boot["address"])
-        self.address: str = boot["address"]
+        encrypt_client(self.launcher, boot.server_key)
+        self.launcher.connect(boot.address)
+        self.address = boot.address
         self.dir = tempfile.mkdtemp(prefix="torchrunx-agent-")  # mode 0700: the user's only
         self.endpoint = f"ipc://{self.dir}/workers"
         self.workers = self.ctx.socket(zmq.ROUTER)
@@ -112,8 +131,8 @@ class Agent:
         )
         child_sock.close()
         self.runs: dict[str, _Run] = {}
-        self.by_pid: dict[int, _Worker] = {}
-        self.by_fd: dict[int, _Worker] = {}
+        self.by_pid: dict[int, _WorkerProcess] = {}
+        self.by_fd: dict[int, _WorkerProcess] = {}
         self.poller = zmq.Poller()
         for s in (self.launcher, self.workers, self.fs_sock, sys.stdin.fileno()):
             self.poller.register(s, zmq.POLLIN)
@@ -127,18 +146,19 @@ class Agent:
     # ---- the loop
 
     def serve(self) -> None:
-        """Run until the launcher says shutdown, closes our stdin, or goes silent."""
-        self.send("hello", {"secret": self.secret, "dir": self.dir, **local_facts()})
+        """Run until the launcher closes our stdin or goes silent."""
+        facts = local_facts(self.dir)
+        self.send(Hello(version=PROTOCOL_VERSION, secret=self.secret, facts=facts))
         while True:
             now = time.monotonic()
             if now >= self.next_heartbeat:
-                self.send("heartbeat")
+                self.send(Heartbeat())
                 self.next_heartbeat = now + HEARTBEAT_INTERVAL_S
             if now - self.last_from_launcher > self.agent_timeout:
                 self.warn(f"the launcher was silent for {self.agent_timeout} s: exiting")
                 return
-            timeout = 5 if any(r.clear_started is not None for r in self.runs.values()) else 500
-            for sock, _ in self.poller.poll(timeout):
+            clearing = any(r.teardown is not None for r in self.runs.values())
+            for sock, _ in self.poller.poll(5 if clearing else 500):
                 if not self.on_readable(sock):
                     return
             self.progress_clearing()
@@ -146,132 +166,111 @@ class Agent:
     def on_readable(self, sock: Any) -> bool:
         """Handle one socket or fd that the poller found readable; ``False``: time to exit."""
         if sock is self.launcher:
-            return self.on_launcher()
-        if sock is self.workers:
+            self.on_launcher()
+        elif sock is self.workers:
             self.on_worker()
         elif sock == self.fs_sock.fileno():  # the poller gives back fds
             self.on_forkserver()
         elif sock == sys.stdin.fileno():
-            if not os.read(sock, 4096):
-                return False  # lifeline cut: the launcher is gone
+            return bool(os.read(sock, 4096))  # EOF: the lifeline is cut, the launcher is gone
         else:
             self.on_output(sock)
         return True
 
-    def send(self, kind: str, header: dict[str, Any] | None = None, *frames: Any) -> None:
-        self.launcher.send_multipart(encode(kind, header, *frames), copy=False)
+    def send(self, message: Message, *frames: Any) -> None:
+        self.launcher.send_multipart(encode(message, *frames), copy=False)
 
     def warn(self, text: str) -> None:
-        self.send("output", {"level": "WARNING"}, text.encode())
+        self.send(Output(level="WARNING"), text.encode())
 
     # ---- launcher
 
-    def on_launcher(self) -> bool:
-        kind, header, frames = decode(self.launcher.recv_multipart(copy=False))
+    def on_launcher(self) -> None:
+        message, frames = decode(self.launcher.recv_multipart(copy=False))
         self.last_from_launcher = time.monotonic()
-        if kind == "run":
-            self.start_run(header, frames)
-        elif kind == "rendezvous":
-            run = self.runs.get(header["run"])
+        if isinstance(message, Run):
+            self.start_run(message.spec, frames)
+        elif isinstance(message, Rendezvous):
+            run = self.runs.get(message.run)
             if run is not None:
-                run.rendezvous = header
+                run.rendezvous = message
                 for local_rank in run.connected:
-                    self.to_worker(run, local_rank, "rendezvous", header)
-        elif kind == "credit":
-            self.on_credit(int(header["bytes"]))
-        elif kind == "cancel":
-            run = self.runs.get(header["run"])
+                    self.to_worker(run, local_rank, message)
+        elif isinstance(message, Credit):
+            self.on_credit(message.bytes)
+        elif isinstance(message, Cancel):
+            run = self.runs.get(message.run)
             if run is not None:
                 self.cancel(run)
-        elif kind == "shutdown":
-            return False
-        return True
 
-    def start_run(self, spec: dict[str, Any], frames: list[Any]) -> None:
-        run = _Run(spec["run"], {})
+    def start_run(self, spec: RunSpec, frames: list[Any]) -> None:
+        run = _Run(spec.run, {})
         self.runs[run.id] = run
         fds = []
-        for w in spec["workers"]:
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            worker = _Worker(
-                run,
-                w["rank"],
-                w["local_rank"],
-                {out_r: "stdout", err_r: "stderr"},
-                (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino),
-            )
-            run.workers[worker.local_rank] = worker
-            for fd in (out_r, err_r):
-                os.set_blocking(fd, False)
-                self.by_fd[fd] = worker
-                if self.reading:
-                    self.poller.register(fd, zmq.POLLIN)
-            fds += [out_w, err_w]
-        env = {**spec["env"], **self.env_file_vars}  # the env file has the last word
-        if spec["backend"] == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
-            # gloo binds to what the hostname resolves to, which may be 127.0.0.1 on a cluster
-            # node: use the interface of the address the other hosts reach this one at
-            interface = interface_of(spec["address"])
-            if interface is not None:
-                env["GLOO_SOCKET_IFNAME"] = interface
-        sizes = [len(f.buffer) for f in frames]
-        header = {
-            **spec,
-            "env": env,
-            "endpoint": self.endpoint,
-            "launcher": self.address,
-            "payload_sizes": sizes,
-        }
-        send_message(self.fs_sock, header, [f.buffer for f in frames], fds)
+        for slot in spec.workers:
+            fds += self.open_pipes(run, slot)
+        fork = Fork(
+            spec=dataclasses.replace(spec, env=self.worker_env(spec)),
+            endpoint=self.endpoint,
+            launcher=self.address,
+            payload_sizes=tuple(len(f.buffer) for f in frames),
+        )
+        send_message(self.fs_sock, fork, [f.buffer for f in frames], fds)
         for fd in fds:
             os.close(fd)
+
+    def open_pipes(self, run: _Run, slot: WorkerSlot) -> list[int]:
+        """A worker's stdout and stderr pipes: we read them; the write ends are returned."""
+        (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+        inodes = (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino)
+        worker = _WorkerProcess(run, slot, {out_r: "stdout", err_r: "stderr"}, inodes)
+        run.workers[slot.local_rank] = worker
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+            self.by_fd[fd] = worker
+            if self.reading:
+                self.poller.register(fd, zmq.POLLIN)
+        return [out_w, err_w]
+
+    def worker_env(self, spec: RunSpec) -> dict[str, str]:
+        env = {**spec.env, **self.env_file_vars}  # the env file has the last word
+        if spec.backend == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
+            # gloo binds to what the hostname resolves to, which may be 127.0.0.1 on a cluster
+            # node: use the interface of the address the other hosts reach this one at
+            interface = interface_of(spec.address)
+            if interface is not None:
+                env["GLOO_SOCKET_IFNAME"] = interface
+        return env
 
     # ---- forkserver
 
     def on_forkserver(self) -> None:
         try:
-            header, _, _ = recv_message(self.fs_sock)
+            message, _, _ = recv_message(self.fs_sock)
         except (EOFError, ConnectionError):
             code = self.forkserver.wait()
             msg = f"the forkserver of {self.hostname} exited with code {code}"
             raise RuntimeError(msg) from None
-        if header["kind"] == "forked":
-            run = self.runs[header["run"]]
-            worker = run.workers[header["local_rank"]]
-            worker.pid = header["pid"]
-            self.by_pid[worker.pid] = worker
+        if isinstance(message, Forked):
+            run = self.runs[message.run]
+            worker = run.workers[message.local_rank]
+            worker.pid = message.pid
+            self.by_pid[message.pid] = worker
             if run.cancelled:
-                signal_all([worker.pid], signal.SIGKILL)
-        elif header["kind"] == "exited":
-            exited = self.by_pid.pop(header["pid"], None)
+                signal_all([message.pid], signal.SIGKILL)
+        elif isinstance(message, Exited):
+            exited = self.by_pid.pop(message.pid, None)
             if exited is not None:
-                self.on_exit(exited, header["status"])
+                self.on_exit(exited, message.status)
 
-    def on_exit(self, worker: _Worker, status: int) -> None:
+    def on_exit(self, worker: _WorkerProcess, status: int) -> None:
         worker.exited = True
         run = worker.run
         for fd in list(worker.pipes):
             # what it wrote last must reach the launcher before "died"
             self.on_output(fd, _READS_AT_EXIT)
-        if worker.outcome is None and (not run.cancelled or worker.died_before_cancel):
-            if os.WIFSIGNALED(status):
-                sig = os.WTERMSIG(status)
-                how = {"signal": signal.Signals(sig).name if sig in signal.valid_signals() else sig}
-            else:
-                how = {"exitcode": os.WEXITSTATUS(status)}
-            tail = [*worker.tail, *(p.decode(errors="replace") for p in worker.partial.values())]
-            self.send(
-                "died",
-                {
-                    "run": run.id,
-                    "rank": worker.rank,
-                    "local_rank": worker.local_rank,
-                    "pid": worker.pid,
-                    "tail": tail,
-                    **how,
-                },
-            )
+        if not worker.has_outcome and (not run.cancelled or worker.died_before_cancel):
+            self.send(_death(worker, status))
             self.cancel(run)
         if all(w.exited for w in run.workers.values()):
             self.begin_clearing(run)
@@ -285,28 +284,37 @@ class Agent:
         if run is None:
             return
         worker = run.workers[int(local_rank_text)]
-        kind, header, frames = decode(rest)
-        if kind == "hello":
-            run.connected.add(worker.local_rank)
+        message, frames = decode(rest)
+        if isinstance(message, Connect):
+            run.connected.add(worker.slot.local_rank)
             if run.rendezvous is not None:
-                self.to_worker(run, worker.local_rank, "rendezvous", run.rendezvous)
-        elif kind == "port":
-            self.send("port", {"run": run.id, "port": header["port"]})
-        elif kind in ("result", "error"):
-            for fd in list(worker.pipes):
-                self.on_output(fd, _READS_AT_EXIT)  # its output first, then its outcome
-            worker.outcome = kind
-            if not header.get("direct"):  # a direct result is at the launcher already
-                header.update(run=run.id, rank=worker.rank, local_rank=worker.local_rank)
-                self.send(kind, header, *frames)
-            self.to_worker(run, worker.local_rank, "ack", {})
-            if kind == "error":
-                self.cancel(run)
+                self.to_worker(run, worker.slot.local_rank, run.rendezvous)
+        elif isinstance(message, Port):
+            self.send(Port(run=run.id, port=message.port))
+        elif isinstance(message, (Result, Raised, Unpicklable)):
+            self.on_outcome(worker, message, frames)
 
-    def to_worker(self, run: _Run, local_rank: int, kind: str, header: dict[str, Any]) -> None:
+    def on_outcome(
+        self, worker: _WorkerProcess, message: Result | Raised | Unpicklable, frames: list[Any]
+    ) -> None:
+        for fd in list(worker.pipes):
+            self.on_output(fd, _READS_AT_EXIT)  # its output first, then its outcome
+        worker.has_outcome = True
+        run, slot = worker.run, worker.slot
+        # who sent it is the socket's identity, not what the message claims
+        message = dataclasses.replace(
+            message, run=run.id, rank=slot.rank, local_rank=slot.local_rank
+        )
+        if not (isinstance(message, Result) and message.direct):  # a direct one has arrived
+            self.send(message, *frames)
+        self.to_worker(run, slot.local_rank, Ack())
+        if not isinstance(message, Result):
+            self.cancel(run)
+
+    def to_worker(self, run: _Run, local_rank: int, message: Message) -> None:
         identity = f"{run.id}:{local_rank}".encode()
         with contextlib.suppress(zmq.ZMQError):
-            self.workers.send_multipart([identity, *encode(kind, header)])
+            self.workers.send_multipart([identity, *encode(message)])
 
     def on_output(self, fd: int, max_reads: int = _READS_PER_EVENT) -> None:
         """Forward what a worker wrote, whole lines only (a partial line waits for its end)."""
@@ -314,18 +322,8 @@ class Agent:
         if worker is None:
             return
         stream = worker.pipes[fd]
-        chunks = []
-        eof = False
-        for _ in range(max_reads):  # bounded: a flooding worker must not starve the loop
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                break
-            if not data:
-                eof = True
-                break
-            chunks.append(data)
-        data = worker.partial.pop(stream, b"") + b"".join(chunks)
+        data, eof = _read_available(fd, max_reads)
+        data = worker.partial.pop(stream, b"") + data
         if not eof:
             data, newline, rest = data.rpartition(b"\n")
             data += newline
@@ -334,9 +332,9 @@ class Agent:
         if data:
             last = data[-_TAIL_BYTES:].decode(errors="replace").split("\n")
             worker.tail.extend(readable_line(line) for line in last if line)
-            run, rank, local_rank = worker.run.id, worker.rank, worker.local_rank
-            header = {"run": run, "rank": rank, "local_rank": local_rank, "stream": stream}
-            self.send("output", header, data)
+            slot, level = worker.slot, "INFO" if stream == "stdout" else "WARNING"
+            where = Output(worker.run.id, slot.rank, slot.local_rank, stream, level)
+            self.send(where, data)
             self.on_credit(-len(data))
         if eof:
             if self.reading:
@@ -373,103 +371,101 @@ class Agent:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
-        signal_all(self.processes_of(run), signal.SIGKILL)
+        signal_all(self.leftovers_of(run), signal.SIGKILL)
 
-    def processes_of(self, run: _Run) -> list[int]:
-        """Every live process of this run that is not one of its workers.
-
-        All of them end up under the forkserver (it is a subreaper). With no other run on this
-        host, every non-worker there is this run's. Otherwise a process is this run's if it
-        descends from one of its workers, shares a worker's session, holds one of its output
-        pipes (forked children inherit them) or carries its run id (exec'd children do).
-        """
-        try:
-            descendants = psutil.Process(self.forkserver.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
+    def leftovers_of(self, run: _Run) -> list[int]:
+        """Every live process of this run that is not one of its workers."""
         others = [r for r in self.runs.values() if r is not run]
-        foreign: set[int] = set()
-        for other in others:
-            for w in other.workers.values():
-                if w.pid is not None and not w.exited:
-                    foreign.add(w.pid)
-                    with contextlib.suppress(psutil.Error):
-                        foreign |= {c.pid for c in psutil.Process(w.pid).children(recursive=True)}
-        mine = {w.pid for w in run.workers.values() if w.pid is not None}
-        candidates = [p for p in descendants if p.pid not in foreign and p.pid not in mine]
-        if not others:
-            return [p.pid for p in candidates]
-        pipes = {f"pipe:[{ino}]" for w in run.workers.values() for ino in w.pipe_inodes}
-        found = []
-        for p in candidates:
-            with contextlib.suppress(psutil.Error, OSError):
-                if (
-                    os.getsid(p.pid) in mine
-                    or any(a.pid in mine for a in p.parents())
-                    or _holds_any(p.pid, pipes)
-                    or p.environ().get("TORCHRUNX_RUN_ID") == run.id
-                ):
-                    found.append(p.pid)
-        return found
+        return run_processes(
+            self.forkserver.pid,
+            workers={w.pid for w in run.workers.values() if w.pid is not None},
+            other_workers={
+                w.pid for r in others for w in r.workers.values() if w.pid and not w.exited
+            },
+            pipes={inode for w in run.workers.values() for inode in w.pipe_inodes},
+            run_id=run.id,
+            alone=not others,
+        )
 
     def begin_clearing(self, run: _Run) -> None:
-        run.leftovers = self.processes_of(run)
-        signal_all(run.leftovers, signal.SIGKILL if run.cancelled else signal.SIGTERM)
-        run.clear_started = time.monotonic()
+        first = signal.SIGKILL if run.cancelled else signal.SIGTERM
+        run.teardown = Teardown(self.leftovers_of(run), first)
         self.progress_clearing()
 
     def progress_clearing(self) -> None:
-        clearing = [(r, r.clear_started) for r in self.runs.values() if r.clear_started is not None]
-        for run, started in clearing:
-            run.leftovers = alive(run.leftovers)
-            waited = time.monotonic() - started
-            if run.leftovers and waited > LEFTOVER_GRACE_S and not run.escalated:
-                run.escalated = True
-                signal_all(run.leftovers, signal.SIGKILL)
-            if run.leftovers and waited < CLEAR_DEADLINE_S:
+        for run in list(self.runs.values()):
+            if run.teardown is None or not run.teardown.done():
                 continue
-            if run.leftovers:
-                self.warn(f"processes {run.leftovers} of run {run.id} did not exit")
+            if run.teardown.remaining:
+                self.warn(f"processes {run.teardown.remaining} of run {run.id} did not exit")
             del self.runs[run.id]
-            self.send("cleared", {"run": run.id})
+            self.send(Cleared(run=run.id))
 
     def close(self) -> None:
         """Kill every run, stop the forkserver, remove our files."""
         for run in self.runs.values():
             self.cancel(run)
         self.forkserver.kill()
-        deadline = time.monotonic() + CLEAR_DEADLINE_S
-        while self.by_pid and time.monotonic() < deadline:
-            signal_all(list(self.by_pid), signal.SIGKILL)
-            if not alive(list(self.by_pid)):
-                break
-            time.sleep(0.01)
+        Teardown(list(self.by_pid), signal.SIGKILL).wait()
         self.forkserver.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.ctx.destroy(linger=0)
 
 
-def _holds_any(pid: int, links: set[str]) -> bool:
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            if str(fd.readlink()) in links:
-                return True
-    return False
+def _read_available(fd: int, max_reads: int) -> tuple[bytes, bool]:
+    """What the pipe holds, and whether its writers are all gone.
+
+    At most ``max_reads`` reads: a flooding worker must not starve the loop.
+    """
+    chunks: list[bytes] = []
+    for _ in range(max_reads):
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            break
+        if not data:
+            return b"".join(chunks), True
+        chunks.append(data)
+    return b"".join(chunks), False
+
+
+def _death(worker: _WorkerProcess, status: int) -> Died:
+    exitcode, name = None, None
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
+    else:
+        exitcode = os.WEXITSTATUS(status)
+    partial = (p.decode(errors="replace") for p in worker.partial.values())
+    return Died(
+        run=worker.run.id,
+        rank=worker.slot.rank,
+        local_rank=worker.slot.local_rank,
+        pid=worker.pid or 0,
+        tail=(*worker.tail, *partial),
+        exitcode=exitcode,
+        signal=name,
+    )
 
 
 def main() -> None:
     """Entry point: ``python -m torchrunx``, with the boot message as the first line of stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    boot = json.loads(sys.stdin.buffer.readline())
-    if boot.get("env_file"):
+    try:
+        boot = parse(Boot, sys.stdin.buffer.readline())
+    except WireError as e:
+        sys.stderr.write(f"this agent cannot start: {e}\n")
+        sys.exit(2)
+    env_file_vars: dict[str, str] = {}
+    if boot.env_file:
         try:
-            boot["env_file_vars"] = source_env_file(boot["env_file"])
+            env_file_vars = source_env_file(boot.env_file)
         except RuntimeError as e:
             sys.stderr.write(f"{e}\n")
             sys.exit(3)
-        os.environ.update(boot["env_file_vars"])
-    agent = Agent(boot)
+        os.environ.update(env_file_vars)
+    agent = Agent(boot, env_file_vars)
     try:
         agent.serve()
     finally:

@@ -31,12 +31,36 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import zmq
 
 from .logs import output_records
-from .transport.messages import decode, encode
+from .outcome import AgentLost, Failure, ResultUnpicklable, RunCancelled, WorkerDied, WorkerRaised
+from .transport.messages import (
+    Ack,
+    Cancel,
+    Cleared,
+    Credit,
+    Died,
+    DirectResult,
+    Heartbeat,
+    Hello,
+    HostFacts,
+    Message,
+    Output,
+    Port,
+    Raised,
+    Rendezvous,
+    Result,
+    Run,
+    RunSpec,
+    Unpicklable,
+    VersionMismatchError,
+    WireError,
+    decode,
+    encode,
+)
 from .transport.security import encrypt_server, new_server_keys
 from .transport.ssh import RemoteAgentProcess
 
@@ -54,8 +78,9 @@ class AgentHandle:
 
     hostname: str
     process: subprocess.Popen[bytes] | RemoteAgentProcess
+    started_by: Literal["local", "ssh", "srun"]  # local: on this machine, our child
     identity: bytes = field(default_factory=lambda: secrets.token_bytes(16))
-    facts: dict[str, Any] | None = None
+    facts: HostFacts | None = None
     failure: str | None = None
     last_seen: float = field(default_factory=time.monotonic)
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=_STDERR_TAIL))
@@ -86,8 +111,8 @@ class RunState:
     workers_per_host: list[int]
     emit: Callable[[list[logging.LogRecord]], None]
     result_token: str  # proves a worker's direct result belongs to this run
-    results: dict[int, tuple[dict[str, Any], list[zmq.Frame]]] = field(default_factory=dict)
-    failures: list[tuple[str, dict[str, Any], list[zmq.Frame]]] = field(default_factory=list)
+    results: dict[int, list[zmq.Frame]] = field(default_factory=dict)  # pickles, by rank
+    failures: list[Failure] = field(default_factory=list)
     uncleared: set[int] = field(default_factory=set)  # indexes into agents
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[], None] | None = None  # called on the controller thread, once
@@ -100,8 +125,8 @@ class RunState:
         return None
 
 
-class Controller(threading.Thread):
-    """Owns the ROUTER socket; serves agents and runs until :meth:`stop`."""
+class Controller:
+    """Owns the ROUTER socket and the thread that serves agents and runs until :meth:`stop`."""
 
     def __init__(
         self,
@@ -111,7 +136,7 @@ class Controller(threading.Thread):
         *,
         encrypt: bool = False,
     ) -> None:
-        super().__init__(name="torchrunx-controller", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="torchrunx-controller", daemon=True)
         self.secret = secret
         self.agent_timeout = agent_timeout
         self.ctx = zmq.Context()
@@ -140,6 +165,10 @@ class Controller(threading.Thread):
 
     # ---- called from user threads
 
+    def start(self) -> None:
+        """Start serving (on the controller thread)."""
+        self.thread.start()
+
     def call(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the controller thread, soon."""
         self._calls.put(fn)
@@ -150,8 +179,8 @@ class Controller(threading.Thread):
         """End the thread (after the current iteration) and close the sockets."""
         self._stopping = True
         self.call(lambda: None)
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=5)
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout=5)
 
     def call_and_wait(self, fn: Callable[[], T], timeout: float = 10.0) -> T:
         """Run ``fn`` on the controller thread and return its result (or raise its error)."""
@@ -205,10 +234,10 @@ class Controller(threading.Thread):
         first and be dropped as a stranger's.
         """
         self.agents[agent.identity] = agent
-        if isinstance(agent.process, subprocess.Popen):
+        if isinstance(agent.process, subprocess.Popen):  # local, or srun here for another node
             agent.pidfd = os.pidfd_open(agent.process.pid)
             self._watch(agent.pidfd, "exit", agent)
-        # a remote agent's exit is the end of its stderr (see RemoteAgentProcess)
+        # an SSH agent's exit is the end of its stderr (see RemoteAgentProcess)
         if agent.process.stderr is not None:
             fd = agent.process.stderr.fileno()
             os.set_blocking(fd, False)
@@ -228,9 +257,9 @@ class Controller(threading.Thread):
             return
         self._drain_stderr(agent)
         agent.failure = reason
-        folder = str((agent.facts or {}).get("dir", ""))
+        folder = "" if agent.facts is None else agent.facts.dir
         if (
-            isinstance(agent.process, subprocess.Popen)
+            agent.started_by == "local"
             and agent.process.poll() is not None
             and Path(folder).name.startswith("torchrunx-agent-")
         ):
@@ -239,46 +268,44 @@ class Controller(threading.Thread):
         for run in list(self.runs.values()):
             i = run.agent_index(agent)
             if i is not None:
-                self._fail(run, "agent", {"hostname": agent.hostname}, [])
+                self._fail(run, AgentLost(agent.hostname, agent.describe_failure()))
                 self._cleared(run, i)
         self._notify()
 
-    def send(
-        self, agent: AgentHandle, kind: str, header: dict[str, Any] | None = None, *frames: Any
-    ) -> None:
+    def send(self, agent: AgentHandle, message: Message, *frames: Any) -> None:
         """Send to one agent; an agent that cannot be reached is failed."""
         if agent.failure is not None:
             return
         try:
-            self.router.send_multipart([agent.identity, *encode(kind, header, *frames)], copy=False)
+            self.router.send_multipart([agent.identity, *encode(message, *frames)], copy=False)
         except zmq.ZMQError as e:
             self.fail_agent(agent, f"the agent on {agent.hostname} cannot be reached ({e})")
 
     # ---- runs (controller thread)
 
-    def start_run(self, run: RunState, messages: list[tuple[dict[str, Any], list[Any]]]) -> None:
+    def start_run(self, run: RunState, specs: list[RunSpec], payload: list[Any]) -> None:
         """Register ``run`` and send each agent its part."""
         self.runs[run.id] = run
         run.uncleared = set(range(len(run.agents)))
-        for i, (agent, (header, frames)) in enumerate(zip(run.agents, messages, strict=True)):
+        for i, (agent, spec) in enumerate(zip(run.agents, specs, strict=True)):
             if agent.failure is not None:
-                self._fail(run, "agent", {"hostname": agent.hostname}, [])
+                self._fail(run, AgentLost(agent.hostname, agent.describe_failure()))
                 self._cleared(run, i)
             else:
-                self.send(agent, "run", header, *frames)
+                self.send(agent, Run(spec), *payload)
 
     def cancel_run(self, run_id: str, reason: str = "cancelled") -> None:
         """Tear a run down everywhere (its failure, if any, stays the first one)."""
         run = self.runs.get(run_id)
         if run is not None:
-            self._fail(run, "cancelled", {"reason": reason}, [])
+            self._fail(run, RunCancelled(reason))
 
-    def _fail(self, run: RunState, kind: str, header: dict[str, Any], frames: list[Any]) -> None:
+    def _fail(self, run: RunState, failure: Failure) -> None:
         first = not run.failures
-        run.failures.append((kind, header, frames))
+        run.failures.append(failure)
         if first:
             for agent in run.agents:
-                self.send(agent, "cancel", {"run": run.id})
+                self.send(agent, Cancel(run=run.id))
 
     def _cleared(self, run: RunState, index: int) -> None:
         run.uncleared.discard(index)
@@ -291,8 +318,8 @@ class Controller(threading.Thread):
 
     # ---- the loop
 
-    def run(self) -> None:
-        """Serve until stopped."""
+    def _serve(self) -> None:
+        """The controller thread: serve until stopped."""
         try:
             while not self._stopping:
                 self._tick()
@@ -324,7 +351,7 @@ class Controller(threading.Thread):
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
             for agent in list(self.agents.values()):
                 if agent.ready:
-                    self.send(agent, "heartbeat")
+                    self.send(agent, Heartbeat())
         for agent in list(self.agents.values()):
             if agent.failure is None and now - agent.last_seen > self.agent_timeout:
                 what = "sent nothing" if agent.ready else "did not connect"
@@ -348,14 +375,14 @@ class Controller(threading.Thread):
     def _on_exit(self, agent: AgentHandle) -> None:
         code = agent.process.wait()
         self._drain_stderr(agent)
-        pid = agent.process.pid if agent.process.pid > 0 else (agent.facts or {}).get("pid")
+        pid = agent.process.pid if agent.process.pid > 0 or agent.facts is None else agent.facts.pid
         who = f"the agent on {agent.hostname} (pid {pid})"
         explained = agent.explain_exit(code)
         if explained is not None:
             reason = explained
         elif code < 0:
             reason = f"{who} was killed by {signal.Signals(-code).name}"
-        elif code == 255 and not isinstance(agent.process, subprocess.Popen):
+        elif code == 255 and agent.started_by == "ssh":
             reason = (
                 f"{who} is gone: its SSH session ended without an exit status (the agent "
                 "was killed, or the connection to the host dropped)"
@@ -385,7 +412,7 @@ class Controller(threading.Thread):
         if stream.closed and agent.partial_err:
             lines.append(agent.partial_err)
         agent.stderr_tail.extend(line.decode(errors="replace") for line in lines)
-        if stream.closed and not isinstance(agent.process, subprocess.Popen):
+        if stream.closed and agent.started_by == "ssh":
             self._on_exit(agent)
 
     def _on_router(self) -> None:
@@ -398,102 +425,96 @@ class Controller(threading.Thread):
             if agent is not None and agent.failure is not None:
                 continue  # given up on: never read further
             try:
-                kind, header, rest = decode(frames)
-            except (ValueError, TypeError, UnicodeDecodeError):
+                message, rest = decode(frames)
+            except VersionMismatchError as e:
+                if agent is not None and agent.facts is None:
+                    self.fail_agent(agent, f"the agent on {agent.hostname} cannot serve: {e}")
+                continue
+            except WireError:
                 continue
             if agent is None:
-                self._on_direct_result(identity.bytes, kind, header, rest)
-                continue
-            if agent.facts is None:
-                self._on_hello(agent, kind, header)
-                continue
+                self._on_direct_result(identity.bytes, message, rest)
+            elif agent.facts is None:
+                self._on_hello(agent, message)
+            else:
+                agent.last_seen = time.monotonic()
+                self._on_message(agent, message, rest)
+
+    def _on_hello(self, agent: AgentHandle, message: Message) -> None:
+        if isinstance(message, Hello) and hmac.compare_digest(message.secret, self.secret):
+            agent.facts = message.facts
             agent.last_seen = time.monotonic()
-            self._on_message(agent, kind, header, rest)
+            self._notify()
 
-    def _on_hello(self, agent: AgentHandle, kind: str, header: dict[str, Any]) -> None:
-        if kind != "hello" or not hmac.compare_digest(str(header.get("secret")), self.secret):
-            return
-        header.pop("secret")
-        agent.facts = header
-        agent.last_seen = time.monotonic()
-        self._notify()
-
-    def _on_direct_result(
-        self, identity: bytes, kind: str, header: dict[str, Any], frames: list[Any]
-    ) -> None:
+    def _on_direct_result(self, identity: bytes, message: Message, frames: list[Any]) -> None:
         """A large result sent by a worker straight here, saving the hop through its agent.
 
         Taken only with the run's token and only once per rank: anything else is dropped unread.
         """
-        run = self.runs.get(str(header.get("run")))
-        rank = header.get("rank")
+        if not isinstance(message, DirectResult):
+            return
+        run = self.runs.get(message.run)
         if (
-            kind != "result"
-            or run is None
-            or not hmac.compare_digest(str(header.get("token")), run.result_token)
-            or not isinstance(rank, int)
-            or not 0 <= rank < sum(run.workers_per_host)
-            or rank in run.results
+            run is None
+            or not hmac.compare_digest(message.token, run.result_token)
+            or not 0 <= message.rank < sum(run.workers_per_host)
+            or message.rank in run.results
         ):
             return
-        del header["token"]
-        run.results[rank] = (header, frames)
+        run.results[message.rank] = frames
         with contextlib.suppress(zmq.ZMQError):  # the worker may be gone already
-            self.router.send_multipart([identity, *encode("ack")])
+            self.router.send_multipart([identity, *encode(Ack())])
 
-    def _on_message(
-        self, agent: AgentHandle, kind: str, header: dict[str, Any], frames: list[Any]
-    ) -> None:
-        if kind == "heartbeat":
+    def _on_message(self, agent: AgentHandle, message: Message, frames: list[Any]) -> None:
+        if isinstance(message, Output):
+            self._emit(agent, message, frames)
             return
-        run = self.runs.get(header.get("run", ""))
-        if kind == "output":
-            self._emit(agent, run, header, frames)
-            return
+        run = self.runs.get(getattr(message, "run", ""))
         if run is None:
             return
-        if kind == "port":
+        if isinstance(message, Port):
             for a in run.agents:
-                self.send(a, "rendezvous", {"run": run.id, "master_port": header["port"]})
-        elif kind == "result":
-            run.results[header["rank"]] = (header, frames)
-        elif kind in ("error", "died"):
-            header["hostname"] = agent.hostname
-            self._fail(run, kind, header, frames)
-        elif kind == "cleared":
+                self.send(a, Rendezvous(run=run.id, master_port=message.port))
+        elif isinstance(message, Result):
+            if not message.direct:
+                run.results[message.rank] = frames
+        elif isinstance(message, (Raised, Unpicklable, Died)):
+            self._fail(run, _failure(agent.hostname, message, frames))
+        elif isinstance(message, Cleared):
             i = run.agent_index(agent)
             if i is not None:
                 self._cleared(run, i)
 
-    def _emit(
-        self, agent: AgentHandle, run: RunState | None, header: dict[str, Any], frames: list[Any]
-    ) -> None:
-        local_rank = header.get("local_rank")
+    def _emit(self, agent: AgentHandle, output: Output, frames: list[Any]) -> None:
+        local_rank = output.local_rank
         name = f"torchrunx.{agent.hostname}" + ("" if local_rank is None else f".{local_rank}")
-        stream = header.get("stream", "stderr")
-        level = (
-            logging.getLevelName(header["level"])
-            if "level" in header
-            else (logging.INFO if stream == "stdout" else logging.WARNING)
-        )
         data = frames[0].bytes if frames else b""
         records = output_records(
             data,
             name=name,
             hostname=agent.hostname,
             local_rank=local_rank,
-            rank=header.get("rank"),
-            stream=stream,
-            level=level,
+            rank=output.rank,
+            stream=output.stream or "stderr",
+            level=logging.getLevelName(output.level),
         )
+        run = None if output.run is None else self.runs.get(output.run)
         if run is not None:
             run.emit(records)
         else:
             for record in records:
                 logging.getLogger(record.name).handle(record)
-        if "stream" in header:  # worker output: the agent may read that much more
-            self.send(agent, "credit", {"bytes": len(data)})
+        if output.stream is not None:  # worker output: the agent may read that much more
+            self.send(agent, Credit(bytes=len(data)))
 
     def _notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
+
+
+def _failure(hostname: str, message: Raised | Unpicklable | Died, frames: list[Any]) -> Failure:
+    if isinstance(message, Raised):
+        return WorkerRaised(hostname, message, frames)
+    if isinstance(message, Unpicklable):
+        return ResultUnpicklable(hostname, message)
+    return WorkerDied(hostname, message)

@@ -21,9 +21,9 @@ import select
 import signal
 import socket
 import sys
-from typing import Any
 
 from .reaper import set_child_subreaper, set_parent_death_signal
+from .transport.messages import Exited, Fork, Forked, Up, WorkerSlot
 from .transport.unix import recv_message, send_message
 
 _MAX_FD = 1 << 20
@@ -53,9 +53,7 @@ def _warm_up() -> None:
             importlib.import_module(module)
 
 
-def _fork_worker(
-    spec: dict[str, Any], worker: dict[str, Any], payload: memoryview, fds: tuple[int, int]
-) -> int:
+def _fork_worker(fork: Fork, slot: WorkerSlot, payload: memoryview, fds: tuple[int, int]) -> int:
     pid = os.fork()
     if pid == 0:  # the worker: forget the forkserver's signal set-up and descriptors
         signal.set_wakeup_fd(-1)
@@ -67,7 +65,7 @@ def _fork_worker(
 
         from .worker import run_worker  # noqa: PLC0415
 
-        run_worker(spec, worker, payload)  # never returns
+        run_worker(fork, slot, payload)  # never returns
     return pid
 
 
@@ -79,7 +77,7 @@ def _reap(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
-        send_message(sock, {"kind": "exited", "pid": pid, "status": status})
+        send_message(sock, Exited(pid=pid, status=status))
 
 
 def serve(sock: socket.socket) -> None:
@@ -87,7 +85,7 @@ def serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler makes the wakeup fd fire
-    send_message(sock, {"kind": "ready", "pid": os.getpid()})
+    send_message(sock, Up(pid=os.getpid()))
     sock_fd = sock.fileno()
     warm = False
     while True:
@@ -102,25 +100,22 @@ def serve(sock: socket.socket) -> None:
             _reap(sock)
         if sock_fd in readable:
             try:
-                header, payload, fds = recv_message(sock)
+                fork, payload, fds = recv_message(sock)
             except EOFError:
                 return
-            view = memoryview(payload)
-            for i, worker in enumerate(header["workers"]):
-                out, err = fds[2 * i], fds[2 * i + 1]
-                pid = _fork_worker(header, worker, view, (out, err))
-                os.close(out)
-                os.close(err)
-                send_message(
-                    sock,
-                    {
-                        "kind": "forked",
-                        "run": header["run"],
-                        "local_rank": worker["local_rank"],
-                        "pid": pid,
-                    },
-                )
+            if isinstance(fork, Fork):
+                _fork_run(sock, fork, memoryview(payload), fds)
             _reap(sock)
+
+
+def _fork_run(sock: socket.socket, fork: Fork, payload: memoryview, fds: list[int]) -> None:
+    """A worker per slot; ``fds`` holds each one's stdout and stderr pipe, in slot order."""
+    for i, slot in enumerate(fork.spec.workers):
+        out, err = fds[2 * i], fds[2 * i + 1]
+        pid = _fork_worker(fork, slot, payload, (out, err))
+        os.close(out)
+        os.close(err)
+        send_message(sock, Forked(run=fork.spec.run, local_rank=slot.local_rank, pid=pid))
 
 
 def main() -> None:

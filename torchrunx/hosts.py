@@ -27,6 +27,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from .transport.messages import HostFacts
+
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
 
 
@@ -135,12 +137,13 @@ def interface_of(address: str) -> str | None:
     return None
 
 
-def local_facts() -> dict[str, object]:
+def local_facts(folder: str) -> HostFacts:
     """What an agent tells the launcher about its host in its ``hello``."""
-    return {
-        "pid": os.getpid(),
-        "hostname": socket.gethostname(),
-        "gpus": count_gpus(),
-        "cpus": len(os.sched_getaffinity(0)),
-        "python": sys.executable,
-    }
+    return HostFacts(
+        pid=os.getpid(),
+        hostname=socket.gethostname(),
+        gpus=count_gpus(),
+        cpus=len(os.sched_getaffinity(0)),
+        python=sys.executable,
+        dir=folder,
+    )

@@ -23,18 +23,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
-from .environment import DEFAULT_ENV_VARS_FOR_COPY
+from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
 from .hosts import in_slurm_job, resolve_hostnames
-from .logs import HandlerFactory
-from .pool import AgentPool
+from .logs import HandlerFactory, default_handlers
+from .pool import AgentPool, AgentsConfig, RunOptions
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+    from typing import TypeAlias
 
     from typing_extensions import Self
 
     from .result import LaunchResult
     from .runs import RunHandle
+
+    _MaybePool: TypeAlias = AgentPool | None
+else:
+    # CLI builders (tyro) evaluate the annotation of every field, init=False ones too, and the
+    # pool's types are not theirs to parse: at runtime the annotation says nothing
+    _MaybePool = Any
 
 FunctionP = ParamSpec("FunctionP")
 FunctionR = TypeVar("FunctionR")
@@ -89,8 +96,7 @@ class Launcher:
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
     )
-    # typed loosely on purpose: CLI builders (tyro) read every annotation of a default Launcher
-    _pool: Any = field(default=None, init=False, repr=False, compare=False)  # AgentPool | None
+    _pool: _MaybePool = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         """Check every field now, not at the first run."""
@@ -100,22 +106,27 @@ class Launcher:
 
     def start(self) -> Self:
         """Start the agents (if not already up); ``run`` does this itself."""
+        self._ensure_agents()
+        return self
+
+    def _ensure_agents(self) -> AgentPool:
         _validate(self)
         hostnames = resolve_hostnames(self.hostnames)
         _check_hostnames(hostnames, self.workers_per_host)
-        key = (
-            tuple(hostnames),
-            str(self.ssh_config_file),
-            str(self.env_file),
-            self.agent_timeout,
-            self.encrypt,
+        config = AgentsConfig(
+            hostnames=tuple(hostnames),
+            ssh_config_file=None if self.ssh_config_file is None else str(self.ssh_config_file),
+            env_file=None if self.env_file is None else os.fspath(self.env_file),
+            agent_timeout=self.agent_timeout,
+            encrypt=self.encrypt,
+            agent_start=self.agent_start,
         )
-        if self._pool is not None and self._pool.key != key:
+        if self._pool is not None and self._pool.config != config:
             self.close()
         if self._pool is None:
-            self._pool = AgentPool(key, hostnames, self)
-        self._pool.ensure_agents(self)
-        return self
+            self._pool = AgentPool(config, owner=self)
+        self._pool.ensure_agents(copied_env(self.copy_env_vars, self.extra_env_vars))
+        return self._pool
 
     def close(self) -> None:
         """Stop the agents and every process they run. Idempotent."""
@@ -215,9 +226,34 @@ class Launcher:
             msg = f"run() needs a callable, got {func!r} ({type(func).__name__})"
             raise TypeError(msg)
         call_args, call_kwargs = _legacy_kwargs(func, args, kwargs)
-        self.start()
-        pool: AgentPool = self._pool  # start() has set it
-        return pool.submit(self, func, call_args, call_kwargs, view)
+        pool = self._ensure_agents()
+        hostnames, workers = view or (pool.hostnames, self.workers_per_host)
+        options = RunOptions(
+            hostnames=hostnames,
+            workers_per_host=workers,
+            backend=self.backend,
+            worker_timeout=self.worker_timeout,
+            env=copied_env(self.copy_env_vars, self.extra_env_vars),
+            handlers=self._handlers,
+        )
+        return pool.submit(func, call_args, call_kwargs, options)
+
+    def _handlers(self, hostnames: list[str], workers: list[int]) -> list[logging.Handler]:
+        """A run's log handlers: the user's factory, the defaults, or none."""
+        factory = self.handler_factory
+        if factory is None:
+            return []
+        if factory == "auto":
+            r = self.live_ranks
+            live = None if r == "all" else [r] if isinstance(r, int) else list(r)
+            return default_handlers(hostnames, workers, self.log_dir, live)
+        handlers = factory()
+        if not isinstance(handlers, list) or not all(
+            isinstance(h, logging.Handler) for h in handlers
+        ):
+            msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
+            raise TypeError(msg)
+        return handlers
 
 
 @dataclass(frozen=True)

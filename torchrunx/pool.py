@@ -1,18 +1,19 @@
 """The agents of one launcher, how they start (locally, over SSH, by srun), and its runs.
 
 An :class:`AgentPool` owns the controller thread and one agent per host; ``submit`` turns a
-function and its arguments into a run on some of those agents and returns its handle.
+function and its arguments into a run on some of those agents and returns its handle. The
+launcher describes what it needs in two frozen values: :class:`AgentsConfig` (where and how the
+agents run) and :class:`RunOptions` (one run).
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentPool"]
+__all__ = ["AgentPool", "AgentsConfig", "RunOptions"]
 
 import concurrent.futures
 import contextlib
 import functools
 import itertools
-import json
 import logging
 import os
 import secrets
@@ -22,44 +23,71 @@ import sys
 import threading
 import uuid
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from .controller import AgentHandle, Controller, RunState
-from .environment import agent_base_env, copied_env
+from .environment import agent_base_env
 from .errors import AgentFailedError
-from .failures import raise_failure, unpickle_result
 from .hosts import in_slurm_job, is_local, route_to
-from .logs import default_handlers, emit_batch, log_level_from_env
-from .result import LaunchResult
+from .logs import emit_batch, log_level_from_env
+from .outcome import settle
 from .runs import RunHandle
 from .transport import serialization
+from .transport.messages import PROTOCOL_VERSION, Boot, RunSpec, WorkerSlot, to_json
 from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+HandlersFor = Callable[[list[str], list[int]], list[logging.Handler]]
+"""A run's log handlers, given its hostnames and workers per host."""
 
-    from .launcher import Launcher
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """Where a launcher's agents run and how they start; another config means other agents."""
+
+    hostnames: tuple[str, ...]
+    ssh_config_file: str | None
+    env_file: str | None
+    agent_timeout: float
+    encrypt: bool
+    agent_start: Literal["auto", "ssh", "srun"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """One run: its hosts (all of the pool's, or a view's), workers, process group, env, logs."""
+
+    hostnames: list[str]
+    workers_per_host: int | list[int] | str
+    backend: str | None
+    worker_timeout: float
+    env: dict[str, str]  # copied and extra variables, taken afresh for each run
+    handlers: HandlersFor
 
 
 class AgentPool:
     """The agents of one launcher and the controller thread that talks to them."""
 
-    def __init__(self, key: tuple[Any, ...], hostnames: list[str], launcher: Launcher) -> None:
-        self.key = key
-        self.hostnames = hostnames
+    def __init__(self, config: AgentsConfig, owner: object) -> None:
+        """Agents for ``config``; all are stopped when ``owner`` is garbage collected."""
+        self.config = config
+        self.hostnames = list(config.hostnames)
         self.secret = secrets.token_hex(32)
-        self.controller = Controller(self.secret, launcher.agent_timeout, encrypt=launcher.encrypt)
+        self.controller = Controller(self.secret, config.agent_timeout, encrypt=config.encrypt)
         self.controller.start()
-        self.agents: list[AgentHandle | None] = [None] * len(hostnames)
-        self.addresses = ["127.0.0.1"] * len(hostnames)  # remote ones: the peers of SSH sessions
+        self.agents: list[AgentHandle | None] = [None] * len(self.hostnames)
+        self.addresses = ["127.0.0.1"] * len(self.hostnames)  # remote: the peers of SSH sessions
         self.local_address: str | None = None  # ours, as remote hosts see it
         self.handles: weakref.WeakSet[RunHandle[Any]] = weakref.WeakSet()  # runs in flight
         self.lock = threading.Lock()
-        self._finalizer = weakref.finalize(launcher, _close_pool, self.controller, self.agents)
+        self._finalizer = weakref.finalize(owner, _close_pool, self.controller, self.agents)
 
-    def ensure_agents(self, launcher: Launcher) -> list[AgentHandle]:
-        """Start the agents not up yet (or failed), then wait for their hello.
+    # ---- agents
+
+    def ensure_agents(self, env: dict[str, str]) -> list[AgentHandle]:
+        """Start the agents not up yet (or failed), with ``env``; then wait for their hello.
 
         If any host cannot be started, every agent is stopped again: no host is left running
         an agent for a launcher that failed to start.
@@ -71,38 +99,34 @@ class AgentPool:
                 if old is not None:
                     _stop_agent(old)
                     self.agents[i] = None
-            failures = self._start(missing, launcher)
+            failures = self._start(missing, agent_base_env(env))
             agents = [a for a in self.agents if a is not None]
         if not failures:
-            settled = self.controller.wait_for(
-                lambda: all(a.facts is not None or a.failure is not None for a in agents),
-                launcher.agent_timeout + 5,
-            )
-            failures = [
-                (a.hostname, a.describe_failure() if a.failure else "its agent did not say hello")
-                for a in agents
-                if a.failure is not None or not settled
-            ]
+            failures = self._await_hello(agents)
         if failures:
             self.stop_agents()
-            hosts = [h for h, _ in failures]
-            if len(failures) == 1:
-                msg = failures[0][1]
-            else:
-                msg = f"agents failed to start on {hosts}:\n" + "\n".join(
-                    f"  {h}: {reason}" for h, reason in failures
-                )
-            raise AgentFailedError(msg, hostname=hosts[0])
+            raise _start_failed(failures)
         return agents
 
-    def _start(self, indexes: list[int], launcher: Launcher) -> list[tuple[str, str]]:
+    def _await_hello(self, agents: list[AgentHandle]) -> list[tuple[str, str]]:
+        settled = self.controller.wait_for(
+            lambda: all(a.facts is not None or a.failure is not None for a in agents),
+            self.config.agent_timeout + 5,
+        )
+        return [
+            (a.hostname, a.describe_failure() if a.failure else "its agent did not say hello")
+            for a in agents
+            if a.failure is not None or not settled
+        ]
+
+    def _start(self, indexes: list[int], env: dict[str, str]) -> list[tuple[str, str]]:
         """Start agents for ``indexes``: the remote ones all at once; failures as (host, why)."""
         remote = [i for i in indexes if not is_local(self.hostnames[i])]
         failures: list[tuple[str, str]] = []
         if remote:
-            start = self._start_srun if _uses_srun(launcher) else self._start_remote
+            start = self._start_srun if self._uses_srun() else self._start_ssh
             with concurrent.futures.ThreadPoolExecutor(len(remote)) as pool:
-                futures = {i: pool.submit(start, i, launcher) for i in remote}
+                futures = {i: pool.submit(start, i, env) for i in remote}
             for i, future in futures.items():
                 error = future.exception()
                 if error is None:
@@ -113,16 +137,21 @@ class AgentPool:
                     raise error
         if failures:
             return failures
-        env = agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars))
         for i in indexes:
             if i not in remote:
-                hostname, address = self.hostnames[i], self.controller.address
-                self.agents[i] = self._spawn(hostname, [], env, address, launcher)
+                address = self.controller.address
+                self.agents[i] = self._spawn(self.hostnames[i], [], env, address, "local")
         return []
 
-    def _start_remote(self, index: int, launcher: Launcher) -> AgentHandle:
+    def _uses_srun(self) -> bool:
+        if self.config.agent_start == "auto":
+            return in_slurm_job() and shutil.which("srun") is not None
+        return self.config.agent_start == "srun"
+
+    def _start_ssh(self, index: int, _env: dict[str, str]) -> AgentHandle:
+        """An agent over SSH; its environment travels on the control plane, not here."""
         hostname = self.hostnames[index]
-        connection = open_ssh(hostname, launcher.ssh_config_file, launcher.agent_timeout)
+        connection = open_ssh(hostname, self.config.ssh_config_file, self.config.agent_timeout)
         self.addresses[index] = connection.remote_address
         self.local_address = self.local_address or connection.local_address
         try:
@@ -133,27 +162,27 @@ class AgentPool:
             connection.close()
             raise
         agent = AgentHandle(
-            hostname, process, explain_exit=lambda code: explain_exit(hostname, code, python, cwd)
+            hostname,
+            process,
+            "ssh",
+            explain_exit=lambda code: explain_exit(hostname, code, python, cwd),
         )
-        self._boot(agent, address, launcher)
+        self._boot(agent, address)
         return agent
 
-    def _start_srun(self, index: int, launcher: Launcher) -> AgentHandle:
+    def _start_srun(self, index: int, env: dict[str, str]) -> AgentHandle:
         """An agent as a job step on one node of the allocation; srun forwards its stdin."""
         hostname = self.hostnames[index]
         local, self.addresses[index] = route_to(hostname)
         self.local_address = self.local_address or local
         address = self.controller.address_on(local)
-        env = {
-            **agent_base_env(copied_env(launcher.copy_env_vars, launcher.extra_env_vars)),
-            **{k: v for k, v in os.environ.items() if k.startswith("SLURM")},
-        }
+        env = {**env, **{k: v for k, v in os.environ.items() if k.startswith("SLURM")}}
         srun = [
             "srun", "--nodes=1", "--ntasks=1", f"--nodelist={hostname}",
             "--overlap",  # beside the batch step and the other agents, on the same CPUs
             "--quiet", "--kill-on-bad-exit=1", "--input=0",
         ]  # fmt: skip
-        return self._spawn(hostname, srun, env, address, launcher)
+        return self._spawn(hostname, srun, env, address, "srun")
 
     def _spawn(
         self,
@@ -161,7 +190,7 @@ class AgentPool:
         prefix: list[str],
         env: dict[str, str],
         address: str,
-        launcher: Launcher,
+        started_by: Literal["local", "srun"],
     ) -> AgentHandle:
         """An agent as our child process (``prefix``, e.g. srun, may run it elsewhere)."""
         process = subprocess.Popen(
@@ -173,35 +202,36 @@ class AgentPool:
             cwd=Path.cwd(),
             start_new_session=True,  # Ctrl-C in the terminal is ours to handle, not the agent's
         )
-        agent = AgentHandle(hostname, process)
-        self._boot(agent, address, launcher)
+        agent = AgentHandle(hostname, process, started_by)
+        self._boot(agent, address)
         return agent
 
-    def _boot(self, agent: AgentHandle, address: str, launcher: Launcher) -> None:
+    def _boot(self, agent: AgentHandle, address: str) -> None:
         """Register the agent, then send its first line of stdin (which then stays open)."""
         self.controller.call_and_wait(functools.partial(self.controller.add_agent, agent))
-        boot = {
-            "address": address,
-            "identity": agent.identity.hex(),
-            "secret": self.secret,
-            "hostname": agent.hostname,
-            "agent_timeout": launcher.agent_timeout,
-            "env_file": None if launcher.env_file is None else os.fspath(launcher.env_file),
-            "server_key": self.controller.server_key,
-        }
+        boot = Boot(
+            version=PROTOCOL_VERSION,
+            address=address,
+            identity=agent.identity.hex(),
+            secret=self.secret,
+            hostname=agent.hostname,
+            agent_timeout=self.config.agent_timeout,
+            env_file=self.config.env_file,
+            server_key=self.controller.server_key,
+        )
         stdin = agent.process.stdin
         assert stdin is not None  # noqa: S101 -- narrows the type: stdin is a pipe or channel
         try:
-            stdin.write(json.dumps(boot).encode() + b"\n")
+            stdin.write(_json_line(boot))
             stdin.flush()
         except OSError as e:  # it exited at once: say why, if its exit status tells
             try:
-                code = agent.process.wait(5)
+                code: int | None = agent.process.wait(5)
             except subprocess.TimeoutExpired:
                 code = None
             why = None if code is None else agent.explain_exit(code)
             msg = why or f"the agent on {agent.hostname} could not be started ({e}; exit {code})"
-            raise RuntimeError(msg) from e
+            raise AgentFailedError(msg, hostname=agent.hostname) from e
 
     def host_address(self, index: int) -> str:
         """Where the other hosts reach host ``index`` (its workers bind there)."""
@@ -217,90 +247,102 @@ class AgentPool:
                     _stop_agent(agent)
                     self.agents[i] = None
 
+    # ---- runs
+
     def submit(
         self,
-        launcher: Launcher,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        view: tuple[list[str], int | list[int] | str] | None = None,
+        options: RunOptions,
     ) -> RunHandle[Any]:
-        """Start a run on every host (or on ``view``'s hosts and worker counts); don't wait."""
-        hostnames, spec = view or (self.hostnames, launcher.workers_per_host)
-        indexes = [self.hostnames.index(h) for h in hostnames]
+        """Start a run on ``options``' hosts; don't wait."""
+        indexes = [self.hostnames.index(h) for h in options.hostnames]
         agents = [a for a in (self.agents[i] for i in indexes) if a is not None]
-        workers = _workers_per_host(spec, agents)
-        backend = _backend(launcher.backend, agents)
-        payload = serialization.dumps((func, args, kwargs))
-        env = copied_env(launcher.copy_env_vars, launcher.extra_env_vars)
-        run_id = uuid.uuid4().hex[:12]
-        handlers = _handlers(launcher, hostnames, workers)
-        run = RunState(run_id, agents, workers, _dispatch(handlers), secrets.token_hex(16))
-        offsets = [0, *itertools.accumulate(workers)]
-        common = {
-            "run": run_id,
-            "world_size": offsets[-1],
-            "backend": backend,
-            "master_addr": self.host_address(indexes[0]),
-            "env": env,
-            "cwd": str(Path.cwd()),
-            "sys_path": sys.path,
-            "worker_timeout": launcher.worker_timeout,
-            "result_token": run.result_token,
-            "log_level": log_level_from_env(),
-            "server_key": self.controller.server_key,
-        }
-        messages = [
-            (
-                {
-                    **common,
-                    "group_rank": g,
-                    "address": self.host_address(i),
-                    "local_world_size": n,
-                    "workers": [{"rank": offsets[g] + r, "local_rank": r} for r in range(n)],
-                },
-                payload,
-            )
-            for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
-        ]
+        workers = _workers_per_host(options.workers_per_host, agents)
+        handlers = options.handlers(options.hostnames, workers)
+        run = RunState(
+            uuid.uuid4().hex[:12],
+            agents,
+            workers,
+            functools.partial(emit_batch, handlers),
+            secrets.token_hex(16),
+        )
+        specs = self._specs(run, indexes, options)
         handle: RunHandle[Any] = RunHandle(
-            run_id,
+            run.id,
             functools.partial(
                 self.controller.call,
-                functools.partial(self.controller.cancel_run, run_id, "cancelled in the launcher"),
+                functools.partial(self.controller.cancel_run, run.id, "cancelled in the launcher"),
             ),
             run.done,
         )
 
-        def outcome() -> LaunchResult[Any]:
-            if run.failures:
-                raise_failure(run, hostnames)
-            return LaunchResult(
-                {
-                    host: [unpickle_result(run, offsets[g] + r, host) for r in range(workers[g])]
-                    for g, host in enumerate(hostnames)
-                }
-            )
-
         def finish() -> None:
             for handler in handlers:
                 handler.close()
-            handle.settle(outcome)
+            handle.settle(
+                lambda: settle(run.failures, run.results, options.hostnames, run.workers_per_host)
+            )
 
         # settled on a thread of its own: unpickling and the user's done-callbacks must neither
         # hold up the controller thread nor wait behind another run
         run.on_done = lambda: threading.Thread(
-            target=finish, name=f"torchrunx-run-{run_id}", daemon=True
+            target=finish, name=f"torchrunx-run-{run.id}", daemon=True
         ).start()
         self.handles.add(handle)
-        self.controller.call(functools.partial(self.controller.start_run, run, messages))
+        payload = serialization.dumps((func, args, kwargs))
+        self.controller.call(functools.partial(self.controller.start_run, run, specs, payload))
         return handle
+
+    def _specs(self, run: RunState, indexes: list[int], options: RunOptions) -> list[RunSpec]:
+        """Each host's part of the run."""
+        workers = run.workers_per_host
+        offsets = [0, *itertools.accumulate(workers)]
+        backend = _backend(options.backend, run.agents)
+        return [
+            RunSpec(
+                run=run.id,
+                world_size=offsets[-1],
+                backend=backend,
+                master_addr=self.host_address(indexes[0]),
+                env=options.env,
+                cwd=str(Path.cwd()),
+                sys_path=tuple(sys.path),
+                worker_timeout=options.worker_timeout,
+                result_token=run.result_token,
+                log_level=log_level_from_env(),
+                server_key=self.controller.server_key,
+                group_rank=g,
+                address=self.host_address(i),
+                local_world_size=n,
+                workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
+            )
+            for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
+        ]
 
     def close(self) -> None:
         """Cancel the runs in flight, stop every agent and the controller."""
         for handle in list(self.handles):
             handle.cancel()
         self._finalizer()
+
+
+def _json_line(boot: Boot) -> bytes:
+    import json  # noqa: PLC0415 -- once per agent start
+
+    return json.dumps(to_json(boot)).encode() + b"\n"
+
+
+def _start_failed(failures: list[tuple[str, str]]) -> AgentFailedError:
+    hosts = [h for h, _ in failures]
+    if len(failures) == 1:
+        msg = failures[0][1]
+    else:
+        msg = f"agents failed to start on {hosts}:\n" + "\n".join(
+            f"  {h}: {reason}" for h, reason in failures
+        )
+    return AgentFailedError(msg, hostname=hosts[0])
 
 
 def _close_pool(controller: Controller, agents: list[AgentHandle | None]) -> None:
@@ -324,21 +366,15 @@ def _stop_agent(agent: AgentHandle, timeout: float = 5.0) -> None:
         process.wait(timeout)
 
 
-def _uses_srun(launcher: Launcher) -> bool:
-    if launcher.agent_start == "auto":
-        return in_slurm_job() and shutil.which("srun") is not None
-    return launcher.agent_start == "srun"
-
-
 def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:
-    facts = [a.facts or {} for a in agents]
     if isinstance(spec, int):
         return [spec] * len(agents)
     if isinstance(spec, (list, tuple)):
         return list(spec)
+    facts = [a.facts for a in agents if a.facts is not None]
     if spec == "cpu":
-        return [int(f["cpus"]) for f in facts]
-    gpus = [int(f["gpus"]) for f in facts]
+        return [f.cpus for f in facts]
+    gpus = [f.gpus for f in facts]
     if spec == "gpu":
         missing = [a.hostname for a, g in zip(agents, gpus, strict=True) if g == 0]
         if missing:
@@ -351,25 +387,4 @@ def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) ->
 def _backend(backend: str | None, agents: list[AgentHandle]) -> str | None:
     if backend != "auto":
         return backend
-    return "nccl" if all((a.facts or {}).get("gpus") for a in agents) else "gloo"
-
-
-def _handlers(
-    launcher: Launcher, hostnames: list[str], workers: list[int]
-) -> list[logging.Handler]:
-    factory = launcher.handler_factory
-    if factory is None:
-        return []
-    if factory == "auto":
-        r = launcher.live_ranks
-        live = None if r == "all" else [r] if isinstance(r, int) else list(r)
-        return default_handlers(hostnames, workers, launcher.log_dir, live)
-    handlers = factory()
-    if not isinstance(handlers, list) or not all(isinstance(h, logging.Handler) for h in handlers):
-        msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
-        raise TypeError(msg)
-    return handlers
-
-
-def _dispatch(handlers: list[logging.Handler]) -> Callable[[list[logging.LogRecord]], None]:
-    return functools.partial(emit_batch, handlers)
+    return "nccl" if all(a.facts is not None and a.facts.gpus for a in agents) else "gloo"

@@ -1,13 +1,18 @@
-"""Process-lifetime tools: parent-death signals, child subreapers and process-tree killing.
+"""Ending processes: parent-death signals, child subreapers, and teardown within a deadline.
 
-Killing is escalation with a deadline: the caller sends a signal to every process of a set, and
-polls (it never blocks) until they are gone. Zombies count as gone: their parent reaps them.
+This module owns "end these processes and everything they started, within this deadline":
+:class:`Teardown` signals a set, gives it a grace period, escalates to SIGKILL and gives up at a
+deadline, either polled from an event loop (a run's leftovers) or waited for (an agent's own
+shutdown). :func:`run_processes` finds what a run's workers started. Zombies count as gone:
+their parent reaps them.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Teardown",
     "alive",
+    "run_processes",
     "set_child_subreaper",
     "set_parent_death_signal",
     "signal_all",
@@ -18,11 +23,19 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+GRACE_S = 3.0
+"""How long a process gets between SIGTERM and SIGKILL."""
+DEADLINE_S = 10.0
+"""Longest wait for killed processes to vanish; past it they are reported and given up on."""
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -67,3 +80,91 @@ def alive(pids: Iterable[int]) -> list[int]:
         if fields[0] not in (b"Z", b"X") and not int(fields[6]) & _PF_EXITING:
             running.append(pid)
     return running
+
+
+class Teardown:
+    """Ends ``pids``: ``first`` now, SIGKILL after ``grace`` s, given up on after ``deadline`` s.
+
+    Poll :meth:`done` from an event loop, or block in :meth:`wait`.
+    """
+
+    def __init__(
+        self,
+        pids: Iterable[int],
+        first: int = signal.SIGTERM,
+        grace: float = GRACE_S,
+        deadline: float = DEADLINE_S,
+    ) -> None:
+        self.remaining = list(pids)
+        self.started = time.monotonic()
+        self.grace = grace
+        self.deadline = deadline
+        self.killed = first == signal.SIGKILL
+        signal_all(self.remaining, first)
+
+    def done(self) -> bool:
+        """Whether every process is gone, or the deadline passed (``remaining`` lists the rest)."""
+        self.remaining = alive(self.remaining)
+        waited = time.monotonic() - self.started
+        if self.remaining and not self.killed and waited >= self.grace:
+            self.killed = True
+            signal_all(self.remaining, signal.SIGKILL)
+        return not self.remaining or waited >= self.deadline
+
+    def wait(self, interval: float = 0.01) -> list[int]:
+        """Block until :meth:`done`; the processes that outlived the deadline."""
+        while not self.done():
+            time.sleep(interval)
+        return self.remaining
+
+
+def run_processes(  # noqa: PLR0913 -- one per way a process is known to be the run's
+    root: int,
+    workers: set[int],
+    other_workers: set[int],
+    pipes: set[int],
+    run_id: str,
+    *,
+    alone: bool,
+) -> list[int]:
+    """The live descendants of ``root`` that a run's ``workers`` left behind (not the workers).
+
+    Everything a worker starts ends up under ``root`` (the forkserver, a subreaper). Processes of
+    ``other_workers`` (other runs' workers) and their descendants are never taken. When the run
+    is ``alone`` on the host, every other process there is its own; else a process is the run's if
+    it descends from one of its workers, shares a worker's session, holds one of its output
+    ``pipes`` (inodes: forked children inherit them) or carries its ``run_id`` in
+    ``$TORCHRUNX_RUN_ID`` (exec'd children do).
+    """
+    try:
+        descendants = psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    foreign = set(other_workers)
+    for pid in other_workers:
+        with contextlib.suppress(psutil.Error):
+            foreign |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    candidates = [p for p in descendants if p.pid not in foreign and p.pid not in workers]
+    if alone:
+        return [p.pid for p in candidates]
+    links = {f"pipe:[{inode}]" for inode in pipes}
+    return [p.pid for p in candidates if _belongs(p, workers, links, run_id)]
+
+
+def _belongs(p: psutil.Process, workers: set[int], links: set[str], run_id: str) -> bool:
+    with contextlib.suppress(psutil.Error, OSError):
+        return (
+            os.getsid(p.pid) in workers
+            or any(a.pid in workers for a in p.parents())
+            or _holds_any(p.pid, links)
+            or p.environ().get("TORCHRUNX_RUN_ID") == run_id
+        )
+    return False
+
+
+def _holds_any(pid: int, links: set[str]) -> bool:
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if str(fd.readlink()) in links:
+                return True
+    return False

@@ -3,7 +3,7 @@
 ::
 
     agent                                   worker (rank r)
-      │ ◄── hello ─────────────────────────── connect (ipc, private directory)
+      │ ◄── connect ───────────────────────── connect (ipc, private directory)
       │ ◄── port {p} ───────────────────────── rank 0: TCPStore on an OS-assigned port
       │ ── rendezvous {master_port} ──────────► other ranks: connect to the store
       │                                        init_process_group, fn(*args, **kwargs)
@@ -28,27 +28,43 @@ import os
 import socket
 import sys
 import traceback
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import zmq
 
 from .logs import record_line
 from .reaper import set_parent_death_signal
 from .transport import serialization
-from .transport.messages import decode, encode
+from .transport.messages import (
+    Ack,
+    Connect,
+    DirectResult,
+    Fork,
+    Message,
+    Port,
+    Raised,
+    Rendezvous,
+    Result,
+    Unpicklable,
+    WorkerSlot,
+    decode,
+    encode,
+)
 from .transport.security import encrypt_client
+
+M = TypeVar("M", bound=Message)
 
 _ACK_TIMEOUT_MS = 60_000
 _DIRECT_RESULT_BYTES = 1 << 20
 
 
-def run_worker(spec: dict[str, Any], worker: dict[str, Any], payload: memoryview) -> NoReturn:
+def run_worker(fork: Fork, slot: WorkerSlot, payload: memoryview) -> NoReturn:
     """Run one rank and exit; called in the child right after ``fork``."""
     os.setsid()
     set_parent_death_signal()
     code = 1
     try:
-        code = _Worker(spec, worker).run(payload)
+        code = _Rank(fork, slot).execute(payload)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 -- a bug of ours: say so on stderr, exit non-zero
@@ -60,45 +76,39 @@ def run_worker(spec: dict[str, Any], worker: dict[str, Any], payload: memoryview
     os._exit(code)
 
 
-class _Worker:
-    def __init__(self, spec: dict[str, Any], worker: dict[str, Any]) -> None:
-        self.spec = spec
-        self.rank: int = worker["rank"]
-        self.local_rank: int = worker["local_rank"]
-        self.world_size: int = spec["world_size"]
+class _Rank:
+    """One rank of a run, in its worker process."""
+
+    def __init__(self, fork: Fork, slot: WorkerSlot) -> None:
+        self.fork = fork
+        self.spec = spec = fork.spec
+        self.rank = slot.rank
+        self.local_rank = slot.local_rank
+        self.world_size = spec.world_size
         self.env = {
-            **spec["env"],
+            **spec.env,
             "RANK": str(self.rank),
             "LOCAL_RANK": str(self.local_rank),
-            "GROUP_RANK": str(spec["group_rank"]),
-            "LOCAL_WORLD_SIZE": str(spec["local_world_size"]),
+            "GROUP_RANK": str(spec.group_rank),
+            "LOCAL_WORLD_SIZE": str(spec.local_world_size),
             "WORLD_SIZE": str(self.world_size),
-            "MASTER_ADDR": spec["master_addr"],
-            "TORCHRUNX_RUN_ID": spec["run"],
+            "MASTER_ADDR": spec.master_addr,
+            "TORCHRUNX_RUN_ID": spec.run,
         }
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, _ACK_TIMEOUT_MS)
-        self.sock.setsockopt(zmq.IDENTITY, f"{spec['run']}:{self.local_rank}".encode())
+        self.sock.setsockopt(zmq.IDENTITY, f"{spec.run}:{self.local_rank}".encode())
 
-    def run(self, payload: memoryview) -> int:
-        os.environ.update(self.env)
-        with contextlib.suppress(OSError):
-            os.chdir(self.spec["cwd"])
-        sys.path[:0] = [p for p in self.spec["sys_path"] if p not in sys.path]
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(AttributeError, ValueError):
-                stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        # the worker's logging records reach the launcher whole: logger name, level, time
-        logging.root.addHandler(_RecordsToStderr())
-        logging.root.setLevel(self.spec.get("log_level", logging.INFO))
-
-        self.sock.connect(self.spec["endpoint"])
-        self.sock.send_multipart(encode("hello", {}))
+    def execute(self, payload: memoryview) -> int:
+        """Set up, call the function, send back its outcome; the process's exit code."""
+        self._set_up()
+        self.sock.connect(self.fork.endpoint)
+        self.sock.send_multipart(encode(Connect()))
         try:
             store = self._rendezvous()
-            fn, args, kwargs = serialization.loads(_split(payload, self.spec["payload_sizes"]))
-            if self.spec["backend"] is not None:
+            fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
+            if self.spec.backend is not None:
                 self._init_process_group(store)
             value = fn(*args, **kwargs)
             if store is not None:
@@ -108,50 +118,60 @@ class _Worker:
         try:
             frames = serialization.dumps(value)
         except Exception as e:  # noqa: BLE001 -- any pickling error is reported as the outcome
-            return self._send_error(e, while_pickling=value)
+            return self._send_unpicklable(e, value)
         try:
             self._send_result(frames)
         except Exception as e:  # noqa: BLE001 -- the launcher could not be reached: say why
             return self._send_error(e)
         if store is not None:
-            # Nobody leaves before every rank is done: a peer may still be finishing its side of
-            # the process group's connections (gloo's mesh set-up is not symmetric). Rank 0
-            # hosts the store, so it leaves last: a wait on a store whose host has gone may
-            # never return (a process the user forked can keep its sockets open).
-            store.wait([f"torchrunx/done/{r}" for r in range(self.world_size)])
-            if self.rank == 0:
-                store.wait([f"torchrunx/left/{r}" for r in range(1, self.world_size)])
-            else:
-                store.set(f"torchrunx/left/{self.rank}", "1")
+            self._leave(store)
         return 0
+
+    def _set_up(self) -> None:
+        os.environ.update(self.env)
+        with contextlib.suppress(OSError):
+            os.chdir(self.spec.cwd)
+        sys.path[:0] = [p for p in self.spec.sys_path if p not in sys.path]
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError):
+                stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        # the worker's logging records reach the launcher whole: logger name, level, time
+        logging.root.addHandler(_RecordsToStderr())
+        logging.root.setLevel(self.spec.log_level)
+
+    def _leave(self, store: Any) -> None:
+        """Nobody leaves before every rank is done.
+
+        A peer may still be finishing its side of the process group's connections (gloo's mesh
+        set-up is not symmetric). Rank 0 hosts the store, so it leaves last: a wait on a store
+        whose host has gone may never return (a process the user forked can keep its sockets
+        open).
+        """
+        store.wait([f"torchrunx/done/{r}" for r in range(self.world_size)])
+        if self.rank == 0:
+            store.wait([f"torchrunx/left/{r}" for r in range(1, self.world_size)])
+        else:
+            store.set(f"torchrunx/left/{self.rank}", "1")
 
     def _rendezvous(self) -> Any:
         """Rank 0 hosts the store on an OS-assigned port; the port reaches the others via us."""
-        backend = self.spec["backend"]
+        spec = self.spec
+        timeout = dt.timedelta(seconds=spec.worker_timeout)
+        store = None
         if self.rank == 0:
-            if backend is None:
+            if spec.backend is None:
                 port = _free_port()
-                store = None
             else:
-                store = _master_store(
-                    self.spec["master_addr"],
-                    self.world_size,
-                    dt.timedelta(seconds=self.spec["worker_timeout"]),
-                )
+                store = _master_store(spec.master_addr, self.world_size, timeout)
                 port = store.port
-            self.sock.send_multipart(encode("port", {"port": port}))
+            self.sock.send_multipart(encode(Port(run=spec.run, port=port)))
         else:
-            port = self._recv("rendezvous")["master_port"]
-            store = None
-            if backend is not None:
+            port = self._recv(Rendezvous).master_port
+            if spec.backend is not None:
                 from torch.distributed import TCPStore  # noqa: PLC0415
 
                 store = TCPStore(
-                    self.spec["master_addr"],
-                    port,
-                    self.world_size,
-                    is_master=False,
-                    timeout=dt.timedelta(seconds=self.spec["worker_timeout"]),
+                    spec.master_addr, port, self.world_size, is_master=False, timeout=timeout
                 )
         os.environ["MASTER_PORT"] = str(port)
         return store
@@ -160,73 +180,80 @@ class _Worker:
         import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
-        if self.spec["backend"] == "nccl" and self.local_rank < torch.cuda.device_count():
+        if self.spec.backend == "nccl" and self.local_rank < torch.cuda.device_count():
             # each worker its own GPU, as NCCL expects: cuda:LOCAL_RANK is the current device
             torch.cuda.set_device(self.local_rank)
         dist.init_process_group(
-            backend=self.spec["backend"],
+            backend=self.spec.backend,
             store=store,
             rank=self.rank,
             world_size=self.world_size,
-            timeout=dt.timedelta(seconds=self.spec["worker_timeout"]),
+            timeout=dt.timedelta(seconds=self.spec.worker_timeout),
         )
 
-    def _recv(self, expected: str) -> dict[str, Any]:
+    def _recv(self, expected: type[M]) -> M:
         while True:
-            kind, header, _ = decode(self.sock.recv_multipart())
-            if kind == expected:
-                return header
-            if kind != "rendezvous":  # rank 0 is told the port it chose: nothing to do
-                msg = f"worker expected a {expected!r} message from its agent, got {kind!r}"
-                raise RuntimeError(msg)
+            message, _ = decode(self.sock.recv_multipart())
+            if isinstance(message, expected):
+                return message
+            if not isinstance(message, Rendezvous):  # rank 0 hears of its own port: no news
+                msg = f"worker expected {expected.KIND!r} from its agent, got {message.KIND!r}"
+                raise TypeError(msg)
 
-    def _send(self, kind: str, header: dict[str, Any], frames: list[Any]) -> None:
+    def _send(self, message: Message, frames: list[Any]) -> None:
         """Send the outcome and wait until the agent has it: only then may this process exit."""
-        self.sock.send_multipart(encode(kind, header, *frames), copy=False)
+        self.sock.send_multipart(encode(message, *frames), copy=False)
         if self.sock.poll(_ACK_TIMEOUT_MS):
-            self._recv("ack")
+            self._recv(Ack)
 
     def _send_result(self, frames: list[Any]) -> None:
         """Large results go straight to the launcher: one hop instead of two, twice the speed."""
+        where = (self.spec.run, self.rank, self.local_rank)
         if sum(memoryview(f).nbytes for f in frames) < _DIRECT_RESULT_BYTES:
-            self._send("result", {}, frames)
+            self._send(Result(*where), frames)
             return
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        encrypt_client(sock, self.spec.get("server_key"))
+        encrypt_client(sock, self.spec.server_key)
         try:
-            sock.connect(self.spec["launcher"])
-            token = self.spec["result_token"]
-            header = {"run": self.spec["run"], "rank": self.rank, "token": token}
-            sock.send_multipart(encode("result", header, *frames), copy=False)
+            sock.connect(self.fork.launcher)
+            direct = DirectResult(run=self.spec.run, rank=self.rank, token=self.spec.result_token)
+            sock.send_multipart(encode(direct, *frames), copy=False)
             if not sock.poll(_ACK_TIMEOUT_MS):
                 msg = f"the launcher did not confirm rank {self.rank}'s result within 60 s"
                 raise TimeoutError(msg)
             sock.recv_multipart()
         finally:
             sock.close()
-        self._send("result", {"direct": True}, [])
+        self._send(Result(*where, direct=True), [])
 
-    def _send_error(self, e: BaseException, *, while_pickling: object = None) -> int:
-        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        header = {
-            "type": f"{type(e).__module__}.{type(e).__qualname__}",
-            "message": _safe_str(e),
-            "traceback": tb,
-        }
-        if while_pickling is not None:
-            header["unpicklable_result"] = type(while_pickling).__qualname__
-            self._send("error", header, [])
-            return 0
+    def _send_error(self, e: BaseException) -> int:
+        what = _described(e)
         e.__traceback__ = None  # frames would drag every local variable into the pickle
+        unpicklable = None
         try:
             frames = serialization.dumps(e)
             serialization.loads(frames)  # fails here, not in the launcher, if it cannot return
         except Exception as pickling_error:  # noqa: BLE001 -- it is sent back as text instead
-            header["unpicklable"] = _safe_str(pickling_error)
+            unpicklable = _safe_str(pickling_error)
             frames = []
-        self._send("error", header, frames)
+        where = (self.spec.run, self.rank, self.local_rank)
+        self._send(Raised(*where, *what, unpicklable=unpicklable), frames)
         return 0
+
+    def _send_unpicklable(self, e: BaseException, value: object) -> int:
+        where = (self.spec.run, self.rank, self.local_rank)
+        self._send(Unpicklable(*where, type(value).__qualname__, *_described(e)), [])
+        return 0
+
+
+def _described(e: BaseException) -> tuple[str, str, str]:
+    """An exception as text: its type's full name, its message, its formatted traceback."""
+    return (
+        f"{type(e).__module__}.{type(e).__qualname__}",
+        _safe_str(e),
+        "".join(traceback.format_exception(type(e), e, e.__traceback__)),
+    )
 
 
 class _RecordsToStderr(logging.Handler):
@@ -264,7 +291,7 @@ def _on_the_terminal_already(record: logging.LogRecord) -> bool:
     return False
 
 
-def _split(payload: memoryview, sizes: list[int]) -> list[memoryview]:
+def _split(payload: memoryview, sizes: tuple[int, ...]) -> list[memoryview]:
     frames, start = [], 0
     for size in sizes:
         frames.append(payload[start : start + size])

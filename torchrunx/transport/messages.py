@@ -1,22 +1,84 @@
-"""Control-plane messages: ``[kind, header, *buffers]`` multipart frames.
+"""The wire contract: every message between launcher, agent, forkserver and worker is a typed value.
 
-``kind`` is a short ASCII word, ``header`` is JSON of plain data (never a pickle: a header is read
-before anything is trusted), and the buffers are opaque bytes -- pickles and their out-of-band
-buffers -- that only the launcher and the workers ever unpickle.
+A message is a frozen dataclass whose class names its ``KIND``. On a ZeroMQ socket it travels as
+``[kind, header, *buffers]``: ``header`` is the JSON of its fields (plain data, never a pickle: a
+header is read before anything is trusted) and ``buffers`` are opaque bytes (pickles and their
+out-of-band buffers) that only the launcher and the workers unpickle. Between agent and
+forkserver the same header rides a local socket (:mod:`.unix`). Decoding checks every field's
+type; a message that does not fit raises :class:`WireError` and is dropped by its reader.
 
-launcher -> agent: ``run``, ``rendezvous``, ``cancel``, ``shutdown``, ``heartbeat``
-agent -> launcher: ``hello``, ``heartbeat``, ``port``, ``output``, ``result``, ``error``,
-``died``, ``cleared``, ``failed``
-worker -> agent: ``hello``, ``port``, ``result``, ``error``
-agent -> worker: ``rendezvous``, ``ack``
+=============  ==========================  ====================================================
+kind           sent                        carries
+=============  ==========================  ====================================================
+boot           launcher → agent (stdin)    protocol version, where to connect, secrets
+hello          agent → launcher            protocol version, secret, host facts
+heartbeat      launcher ↔ agent            nothing: "still here"
+run            launcher → agent            a run's spec for this host; buffers: the payload
+credit         launcher → agent            bytes of output handled (flow control)
+cancel         launcher → agent            a run to tear down
+rendezvous     launcher → agent → worker   rank 0's store port
+cleared        agent → launcher            a run has no process left on the host
+output         agent → launcher            where a chunk of output came from; buffer: it
+died           agent → launcher            a worker that ended without an outcome
+up             forkserver → agent          it is ready
+fork           agent → forkserver          a run to fork workers for; pipes attached
+forked         forkserver → agent          a worker's pid
+exited         forkserver → agent          a child's wait status
+connect        worker → agent              the worker is up
+port           worker → agent → launcher   rank 0's store port
+result         worker → agent → launcher   buffers: the pickled return value (< 1 MiB)
+direct         worker → launcher           the run's token; buffers: a large return value
+error          worker → agent → launcher   the exception; buffers: it, pickled, if it can be
+unpicklable    worker → agent → launcher   a return value that cannot be pickled
+ack            agent or launcher → worker  the outcome has arrived: the worker may exit
+=============  ==========================  ====================================================
 """
 
 from __future__ import annotations
 
-__all__ = ["PROTOCOL_VERSION", "Header", "decode", "encode"]
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Boot",
+    "Cancel",
+    "Cleared",
+    "Connect",
+    "Credit",
+    "Died",
+    "DirectResult",
+    "Exited",
+    "Fork",
+    "Forked",
+    "Heartbeat",
+    "Hello",
+    "HostFacts",
+    "Message",
+    "Output",
+    "Port",
+    "Raised",
+    "Rendezvous",
+    "Result",
+    "Run",
+    "RunSpec",
+    "Unpicklable",
+    "Up",
+    "VersionMismatchError",
+    "WireError",
+    "WorkerSlot",
+    "decode",
+    "encode",
+    "from_json",
+    "parse",
+    "to_json",
+]
 
+import dataclasses
 import json
-from typing import TYPE_CHECKING, Any
+import types
+import typing
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -25,27 +87,412 @@ if TYPE_CHECKING:
 
     from .serialization import Buffer
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""Launcher and agent must speak the same; it travels in ``boot`` and ``hello``."""
 
-Header = dict[str, Any]
-
-
-def encode(kind: str, header: Header | None = None, *buffers: Buffer) -> list[Buffer]:
-    """Frames of one message."""
-    return [kind.encode(), json.dumps(header or {}, separators=(",", ":")).encode(), *buffers]
+M = TypeVar("M", bound="Message")
+T = TypeVar("T")
 
 
-def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[str, Header, list[zmq.Frame | bytes]]:
-    """Split a message into kind, header and buffers; raises ``ValueError`` if malformed."""
+class WireError(ValueError):
+    """A message that does not fit the contract: unknown kind, missing or mistyped field."""
+
+
+class VersionMismatchError(WireError):
+    """The peer speaks another protocol version (another torchrunx release)."""
+
+    def __init__(self, peer: str, theirs: object) -> None:
+        super().__init__(
+            f"the {peer} speaks torchrunx protocol version {theirs!r}, this process speaks "
+            f"{PROTOCOL_VERSION}: install the same torchrunx release on every host"
+        )
+        self.theirs = theirs
+
+
+_KINDS: dict[str, type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message; a subclass sets ``KIND`` and is registered under it."""
+
+    KIND: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.KIND in _KINDS:
+            msg = f"two message classes of kind {cls.KIND!r}"
+            raise TypeError(msg)
+        _KINDS[cls.KIND] = cls
+
+
+# ---- launcher and agent
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What an agent tells the launcher about its host."""
+
+    pid: int
+    hostname: str
+    gpus: int
+    cpus: int
+    python: str
+    dir: str  # the agent's private folder
+
+
+@dataclass(frozen=True)
+class Boot(Message):
+    """The agent's first line of stdin: where to connect and how to prove itself."""
+
+    KIND = "boot"
+    version: int
+    address: str
+    identity: str  # hex: the agent's ZeroMQ identity
+    secret: str
+    hostname: str
+    agent_timeout: float
+    env_file: str | None
+    server_key: str | None
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """The agent's first message: who it is, proven by the launcher's secret."""
+
+    KIND = "hello"
+    version: int
+    secret: str
+    facts: HostFacts
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    """Still here (both ways, every second)."""
+
+    KIND = "heartbeat"
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """One worker of a host: its global and local rank."""
+
+    rank: int
+    local_rank: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything one host's agent and workers need to run their part of a run."""
+
+    run: str
+    world_size: int
+    backend: str | None
+    master_addr: str
+    env: dict[str, str]
+    cwd: str
+    sys_path: tuple[str, ...]
+    worker_timeout: float
+    result_token: str  # proves a direct result belongs to this run
+    log_level: int
+    server_key: str | None
+    group_rank: int
+    address: str  # where the other hosts reach this one
+    local_world_size: int
+    workers: tuple[WorkerSlot, ...]
+
+
+@dataclass(frozen=True)
+class Run(Message):
+    """Start a run on this host; buffers: the pickled ``(fn, args, kwargs)``."""
+
+    KIND = "run"
+    spec: RunSpec
+
+
+@dataclass(frozen=True)
+class Credit(Message):
+    """The launcher has handled this many more bytes of output."""
+
+    KIND = "credit"
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    """Tear the run down on this host."""
+
+    KIND = "cancel"
+    run: str
+
+
+@dataclass(frozen=True)
+class Rendezvous(Message):
+    """Rank 0's store listens on ``master_port``."""
+
+    KIND = "rendezvous"
+    run: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class Cleared(Message):
+    """No process of the run is left on the agent's host."""
+
+    KIND = "cleared"
+    run: str
+
+
+@dataclass(frozen=True)
+class Output(Message):
+    """A chunk of output (the buffer): a worker's stream, or the agent's own message."""
+
+    KIND = "output"
+    run: str | None = None
+    rank: int | None = None
+    local_rank: int | None = None
+    stream: str | None = None  # "stdout" | "stderr"; None: the agent's own, at ``level``
+    level: str = "WARNING"
+
+
+@dataclass(frozen=True)
+class Died(Message):
+    """A worker ended without sending an outcome."""
+
+    KIND = "died"
+    run: str
+    rank: int
+    local_rank: int
+    pid: int
+    tail: tuple[str, ...]  # its last lines of output
+    exitcode: int | None = None
+    signal: str | None = None  # a signal's name (or number, as text, if it has none)
+
+
+# ---- agent and forkserver
+
+
+@dataclass(frozen=True)
+class Up(Message):
+    """The forkserver is ready."""
+
+    KIND = "up"
+    pid: int
+
+
+@dataclass(frozen=True)
+class Fork(Message):
+    """Fork the workers of a run (the spec's env as the agent completed it); pipes attached."""
+
+    KIND = "fork"
+    spec: RunSpec
+    endpoint: str  # the agent's socket for its workers
+    launcher: str  # the launcher's socket, for direct results
+    payload_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Forked(Message):
+    """A worker of the run is forked."""
+
+    KIND = "forked"
+    run: str
+    local_rank: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Exited(Message):
+    """A child of the forkserver exited (``os.waitpid`` status)."""
+
+    KIND = "exited"
+    pid: int
+    status: int
+
+
+# ---- workers
+
+
+@dataclass(frozen=True)
+class Connect(Message):
+    """A worker is up and connected to its agent."""
+
+    KIND = "connect"
+
+
+@dataclass(frozen=True)
+class Port(Message):
+    """Rank 0's store listens on ``port``."""
+
+    KIND = "port"
+    run: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """A worker's return value (the buffers), or news that it went to the launcher directly."""
+
+    KIND = "result"
+    run: str
+    rank: int
+    local_rank: int
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class DirectResult(Message):
+    """A large return value sent straight to the launcher, with the run's token."""
+
+    KIND = "direct"
+    run: str
+    rank: int
+    token: str
+
+
+@dataclass(frozen=True)
+class Raised(Message):
+    """The function raised; buffers: the exception pickled, unless ``unpicklable`` says why not."""
+
+    KIND = "error"
+    run: str
+    rank: int
+    local_rank: int
+    type: str
+    message: str
+    traceback: str
+    unpicklable: str | None = None
+
+
+@dataclass(frozen=True)
+class Unpicklable(Message):
+    """The function returned a ``value_type`` that cannot be pickled (``type``: the error)."""
+
+    KIND = "unpicklable"
+    run: str
+    rank: int
+    local_rank: int
+    value_type: str
+    type: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """The worker's outcome has arrived."""
+
+    KIND = "ack"
+
+
+# ---- encoding
+
+
+def to_json(value: object) -> Any:
+    """Plain JSON data of a message, a dataclass or a value inside one."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
+
+
+def encode(message: Message, *buffers: Buffer) -> list[Buffer]:
+    """The frames of ``message`` and its buffers."""
+    header = json.dumps(to_json(message), separators=(",", ":"))
+    return [message.KIND.encode(), header.encode(), *buffers]
+
+
+def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Message, list[zmq.Frame | bytes]]:
+    """The message in ``frames`` and its buffers; raises :class:`WireError` if it does not fit."""
     if len(frames) < 2:
         msg = f"a message has at least 2 frames, got {len(frames)}"
-        raise ValueError(msg)
-    kind = _as_bytes(frames[0]).decode("ascii")
-    header = json.loads(_as_bytes(frames[1]))
-    if not isinstance(header, dict):
-        msg = f"a message header is a JSON object, got {type(header).__name__}"
-        raise TypeError(msg)
-    return kind, header, list(frames[2:])
+        raise WireError(msg)
+    try:
+        kind = _as_bytes(frames[0]).decode("ascii")
+        header = json.loads(_as_bytes(frames[1]))
+    except (UnicodeDecodeError, ValueError) as e:
+        msg = f"a message's kind or header is not readable: {e}"
+        raise WireError(msg) from e
+    cls = _KINDS.get(kind)
+    if cls is None:
+        msg = f"unknown message kind {kind!r}"
+        raise WireError(msg)
+    return _checked(cls, header), list(frames[2:])
+
+
+def parse(cls: type[M], header: bytes | bytearray) -> M:
+    """A ``cls`` message from its JSON header alone (the agent's boot line)."""
+    try:
+        data = json.loads(header)
+    except ValueError as e:
+        msg = f"a {cls.KIND} message is not JSON: {e}"
+        raise WireError(msg) from e
+    return _checked(cls, data)
+
+
+def _checked(cls: type[M], data: object) -> M:
+    """``from_json``, after the protocol version if the message has one (it decides the rest)."""
+    if isinstance(data, dict) and "version" in data and data["version"] != PROTOCOL_VERSION:
+        raise VersionMismatchError(peer="peer", theirs=data["version"])
+    return from_json(cls, data)
+
+
+def from_json(cls: type[T], data: object) -> T:
+    """A ``cls`` (a dataclass) built from JSON data, every field's type checked."""
+    if not isinstance(data, dict):
+        msg = f"{cls.__name__}: expected an object, got {type(data).__name__}"
+        raise WireError(msg)
+    hints = _hints(typing.cast("type", cls))
+    unknown = set(data) - set(hints)
+    if unknown:
+        msg = f"{cls.__name__}: unknown fields {sorted(unknown)}"
+        raise WireError(msg)
+    try:
+        values = {name: _convert(hints[name], value, name) for name, value in data.items()}
+        return cls(**values)
+    except TypeError as e:  # a required field is missing
+        msg = f"{cls.__name__}: {e}"
+        raise WireError(msg) from e
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+
+
+def _convert(tp: Any, value: object, where: str) -> Any:
+    """``value`` as a ``tp``: nested dataclasses built, lists as tuples where declared so."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:  # only ever ``X | None`` here
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:
+            return _convert(options[0], value, where)
+    elif dataclasses.is_dataclass(tp):
+        return from_json(tp, value)  # type: ignore[arg-type]
+    elif origin in (list, tuple) and isinstance(value, list):
+        item = typing.get_args(tp)[0]
+        return origin(_convert(item, v, where) for v in value)
+    elif origin is dict and isinstance(value, dict):
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, where) for k, v in value.items()}
+    elif _is_scalar(tp, value):
+        return float(value) if tp is float else value  # type: ignore[arg-type]
+    msg = f"field {where!r}: {value!r} is not a {tp}"
+    raise WireError(msg)
+
+
+def _is_scalar(tp: Any, value: object) -> bool:
+    if isinstance(value, bool):  # a bool is an int to isinstance, never to us
+        return tp is bool
+    if tp is float:
+        return isinstance(value, (int, float))
+    return tp in (int, str) and type(value) is tp
 
 
 def _as_bytes(frame: zmq.Frame | bytes) -> bytes:

@@ -1,36 +1,38 @@
 """Messages over a local stream socket (agent <-> forkserver), with file descriptors attached.
 
-A message is ``!II`` (header length, payload length), a JSON header and a payload. File
-descriptors ride with the first bytes (``SCM_RIGHTS``). Both ends are our own processes on one
-host, connected by ``socketpair``: nobody else can speak here.
+On the wire: ``!III`` (kind, header and payload lengths), the kind, the JSON header of a typed
+message (:mod:`.messages`) and a payload. File descriptors ride with the first bytes
+(``SCM_RIGHTS``). Both ends are our own processes on one host, connected by ``socketpair``:
+nobody else can speak here.
 """
 
 from __future__ import annotations
 
 __all__ = ["recv_message", "send_message"]
 
-import json
 import socket
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .messages import Message, decode, encode
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-_PREFIX = struct.Struct("!II")
+_PREFIX = struct.Struct("!III")
 _MAX_FDS = 256
 
 
 def send_message(
     sock: socket.socket,
-    header: dict[str, Any],
+    message: Message,
     payload: Sequence[bytes | memoryview] = (),
     fds: Sequence[int] = (),
 ) -> None:
     """Send one message; ``payload`` buffers are concatenated on the wire."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    kind, head = (bytes(frame) for frame in encode(message))
     size = sum(memoryview(b).nbytes for b in payload)
-    first = _PREFIX.pack(len(head), size) + head
+    first = _PREFIX.pack(len(kind), len(head), size) + kind + head
     sent = socket.send_fds(sock, [first], list(fds)) if fds else sock.send(first)
     sock.sendall(first[sent:])
     for buffer in payload:
@@ -49,8 +51,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
     return data
 
 
-def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytearray, list[int]]:
-    """Receive one message: header, payload and the file descriptors that came with it.
+def recv_message(sock: socket.socket) -> tuple[Message, bytearray, list[int]]:
+    """Receive one message: the message, its payload and the file descriptors that came with it.
 
     Raises ``EOFError`` when the peer has closed the connection.
     """
@@ -59,6 +61,8 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytearray, list[i
         raise EOFError
     if len(prefix) < _PREFIX.size:
         prefix += _recv_exactly(sock, _PREFIX.size - len(prefix))
-    head_len, size = _PREFIX.unpack(prefix)
-    header = json.loads(_recv_exactly(sock, head_len))
-    return header, _recv_exactly(sock, size), list(fds)
+    kind_len, head_len, size = _PREFIX.unpack(prefix)
+    kind = bytes(_recv_exactly(sock, kind_len))
+    head = bytes(_recv_exactly(sock, head_len))
+    message, _ = decode([kind, head])
+    return message, _recv_exactly(sock, size), list(fds)

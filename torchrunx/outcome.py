@@ -1,0 +1,220 @@
+"""A run's outcome as what ``run()`` returns or raises: the one module that decides it.
+
+The controller collects typed :data:`Failure` values and the pickled results; :func:`settle`
+runs in the thread that settles the run's handle (never the controller's), since it unpickles.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentLost",
+    "Failure",
+    "ResultUnpicklable",
+    "RunCancelled",
+    "WorkerDied",
+    "WorkerRaised",
+    "settle",
+]
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from .errors import AgentFailedError, RemoteTraceback, TorchrunxError, WorkerFailedError
+from .result import LaunchResult
+from .transport import serialization
+from .transport.messages import Died, Raised, Unpicklable
+
+
+@dataclass(frozen=True)
+class WorkerRaised:
+    """The function raised; ``frames``: the exception, pickled (empty if it could not be)."""
+
+    hostname: str
+    error: Raised
+    frames: list[Any]
+
+
+@dataclass(frozen=True)
+class ResultUnpicklable:
+    """The function returned a value that cannot be pickled."""
+
+    hostname: str
+    error: Unpicklable
+
+
+@dataclass(frozen=True)
+class WorkerDied:
+    """A worker ended without an outcome (a signal, ``os._exit``, ``sys.exit``)."""
+
+    hostname: str
+    death: Died
+
+
+@dataclass(frozen=True)
+class AgentLost:
+    """A host's agent died, went silent or could not be reached; ``reason`` says which."""
+
+    hostname: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RunCancelled:
+    """The run was cancelled: ``cancel()``, Ctrl-C, ``close()``."""
+
+    reason: str
+
+
+Failure = WorkerRaised | ResultUnpicklable | WorkerDied | AgentLost | RunCancelled
+
+_LIKELY_CAUSES = {
+    "SIGKILL": "killed from outside, often by the kernel's out-of-memory killer",
+    "SIGSEGV": "a segmentation fault, usually in a C/C++/CUDA extension",
+    "SIGABRT": "aborted, e.g. by a failed assertion in native code",
+    "SIGBUS": "a bus error, e.g. /dev/shm too small for shared memory",
+}
+
+
+def settle(
+    failures: list[Failure],
+    results: dict[int, list[Any]],
+    hostnames: list[str],
+    workers_per_host: list[int],
+) -> LaunchResult[Any]:
+    """Every rank's return value; or raise the failure that ended the run."""
+    if failures:
+        _raise(failures, hostnames)
+    offsets = [0, *itertools.accumulate(workers_per_host)]
+    return LaunchResult(
+        {
+            host: [_unpickle(results, offsets[g] + r, host) for r in range(workers_per_host[g])]
+            for g, host in enumerate(hostnames)
+        }
+    )
+
+
+def _raise(failures: list[Failure], hostnames: list[str]) -> NoReturn:
+    """Raise the failure that caused the run to end; summarise the others in ``__notes__``.
+
+    A worker's death or an agent's failure comes first: the errors it causes in the other ranks
+    ("connection closed by peer") are consequences, not causes.
+    """
+    real = [f for f in failures if not isinstance(f, RunCancelled)] or failures
+    primary = next((f for f in real if isinstance(f, (WorkerDied, AgentLost))), real[0])
+    exc = _exception(primary, hostnames)
+    others = [_summary(f) for f in real if f is not primary]
+    if others:
+        _add_note(exc, "other failures in this run:\n  " + "\n  ".join(others))
+    raise exc
+
+
+def _exception(failure: Failure, hostnames: list[str]) -> BaseException:
+    if isinstance(failure, WorkerRaised):
+        exc = _raised(failure)
+        _add_note(exc, f"raised by {_where(failure)} in torchrunx")
+        return exc
+    if isinstance(failure, ResultUnpicklable):
+        e = failure.error
+        text = (
+            f"the return value of {_where(failure)}, a {e.value_type}, cannot be pickled: "
+            f"{e.type}: {e.message}"
+        )
+        return _worker_error(failure, text, e.traceback)
+    if isinstance(failure, WorkerDied):
+        return _died(failure)
+    if isinstance(failure, AgentLost):
+        return AgentFailedError(failure.reason, hostname=failure.hostname)
+    return TorchrunxError(f"the run on {hostnames} was cancelled: {failure.reason}")
+
+
+def _where(failure: WorkerRaised | ResultUnpicklable | WorkerDied) -> str:
+    m = failure.death if isinstance(failure, WorkerDied) else failure.error
+    return f"rank {m.rank} (local rank {m.local_rank}) on {failure.hostname}"
+
+
+def _summary(failure: Failure) -> str:
+    if isinstance(failure, (WorkerRaised, ResultUnpicklable)):
+        return f"{_where(failure)} raised {failure.error.type}: {failure.error.message}"
+    if isinstance(failure, WorkerDied):
+        d = failure.death
+        how = f"signal {d.signal}" if d.signal is not None else f"exit code {d.exitcode}"
+        return f"{_where(failure)} died ({how})"
+    if isinstance(failure, AgentLost):
+        return f"the agent on {failure.hostname} failed"
+    return f"run cancelled: {failure.reason}"
+
+
+def _died(failure: WorkerDied) -> WorkerFailedError:
+    d = failure.death
+    if d.signal is not None:
+        how = f"was killed by {d.signal}"
+        cause = _LIKELY_CAUSES.get(d.signal)
+        if cause:
+            how += f" ({cause})"
+    else:
+        how = f"exited with code {d.exitcode} without returning a value"
+    text = f"worker {_where(failure)}, pid {d.pid}, {how}"
+    lines = "\n  ".join(d.tail)
+    text += f".\nLast lines it wrote:\n  {lines}" if d.tail else ".\nIt wrote nothing."
+    return WorkerFailedError(
+        text,
+        hostname=failure.hostname,
+        rank=d.rank,
+        local_rank=d.local_rank,
+        exitcode=d.exitcode,
+        signal_name=d.signal,
+        last_lines=d.tail,
+    )
+
+
+def _raised(failure: WorkerRaised) -> BaseException:
+    e = failure.error
+    if e.unpicklable is not None:
+        text = (
+            f"{_where(failure)} raised {e.type}: {e.message}; the exception itself cannot be "
+            f"pickled ({e.unpicklable}), so it is given here as text"
+        )
+        return _worker_error(failure, text, e.traceback)
+    try:
+        exc = serialization.loads(failure.frames)
+    except Exception as error:  # noqa: BLE001 -- e.g. its class is not importable here
+        text = (
+            f"{_where(failure)} raised {e.type}: {e.message}; it cannot be unpickled in the "
+            f"launcher ({type(error).__name__}: {error})"
+        )
+        return _worker_error(failure, text, e.traceback)
+    if not isinstance(exc, BaseException):
+        text = f"{_where(failure)} sent back a {type(exc).__name__} as its exception"
+        return _worker_error(failure, text, e.traceback)
+    exc.__cause__ = RemoteTraceback(e.traceback)
+    return exc
+
+
+def _worker_error(
+    failure: WorkerRaised | ResultUnpicklable, text: str, traceback: str
+) -> WorkerFailedError:
+    e = failure.error
+    error = WorkerFailedError(text, hostname=failure.hostname, rank=e.rank, local_rank=e.local_rank)
+    error.__cause__ = RemoteTraceback(traceback)
+    return error
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    notes: list[str] = [*getattr(exc, "__notes__", []), note]
+    setattr(exc, "__notes__", notes)  # noqa: B010 -- add_note() and a typed __notes__ are 3.11+
+
+
+def _unpickle(results: dict[int, list[Any]], rank: int, hostname: str) -> Any:
+    """The return value of ``rank``, unpickled here in the caller's thread."""
+    if rank not in results:
+        msg = f"rank {rank} on {hostname} ended without sending its return value"
+        raise WorkerFailedError(msg, hostname=hostname, rank=rank)
+    try:
+        return serialization.loads(results[rank])
+    except Exception as e:
+        msg = (
+            f"the return value of rank {rank} on {hostname} cannot be unpickled in the "
+            f"launcher: {type(e).__name__}: {e}"
+        )
+        raise WorkerFailedError(msg, hostname=hostname, rank=rank) from e
