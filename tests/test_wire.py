@@ -173,3 +173,20 @@ def test_a_launcher_of_another_version_is_refused_by_the_agent(
     launcher.close()
     assert f"version {PROTOCOL_VERSION + 7}" in str(info.value)
     assert f"speaks {PROTOCOL_VERSION}" in str(info.value)
+
+
+def test_the_readme_table_names_every_kind_and_module() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Architecture") : readme.index("## Several hosts")]
+    for cls in Message.__subclasses__():
+        assert f"| `{cls.KIND}` |" in section, f"{cls.KIND} is not in the README's table"
+    package = Path(torchrunx.__file__).parent
+    for module in package.rglob("*.py"):
+        name = module.relative_to(package).as_posix()
+        if module.name in ("__init__.py", "__main__.py") or name.startswith("utils/"):
+            continue
+        short = name.rsplit("/", 1)[-1] if name.startswith("transport/") else name
+        top = name.split("/", 1)[0] + "/"
+        assert f"`{name}`" in section or f"`{short}`" in section or f"`{top}`" in section, name

@@ -234,7 +234,7 @@ class Controller:
         first and be dropped as a stranger's.
         """
         self.agents[agent.identity] = agent
-        if isinstance(agent.process, subprocess.Popen):  # local, or srun here for another node
+        if agent.started_by != "ssh":  # our child: local, or srun here for another node
             agent.pidfd = os.pidfd_open(agent.process.pid)
             self._watch(agent.pidfd, "exit", agent)
         # an SSH agent's exit is the end of its stderr (see RemoteAgentProcess)

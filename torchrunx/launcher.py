@@ -318,20 +318,8 @@ def launch(  # noqa: PLR0913 -- the public signature of earlier releases
 # ---- validation
 
 
-def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check per field
-    h = launcher.hostnames
-    if isinstance(h, str):
-        if h not in ("auto", "slurm"):
-            msg = f'hostnames={h!r}: use "auto", "slurm" or a list of hostnames'
-            raise ValueError(msg)
-    elif not isinstance(h, (list, tuple)) or not all(isinstance(x, str) and x for x in h):
-        msg = f'hostnames={h!r}: use "auto", "slurm" or a list of non-empty hostname strings'
-        raise TypeError(msg)
-    elif len(h) == 0:
-        msg = "hostnames=[]: give at least one hostname"
-        raise ValueError(msg)
-    else:
-        _check_hostnames(list(h), launcher.workers_per_host)
+def _validate(launcher: Launcher) -> None:
+    _check_hostnames_field(launcher.hostnames, launcher.workers_per_host)
     _check_workers(launcher.workers_per_host)
     if launcher.backend is not None and launcher.backend not in _BACKENDS:
         msg = f"backend={launcher.backend!r}: use one of {_BACKENDS} or None"
@@ -341,20 +329,7 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             msg = f"{name}={value!r}: use a positive number of seconds"
             raise ValueError(msg)
-    c = launcher.copy_env_vars
-    if isinstance(c, str) or not all(isinstance(p, str) for p in c):
-        msg = f"copy_env_vars={c!r}: use a tuple of fnmatch patterns, e.g. ('PATH', 'CUDA*')"
-        raise TypeError(msg)
-    e = launcher.extra_env_vars
-    if e is not None and not (
-        isinstance(e, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in e.items())
-    ):
-        msg = f"extra_env_vars={e!r}: use a dict of str to str"
-        raise TypeError(msg)
-    f = launcher.env_file
-    if f is not None and not os.path.isfile(f):  # noqa: PTH113
-        msg = f"env_file={f!r}: no such file"
-        raise ValueError(msg)
+    _check_environment(launcher)
     if not isinstance(launcher.encrypt, bool):
         msg = f"encrypt={launcher.encrypt!r}: use True or False"
         raise TypeError(msg)
@@ -371,6 +346,38 @@ def _validate(launcher: Launcher) -> None:  # noqa: C901, PLR0912 -- one check p
         and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ranks)
     ):
         msg = f'live_ranks={r!r}: use a rank (int >= 0), a list of ranks, or "all"'
+        raise ValueError(msg)
+
+
+def _check_hostnames_field(h: object, workers_per_host: object) -> None:
+    if isinstance(h, str):
+        if h not in ("auto", "slurm"):
+            msg = f'hostnames={h!r}: use "auto", "slurm" or a list of hostnames'
+            raise ValueError(msg)
+    elif not isinstance(h, (list, tuple)) or not all(isinstance(x, str) and x for x in h):
+        msg = f'hostnames={h!r}: use "auto", "slurm" or a list of non-empty hostname strings'
+        raise TypeError(msg)
+    elif len(h) == 0:
+        msg = "hostnames=[]: give at least one hostname"
+        raise ValueError(msg)
+    else:
+        _check_hostnames(list(h), workers_per_host)
+
+
+def _check_environment(launcher: Launcher) -> None:
+    c = launcher.copy_env_vars
+    if isinstance(c, str) or not all(isinstance(p, str) for p in c):
+        msg = f"copy_env_vars={c!r}: use a tuple of fnmatch patterns, e.g. ('PATH', 'CUDA*')"
+        raise TypeError(msg)
+    e = launcher.extra_env_vars
+    if e is not None and not (
+        isinstance(e, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in e.items())
+    ):
+        msg = f"extra_env_vars={e!r}: use a dict of str to str"
+        raise TypeError(msg)
+    f = launcher.env_file
+    if f is not None and not os.path.isfile(f):  # noqa: PTH113
+        msg = f"env_file={f!r}: no such file"
         raise ValueError(msg)
 
 

@@ -268,6 +268,27 @@ def readable_line(line: str) -> str:
     return f"{logging.getLevelName(level)} {name}: {message}"
 
 
+def _fields(base: dict[str, Any], raw: bytes) -> dict[str, Any]:
+    """A record's attributes for one line: the worker's own record's, if the line carries one."""
+    fields = base.copy()
+    if raw.startswith(_MARK_BYTES):
+        try:
+            logger, levelno, created, message = json.loads(raw[len(_MARK_BYTES) :])
+            fields.update(
+                name=logger,
+                levelno=levelno,
+                levelname=logging.getLevelName(levelno),
+                created=created,
+                msecs=(created - int(created)) * 1000,
+                msg=message,
+            )
+        except (ValueError, TypeError):
+            fields["msg"] = raw.decode("utf-8", "surrogateescape")
+        return fields
+    fields["msg"] = raw.decode("utf-8", "surrogateescape")
+    return fields
+
+
 def output_records(  # noqa: PLR0913 -- one per attribute of the records
     data: bytes,
     *,
@@ -301,23 +322,7 @@ def output_records(  # noqa: PLR0913 -- one per attribute of the records
         lines.pop()
     records = []
     for raw in lines:
-        fields = base.copy()
-        if raw.startswith(_MARK_BYTES):
-            try:
-                logger, levelno, created, message = json.loads(raw[len(_MARK_BYTES) :])
-                fields.update(
-                    name=logger,
-                    levelno=levelno,
-                    levelname=logging.getLevelName(levelno),
-                    created=created,
-                    msecs=(created - int(created)) * 1000,
-                    msg=message,
-                )
-            except (ValueError, TypeError):
-                fields["msg"] = raw.decode("utf-8", "surrogateescape")
-        else:
-            fields["msg"] = raw.decode("utf-8", "surrogateescape")
         record = logging.LogRecord.__new__(logging.LogRecord)
-        record.__dict__ = fields
+        record.__dict__ = _fields(base, raw)
         records.append(record)
     return records
