@@ -1,13 +1,15 @@
 """Benchmark our torchrunx against torchrunx 0.4.0 and torchrun on this machine.
 
-Usage: ``bash benchmarks/run.sh [--quick] [--only S1,S2] [--impl ours,040,torchrun] [--multihost]``.
+Usage: ``bash benchmarks/run.sh [--quick] [--only S1,S2] [--impl ours,040,torchrun] [--multihost]``
+(which runs ``python3 -m benchmarks.compare`` from the repository root).
 
 Every scenario runs in a fresh process (``scenario.py``) started with the Python of the
 implementation under test: ours (``../.venv/bin/python``, ``$PYTHON`` or ``--python``), torchrunx
 0.4.0 in its own virtual environment (created here on first use), and torchrun from the torch of
-that environment. Prints one table and writes ``results.json``. Standard library only, except for
-the multi-host scenarios: they run on fake hosts made by ``tests/cluster.py`` (network namespaces
-with sshd; needs root and the ``cryptography`` package in this interpreter).
+that environment. Each reports flat metrics (``protocol.py``); one table prints them all
+(``report.py``), and ``results.json`` keeps them. Standard library only, except for the
+multi-host scenarios: they run on fake hosts made by ``testbed.cluster`` (network namespaces with
+sshd; needs root and the ``cryptography`` package in this interpreter).
 """
 
 from __future__ import annotations
@@ -15,27 +17,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib
 import json
 import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from benchmarks import report
+from benchmarks.protocol import (
+    EVENT_STAMP,
+    LOWER,
+    MULTIHOST_FIRST_RUN_HOSTS,
+    Record,
+    multihost_first_run_name,
+    read_result,
+)
+
+if TYPE_CHECKING:
+    from testbed.cluster import Cluster
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REF_VENV = HERE / ".venv-torchrunx040"
 REF_CONSTRAINTS = HERE / "constraints-torchrunx040.txt"
 REF_REQUIREMENTS = ("torch==2.13.0", "torchrunx==0.4.0", "psutil")
-EVENT_STAMP = "event"  # workloads.EVENT_STAMP; this module imports no torch
 
 IMPLS = ("ours", "040", "torchrun")
 TITLES = {"ours": "ours", "040": "torchrunx 0.4.0", "torchrun": "torchrun"}
@@ -43,7 +55,8 @@ MODES = {"ours": "launcher", "040": "launcher", "torchrun": "torchrun"}
 STARTUP_TIMEOUT_S = 240.0  # until a failure scenario has injected its failure
 LEFTOVER_GRACE_S = 3.0  # how long processes may outlive the scenario process
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # unwind (kill, tear down) before exiting
-CLUSTER_MODULE_DIR = REPO / "tests"  # cluster.py: fake hosts for the multi-host scenarios
+BASE_IMPL = "ours"  # the table's ratio columns divide by its medians
+CALLER_DIR_VAR = "BENCH_CALLER_DIR"  # set by run.sh: where relative paths in the options start
 
 
 def log(message: str) -> None:
@@ -53,14 +66,12 @@ def log(message: str) -> None:
 
 @dataclass(frozen=True)
 class Scenario:
-    """One row of the table."""
+    """What to run: one scenario of ``scenario.py``, which reports its own metrics."""
 
     name: str
-    unit: str
     impls: tuple[str, ...]
     process_per_rep: bool = False
     failure: bool = False
-    higher_is_better: bool = False
     description: str = ""
     hosts: int = 0  # multi-host: nodes of a fresh cluster per scenario process; 0: localhost only
 
@@ -68,20 +79,17 @@ class Scenario:
 SCENARIOS = (
     Scenario(
         "first_run",
-        "s",
         IMPLS,
         process_per_rep=True,
         description="first Launcher(...).run(noop) of a fresh process; torchrun: whole run",
     ),
     Scenario(
         "later_run",
-        "s",
         IMPLS,
         description="noop run of a launcher after a warm-up run; torchrun: whole run",
     ),
     Scenario(
         "sigkill_latency",
-        "s",
         IMPLS,
         process_per_rep=True,
         failure=True,
@@ -89,7 +97,6 @@ SCENARIOS = (
     ),
     Scenario(
         "exception_in_barrier",
-        "s",
         IMPLS,
         process_per_rep=True,
         failure=True,
@@ -97,71 +104,57 @@ SCENARIOS = (
     ),
     Scenario(
         "results_throughput",
-        "GiB/s",
         ("ours", "040"),
-        higher_is_better=True,
         description="2 x 256 MiB tensors returned: GiB / (return - tensors built)",
     ),
     Scenario(
         "results_throughput_encrypted",
-        "GiB/s",
         ("ours",),
-        higher_is_better=True,
         description="as results_throughput, with encrypt=True (CURVE)",
     ),
     Scenario(
         "agent_rss",
-        "MiB",
         IMPLS,
         description="peak RSS of the agent process during a run (torchrun: its own process)",
     ),
     Scenario(
         "leak_1000",
-        "procs",
         ("ours",),
         description="N noop runs on one launcher: leaked processes, fds, RSS",
     ),
     Scenario(
         "log_lines",
-        "lines/s",
         IMPLS,
-        higher_is_better=True,
         description="1 worker prints 200,000 lines: N / (run - noop run); lines lost on the way",
     ),
     Scenario(
         "log_overhead",
-        "s",
         ("ours", "040"),
-        description="noop run of a launcher (1 worker) with default logging; below: logging off",
+        description="noop runs of a launcher (1 worker) with default logging and with none",
     ),
     Scenario(
         "sweep_in_flight",
-        "runs/s",
         ("ours", "040"),
-        higher_is_better=True,
-        description="100 noop runs of a launcher, 1 in flight (0.4.0: 10); below: 2 and 4",
+        description="sweeps of 100 noop runs of a launcher, 1, 2, 4 in flight (0.4.0: 10, 1)",
     ),
     *(
         Scenario(
-            f"multihost_first_run_{k}",
-            "s",
+            multihost_first_run_name(k),
             ("ours", "040"),
             process_per_rep=True,
             description=f"first run(noop) of a fresh process on {k} host(s) x 1 worker",
             hosts=k,
         )
-        for k in (1, 4, 8)
+        for k in MULTIHOST_FIRST_RUN_HOSTS
     ),
     Scenario(
         "multihost_later_run",
-        "s",
         ("ours", "040"),
         description="noop run of a launcher on 4 hosts x 1 worker after a warm-up run",
         hosts=4,
     ),
     Scenario(
         "multihost_worker_kill",
-        "s",
         ("ours", "040"),
         process_per_rep=True,
         failure=True,
@@ -171,9 +164,28 @@ SCENARIOS = (
 )
 BY_NAME = {s.name: s for s in SCENARIOS}
 MULTIHOST = tuple(s.name for s in SCENARIOS if s.hosts)
-SCALING = ("multihost_first_run_1", "multihost_first_run_8")  # the "8 hosts / 1 host" row
-IN_FLIGHT = (1, 2, 4)  # the rows of sweep_in_flight: runs kept in flight (scenario.IN_FLIGHT)
-ROW_LABELS = {"sweep_in_flight": f"sweep_in_flight_{IN_FLIGHT[0]}"}  # first row, where not the name
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A metric across two scenarios: the median of one metric over that of another."""
+
+    name: str
+    numerator: str
+    denominator: str
+    better: str
+
+
+_FEWEST, _MOST = MULTIHOST_FIRST_RUN_HOSTS[0], MULTIHOST_FIRST_RUN_HOSTS[-1]
+RATIOS = (
+    # how the first run scales with the hosts (0.4.0 starts them one after another)
+    Ratio(
+        f"{multihost_first_run_name(_MOST)}_over_{_FEWEST}",
+        multihost_first_run_name(_MOST),
+        multihost_first_run_name(_FEWEST),
+        LOWER,
+    ),
+)
 
 
 @dataclass
@@ -181,8 +193,8 @@ class Outcome:
     """What one scenario process produced."""
 
     status: str  # ok | error | capped
-    values: list[float] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: list[Record] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     leftovers: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -191,19 +203,15 @@ class Outcome:
 
 @dataclass
 class Cell:
-    """One implementation's result for one scenario."""
+    """One implementation's result for one scenario: the metrics of all its processes."""
 
     status: str  # ok | error | capped | n/a
-    values: list[float] = field(default_factory=list)
-    extras: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[Record] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)  # one per process
     message: str = ""
     leftovers: list[str] = field(default_factory=list)
     processes: list[dict[str, Any]] = field(default_factory=list)
     log_tail: str = ""
-
-    def median(self) -> float | None:
-        """Median of the values, if there are any."""
-        return statistics.median(self.values) if self.values else None
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -382,16 +390,12 @@ class Hosts:
     hosts_file: bool = True
 
 
-def cluster_module() -> Any:
-    """``tests/cluster.py``, imported on first use: it needs root and ``cryptography``."""
-    if str(CLUSTER_MODULE_DIR) not in sys.path:
-        sys.path.insert(0, str(CLUSTER_MODULE_DIR))
-    return importlib.import_module("cluster")
-
-
-def start_cluster(count: int, state_dir: Path) -> Any:
+def start_cluster(count: int, state_dir: Path) -> Cluster:
     """A fresh cluster of ``count`` nodes; the caller tears it down with ``down()``."""
-    return cluster_module().Cluster.up(count, state_dir=state_dir)
+    # imported here, not at the top: only the multi-host scenarios need ``cryptography``
+    from testbed.cluster import Cluster  # noqa: PLC0415
+
+    return Cluster.up(count, state_dir=state_dir)
 
 
 def with_hosts_file(cmd: list[str], hosts_file: Path) -> list[str]:
@@ -441,7 +445,7 @@ def run_scenario_process(  # noqa: PLR0913 -- keyword-only: how many, how long, 
 
 
 def scenario_process(
-    impl: Implementation, cmd: list[str], workdir: Path, limits: Limits, cluster: Any
+    impl: Implementation, cmd: list[str], workdir: Path, limits: Limits, cluster: Cluster | None
 ) -> Outcome:
     """Start and supervise one scenario process; collect its result and what it left running."""
     out, log_path, stamps = workdir / "result.json", workdir / "output.log", workdir / "stamps"
@@ -472,12 +476,12 @@ def scenario_process(
         tree.kill()
         proc.wait()
     outcome = Outcome("error", leftovers=leftovers, seconds=time.monotonic() - start)
-    result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
-    if "values" in result:
-        outcome.status, outcome.values = "ok", result["values"]
-        outcome.extra = dict(result.get("extra", {}))
+    result = read_result(out)
+    if "metrics" in result:
+        outcome.status, outcome.metrics = "ok", result["metrics"]
+        outcome.details = dict(result.get("details", {}))
         if killed:
-            outcome.extra["note"] = f"scenario process did not exit; killed ({killed})"
+            outcome.details["note"] = f"scenario process did not exit; killed ({killed})"
         return outcome
     outcome.log_tail = tail(log_path, 20)
     if "error" in result:
@@ -619,9 +623,9 @@ def run_cell(
                 outcome.log_tail,
             )
             break
-        cell.values += outcome.values
-        cell.extras.append(outcome.extra)
-    if cell.status == "ok" and not cell.values and scenario.name != "leak_1000":
+        cell.metrics += outcome.metrics
+        cell.details.append(outcome.details)
+    if cell.status == "ok" and not any(m["values"] for m in cell.metrics):
         cell.status, cell.message = "error", "no measurements"
     return cell
 
@@ -636,274 +640,62 @@ def probe(impl: Implementation, workdir: Path) -> dict[str, Any]:
     )
     if outcome.status != "ok":
         return {**info, "error": outcome.message}
-    return {**info, **outcome.extra}
+    return {**info, **outcome.details}
 
 
 # --- report -------------------------------------------------------------------------------------
 
 
-def fmt(value: float, unit: str) -> str:
-    """A value with its unit; seconds below one are shown in milliseconds."""
-    if unit == "s" and value < 1:
-        return f"{value * 1e3:.3g} ms"
-    if unit == "MiB":
-        return f"{value:.0f} MiB"
-    if unit == "lines/s" and value >= 1e3:
-        return f"{value / 1e3:.3g}k lines/s"
-    return f"{value:.3g} {unit}"
-
-
-def fmt_range(cell: Cell, unit: str) -> str:
-    """Median (min-max) of a cell's values."""
-    median = cell.median()
-    if median is None:
-        return "-"
-    if len(cell.values) == 1:
-        return fmt(median, unit)
-    low, high = fmt(min(cell.values), unit), fmt(max(cell.values), unit)
-    low_number, low_unit = low.split(" ")
-    if high.endswith(f" {low_unit}"):
-        low = low_number
-    return f"{fmt(median, unit)} ({low}-{high})"
-
-
-def fmt_leak(cell: Cell) -> str:
-    """Summary of the leak scenario."""
-    extra = cell.extras[0]
-    first, last = extra["first"], extra["last"]
-    return (
-        f"{len(extra['new_descendants'])} new procs, "
-        f"{len(extra['left_after_close'])} after close; "
-        f"fds {first['launcher_fds']}->{last['launcher_fds']}; "
-        f"RSS {first['launcher_rss_mib']:.0f}->{last['launcher_rss_mib']:.0f} MiB; "
-        f"agent {first['agent_rss_mib']:.0f}->{last['agent_rss_mib']:.0f} MiB "
-        f"(runs {first['run']}->{last['run']})"
-        + (f"; {len(extra['failed_runs'])} runs failed" if extra.get("failed_runs") else "")
-    )
-
-
-def fmt_lost(cell: Cell) -> str:
-    """Lines of ``log_lines`` that did not reach each destination, per repetition."""
-    extra = cell.extras[0]
-    dests = (
-        [("stdout", "stdout")]
-        if "stdout" in extra
-        else [("file", "file"), ("agent_file", "agent file"), ("live", "live")]
-    )
-    parts = []
-    for key, label in dests:
-        counts = [c for e in cell.extras for c in e.get(key, [])]
-        if not counts:
-            continue
-        lost = [str(c["lost"]) for c in counts]
-        text = f"{label} {lost[0] if len(set(lost)) == 1 else '/'.join(lost)}"
-        if key == "live" and not extra.get("live_view", True):
-            text += " (no live view)"
-        if not all(c["in_order"] for c in counts):
-            text += " (out of order)"
-        parts.append(text)
-    return f"lost: {', '.join(parts)}"
-
-
-def raised_types(cell: Cell) -> str:
-    """Distinct exception types (or exit codes) recorded by a failure scenario."""
-    names: list[str] = []
-    for extra in cell.extras:
-        names += [n for n in extra.get("raised", []) if n not in names]
-    return "/".join(names)
-
-
-def fmt_cell(cell: Cell, scenario: Scenario, opts: argparse.Namespace) -> str:
-    """Text of one table cell."""
-    if cell.status == "n/a":
-        return "n/a"
+def missing_text(cell: Cell, cap: float) -> str:
+    """Why an implementation has no values for the metrics of a scenario: how its cell ended."""
     if cell.status == "error":
         return f"error: {cell.message[:70]}"
     if cell.status == "capped":
-        return f"> {opts.cap:g} s (capped) [none (capped)]"
-    if scenario.name == "leak_1000":
-        text = fmt_leak(cell)
-    elif scenario.name == "agent_rss":
-        steady = statistics.median(s for e in cell.extras for s in e.get("steady_mib", []))
-        text = f"{fmt_range(cell, 'MiB')}, steady {steady:.0f}"
-    else:
-        text = fmt_range(cell, scenario.unit)
-    if scenario.name == "log_lines":
-        text += f" [{fmt_lost(cell)}]"
-    if scenario.name == "sweep_in_flight":
-        text += f" [{fmt_slow(cell)}]"
-    if scenario.failure:
-        text += f" [{raised_types(cell)}]"
-    if cell.leftovers:
-        text += f" [{len(cell.leftovers)} procs left running]"
-    return text
+        return f"> {cap:g} s (capped)"
+    return report.NOT_APPLICABLE
 
 
-def fmt_ratio_value(ratio: float) -> str:
-    """A ratio with two decimals, or none from 100 on."""
-    return f"{ratio:.0f}" if ratio >= 100 else f"{ratio:.2f}"
+def scenario_metrics(name: str, cells: dict[str, Cell], cap: float) -> list[report.Metric]:
+    """The metrics of one scenario, with each implementation's values or why it has none.
 
-
-def fmt_ratio(cells: dict[str, Cell], opts: argparse.Namespace) -> str:
-    """0.4.0 / ours, on the medians."""
-    ours, ref = cells.get("ours"), cells.get("040")
-    if ours is None or ref is None:
-        return ""
-    ours_median, ref_median = ours.median(), ref.median()
-    if ours.status != "ok" or not ours_median:
-        return ""
-    if ref.status == "capped":
-        return f"> {fmt_ratio_value(opts.cap / ours_median)}"
-    if ref.status != "ok" or ref_median is None:
-        return ""
-    return fmt_ratio_value(ref_median / ours_median)
-
-
-def startup_cell(cell: Cell) -> Cell:
-    """Python start plus imports, derived from the ``first_run`` processes."""
-    values = [e["startup_s"] for e in cell.extras if "startup_s" in e]
-    if cell.status != "ok" or not values:
-        return Cell(cell.status if cell.status != "ok" else "n/a", message=cell.message)
-    return Cell("ok", values)
-
-
-def logging_off_cell(cell: Cell) -> Cell:
-    """The runs of ``log_overhead`` with logging off."""
-    values = [v for e in cell.extras for v in e.get("off_s", [])]
-    if cell.status != "ok" or not values:
-        return Cell(cell.status if cell.status != "ok" else "n/a", message=cell.message)
-    return Cell("ok", values)
-
-
-def on_over_off(cell: Cell) -> str:
-    """Median run with logging on over that with it off."""
-    off = logging_off_cell(cell)
-    if cell.status != "ok" or off.status != "ok":
-        return "n/a" if cell.status == "n/a" else "-"
-    return f"{(cell.median() or 0.0) / (off.median() or 1.0):.2f}x"
-
-
-def in_flight_cell(cell: Cell, count: int) -> Cell:
-    """The sweeps of ``sweep_in_flight`` with ``count`` runs in flight (n/a where it had none).
-
-    Its extras are those of ``cell`` with ``in_flight``: the count that :func:`fmt_slow` shows.
+    A cell that did not end well shows its error (or cap) in every metric of the scenario, not
+    the values of the processes it ran before (those stay in the results file); processes left
+    running are a note on the scenario's first metric.
     """
-    values = [v for e in cell.extras for v in e.get("runs_per_s", {}).get(str(count), [])]
-    if cell.status != "ok" or not values:
-        return Cell(cell.status if cell.status != "ok" else "n/a", message=cell.message)
-    return Cell("ok", values, [{**e, "in_flight": count} for e in cell.extras])
+    metrics: dict[str, report.Metric] = {}
+    for impl, cell in cells.items():
+        if cell.status == "ok":
+            report.collect(metrics, impl, cell.metrics, scenario=name)
+    if not metrics:  # nothing measured: one row still says why
+        metrics[name] = report.Metric(name, "", LOWER, name)
+    first = next(iter(metrics.values()))
+    for impl, cell in cells.items():
+        for metric in metrics.values():
+            if not metric.values.get(impl):
+                metric.missing[impl] = missing_text(cell, cap)
+            if cell.status == "capped":
+                metric.at_least[impl] = cap  # a failure scenario's latency: at least the cap
+        if cell.leftovers:
+            first.notes.setdefault(impl, []).append(f"{len(cell.leftovers)} procs left running")
+    return list(metrics.values())
 
 
-def fmt_slow(cell: Cell) -> str:
-    """Runs of each sweep that took ``slow_run_s`` or more, at ``in_flight`` (default: 1)."""
-    counts, limit, runs = [], 1.0, 0
-    for extra in cell.extras:
-        counts += extra.get("slow_runs", {}).get(str(extra.get("in_flight", IN_FLIGHT[0])), [])
-        limit, runs = extra.get("slow_run_s", limit), extra.get("runs_per_sweep", runs)
-    shown = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
-    return f"runs >= {limit:g} s: {shown} of {runs}"
+def all_metrics(results: dict[str, dict[str, Cell]], cap: float) -> list[report.Metric]:
+    """Every metric, in the order of the scenarios; each of :data:`RATIOS` after its inputs."""
+    metrics = [m for name, cells in results.items() for m in scenario_metrics(name, cells, cap)]
+    for spec in RATIOS:
+        index = {m.name: i for i, m in enumerate(metrics)}
+        if spec.numerator in index and spec.denominator in index:
+            top, bottom = metrics[index[spec.numerator]], metrics[index[spec.denominator]]
+            derived = report.ratio(spec.name, top, bottom, spec.better)
+            metrics.insert(max(index[spec.numerator], index[spec.denominator]) + 1, derived)
+    return metrics
 
 
-def in_flight_speedup(cell: Cell) -> float | None:
-    """Median runs/s with the most runs in flight over that with one."""
-    one, most = in_flight_cell(cell, IN_FLIGHT[0]), in_flight_cell(cell, IN_FLIGHT[-1])
-    if one.status != "ok" or most.status != "ok" or not one.median():
-        return None
-    return (most.median() or 0.0) / (one.median() or 1.0)
-
-
-def scaling(results: dict[str, dict[str, Cell]], impl: str) -> float | None:
-    """Median first run on 8 hosts over that on 1 host, where both were measured."""
-    if not all(name in results and impl in results[name] for name in SCALING):
-        return None
-    one, many = (results[name][impl] for name in SCALING)
-    if one.status != "ok" or many.status != "ok" or not one.median():
-        return None
-    return (many.median() or 0.0) / (one.median() or 1.0)
-
-
-def scaling_cell(results: dict[str, dict[str, Cell]], impl: str) -> str:
-    """Text of the "8 hosts / 1 host" cell of one implementation."""
-    ratio = scaling(results, impl)
-    if ratio is not None:
-        return f"{fmt_ratio_value(ratio)}x"
-    return "n/a" if results[SCALING[-1]][impl].status == "n/a" else "-"
-
-
-def in_flight_rows(
-    name: str, cells: dict[str, Cell], impls: list[str], opts: argparse.Namespace, width: int
-) -> list[list[str]]:
-    """Rows below ``sweep_in_flight_1``: 2 and 4 runs in flight, and 4 over 1 (other: none)."""
-    if name != "sweep_in_flight":
-        return []
-    scenario = BY_NAME[name]
-    rows = []
-    for count in IN_FLIGHT[1:]:
-        derived = {k: in_flight_cell(cells[k], count) for k in impls}
-        row = [f"{scenario.name}_{count} [{scenario.unit}, higher is better]"]
-        row += [fmt_cell(derived[k], scenario, opts) for k in impls]
-        if width > len(row):
-            row.append(fmt_ratio(derived, opts))
-        rows.append(row)
-    row = [f"  {IN_FLIGHT[-1]} / {IN_FLIGHT[0]} in flight [x, higher is better]"]
-    for k in impls:
-        speedup = in_flight_speedup(cells[k])
-        row.append("n/a" if speedup is None else f"{fmt_ratio_value(speedup)}x")
-    rows.append(row + [""] * (width - len(row)))
-    return rows
-
-
-def table_rows(
-    results: dict[str, dict[str, Cell]], impls: list[str], opts: argparse.Namespace
-) -> list[list[str]]:
-    """Header and rows of the report table."""
-    header = ["scenario", *(TITLES[k] for k in impls)]
-    if "ours" in impls and "040" in impls:
-        header.append("0.4.0/ours")
-    rows = [header]
-    for name, cells in results.items():
-        if all(cells[k].status == "n/a" for k in impls):
-            continue
-        scenario = BY_NAME[name]
-        better = "higher" if scenario.higher_is_better else "lower"
-        unit = "" if scenario.unit == "procs" else f" [{scenario.unit}, {better} is better]"
-        row = [ROW_LABELS.get(name, name) + unit]
-        row += [fmt_cell(cells[k], scenario, opts) for k in impls]
-        if len(header) > len(row):
-            row.append(fmt_ratio(cells, opts))
-        rows.append(row)
-        rows += in_flight_rows(name, cells, impls, opts, len(header))
-        if name == "first_run":
-            derived = {k: startup_cell(cells[k]) for k in impls}
-            row = ["  startup (python + imports) [s]"]
-            row += [fmt_cell(derived[k], scenario, opts) for k in impls]
-            if len(header) > len(row):
-                row.append(fmt_ratio(derived, opts))
-            rows.append(row)
-        if name == "log_overhead":
-            derived = {k: logging_off_cell(cells[k]) for k in impls}
-            row = ["  logging off [s]"]
-            row += [fmt_cell(derived[k], scenario, opts) for k in impls]
-            if len(header) > len(row):
-                row.append(fmt_ratio(derived, opts))
-            rows.append(row)
-            row = ["  on / off [x, lower is better]", *(on_over_off(cells[k]) for k in impls)]
-            rows.append(row + [""] * (len(header) - len(row)))
-        if name == SCALING[-1] and SCALING[0] in results:
-            row = ["  8 hosts / 1 host [x, lower is better]"]
-            row += [scaling_cell(results, k) for k in impls]
-            rows.append(row + [""] * (len(header) - len(row)))
-    return rows
-
-
-def render(rows: list[list[str]]) -> str:
-    """Rows as an aligned text table."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+def cell_summary(name: str, impl: str, cell: Cell, cap: float) -> str:
+    """One implementation's metrics of one scenario on one line, for the progress output."""
+    metrics = scenario_metrics(name, {impl: cell}, cap)
+    return "; ".join(f"{m.name} {report.cell(m, impl)}" for m in metrics)
 
 
 def machine_info() -> dict[str, Any]:
@@ -975,6 +767,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="multi-host launchers see this machine's /etc/hosts, not the cluster's",
     )
     opts = parser.parse_args(argv)
+    # run.sh starts this module from the repository root; a relative path means the caller's
+    opts.output = Path(os.environ.get(CALLER_DIR_VAR) or Path.cwd()) / opts.output
     opts.only = [s for s in opts.only.split(",") if s]
     if opts.multihost:
         opts.only = [s for s in opts.only if s in MULTIHOST]
@@ -1015,31 +809,31 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{name} | {TITLES[key]}] running")
                 cell = run_cell(scenario, impls[key], opts, workdir)
                 results[name][key] = cell
-                log(f"[{name} | {TITLES[key]}] {fmt_cell(cell, scenario, opts)}")
+                log(f"[{name} | {TITLES[key]}] {cell_summary(name, key, cell, opts.cap)}")
     finally:
         if opts.keep_workdir:
             log(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    rows = table_rows(results, keys, opts)
+    metrics = all_metrics(results, opts.cap)
+    rows = report.table(metrics, {k: TITLES[k] for k in keys}, BASE_IMPL)
     machine, git = machine_info(), git_info()
     torch_versions = sorted({str(v.get("torch")) for v in versions.values() if "torch" in v})
     print(
         f"# {machine.get('cpu_model', '?')}, {machine['cpus_usable']} CPUs, "
         f"torch {', '.join(torch_versions) or '?'}, commit {git['commit'] or 'none'}"
     )
-    print(render(rows))
-    report = {
+    print(report.render(rows))
+    document = {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()},
         "machine": machine,
         "git": git,
         "implementations": versions,
+        "metrics": [asdict(m) for m in metrics],
         "scenarios": {
             name: {
-                "unit": BY_NAME[name].unit,
-                "higher_is_better": BY_NAME[name].higher_is_better,
                 "description": BY_NAME[name].description,
                 "hosts": BY_NAME[name].hosts,
                 "cells": {k: asdict(c) for k, c in cells.items()},
@@ -1047,17 +841,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, cells in results.items()
         },
         "table": rows,
-        "derived": {
-            "multihost_first_run_8_over_1": {k: scaling(results, k) for k in keys},
-            "sweep_in_flight_4_over_1": {
-                k: in_flight_speedup(results["sweep_in_flight"][k])
-                if "sweep_in_flight" in results
-                else None
-                for k in keys
-            },
-        },
     }
-    opts.output.write_text(json.dumps(report, indent=2) + "\n")
+    opts.output.write_text(json.dumps(document, indent=2) + "\n")
     log(f"wrote {opts.output}")
     return 0
 

@@ -12,7 +12,9 @@ Single-host scenarios use 2 workers on ``localhost`` (``log_*``: 1); the ``multi
 1 worker on each host given by ``--hosts`` (fake hosts that ``compare.py`` brings up), reached
 through the ssh config given by ``--ssh-config``.
 
-The file given by ``--out`` receives ``{"values": [...], "extra": {...}}`` or ``{"error": "..."}``.
+The file given by ``--out`` receives the scenario's flat metrics and details, or its error (see
+``protocol.py``). Each metric is named after the scenario (``later_run``), or after the scenario
+and the part it measures (``first_run.startup``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import contextlib
 import gc
 import importlib
 import itertools
-import json
 import os
 import re
 import select
@@ -40,6 +41,18 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import torch
 import workloads
+from protocol import (
+    EVENT_STAMP,
+    HIGHER,
+    LOWER,
+    MULTIHOST_FIRST_RUN_HOSTS,
+    Record,
+    failed,
+    measured,
+    metric,
+    multihost_first_run_name,
+    write_result,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -63,7 +76,7 @@ SWEEP_RUNS = 100  # runs per sweep, where the launcher has submit()
 SWEEP_RUNS_SEQUENTIAL = 10  # runs per sweep without it (torchrunx 0.4.0: seconds per run)
 SLOW_RUN_S = 1.0  # a run of sweep_in_flight that takes this long is counted (a stall)
 
-Result = dict[str, Any]
+Result = Record  # what a scenario returns: protocol.measured(...)
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -365,7 +378,7 @@ def torchrun_noop(workdir: Path, nproc: int = WORKERS) -> float:
 def first_run(opts: argparse.Namespace) -> Result:
     """Time the first ``Launcher(...).run(noop)`` of a fresh process."""
     if opts.mode == "torchrun":
-        return {"values": [torchrun_noop(opts.workdir)]}
+        return measured([metric(opts.scenario, "s", LOWER, [torchrun_noop(opts.workdir)])])
     trx = load_torchrunx()
     imported = time.time()
     start = time.perf_counter()
@@ -375,22 +388,30 @@ def first_run(opts: argparse.Namespace) -> Result:
     start = time.perf_counter()
     close_launcher(launcher)
     closed = time.perf_counter() - start
-    return {"values": [elapsed], "extra": {"startup_s": imported - opts.t0, "close_s": closed}}
+    metrics = [
+        metric(opts.scenario, "s", LOWER, [elapsed]),
+        metric(f"{opts.scenario}.startup", "s", LOWER, [imported - opts.t0]),
+    ]
+    return measured(metrics, close_s=closed)
 
 
 def later_run(opts: argparse.Namespace) -> Result:
     """Time noop runs of one launcher after a warm-up run."""
     if opts.mode == "torchrun":
-        return {"values": [torchrun_noop(opts.workdir) for _ in range(opts.reps)]}
+        values = [torchrun_noop(opts.workdir) for _ in range(opts.reps)]
+        return measured([metric(opts.scenario, "s", LOWER, values)])
     with open_launcher(load_torchrunx()) as launcher:
         warmup, _, _ = timed_run(launcher, workloads.noop)
         values = [timed_run(launcher, workloads.noop)[0] for _ in range(opts.reps)]
-    return {"values": values, "extra": {"warmup_s": warmup}}
+    return measured([metric(opts.scenario, "s", LOWER, values)], warmup_s=warmup)
 
 
 def failure_latency(opts: argparse.Namespace, fn: Callable[[str], None], mode: str) -> Result:
-    """Time from an injected failure on rank 1 to the launcher (or torchrun) reporting it."""
-    stamp = opts.workdir / workloads.EVENT_STAMP
+    """Time from an injected failure on rank 1 to the launcher (or torchrun) reporting it.
+
+    Notes: the type raised (torchrun: its exit code).
+    """
+    stamp = opts.workdir / EVENT_STAMP
     values: list[float] = []
     raised: list[str] = []
     details: list[str] = []
@@ -418,7 +439,8 @@ def failure_latency(opts: argparse.Namespace, fn: Callable[[str], None], mode: s
             msg = f"the failure was never injected (raised {raised[-1]}: {details[-1]})"
             raise RuntimeError(msg)
         values.append(reported - workloads.read_stamp(stamp))
-    return {"values": values, "extra": {"raised": raised, "details": details}}
+    latency = metric(opts.scenario, "s", LOWER, values, notes=raised)
+    return measured([latency], raised=raised, details=details)
 
 
 def sigkill_latency(opts: argparse.Namespace) -> Result:
@@ -475,14 +497,14 @@ def results_throughput(opts: argparse.Namespace, **fields: Any) -> Result:
             transfer.append(returned - built)
             wall.append(elapsed)
             values.append(GIB_PER_RUN / (returned - built))
-    extra = {
-        "gib_per_run": GIB_PER_RUN,
-        "transfer_s": transfer,
-        "wall_s": wall,
-        "noop_s": noop_s,
-        "gib_per_s_wall_minus_noop": [GIB_PER_RUN / max(w - noop_s, 1e-9) for w in wall],
-    }
-    return {"values": values, "extra": extra}
+    return measured(
+        [metric(opts.scenario, "GiB/s", HIGHER, values)],
+        gib_per_run=GIB_PER_RUN,
+        transfer_s=transfer,
+        wall_s=wall,
+        noop_s=noop_s,
+        gib_per_s_wall_minus_noop=[GIB_PER_RUN / max(w - noop_s, 1e-9) for w in wall],
+    )
 
 
 def sample_torchrun_agent(opts: argparse.Namespace, me: psutil.Process) -> RssSampler:
@@ -517,14 +539,17 @@ def agent_rss(opts: argparse.Namespace) -> Result:
     else:
         samplers = sample_launcher_agents(opts, me)
     first = samplers[0]
-    extra = {
-        "steady_mib": [s.steady() for s in samplers],
-        "agents_seen_per_run": [len(s.samples) for s in samplers],
-        "agent_and_parent": first.described[first.main_pid()],
-        "other_agents": [d for pid, d in first.described.items() if pid != first.main_pid()],
-        "process_tree": first.tree,
-    }
-    return {"values": [s.peak() for s in samplers], "extra": extra}
+    metrics = [
+        metric(opts.scenario, "MiB", LOWER, [s.peak() for s in samplers]),
+        metric(f"{opts.scenario}.steady", "MiB", LOWER, [s.steady() for s in samplers]),
+    ]
+    return measured(
+        metrics,
+        agents_seen_per_run=[len(s.samples) for s in samplers],
+        agent_and_parent=first.described[first.main_pid()],
+        other_agents=[d for pid, d in first.described.items() if pid != first.main_pid()],
+        process_tree=first.tree,
+    )
 
 
 def snapshot(me: psutil.Process, run: int) -> dict[str, Any]:
@@ -569,20 +594,37 @@ def leak_1000(opts: argparse.Namespace) -> Result:
         time.sleep(0.1)
     before = {d["pid"] for d in snapshots[first]["descendants"]}
     new = [d for d in snapshots[count]["descendants"] if d["pid"] not in before]
-    extra = {
-        "runs": count,
-        "first": snapshots[first],
-        "last": snapshots[count],
-        "new_descendants": new,
-        "failed_runs": failures,
-        "left_after_close": [describe(p) for p in descendants(me)],
-        "run_s": {
-            "median": statistics.median(times),
-            "min": min(times),
-            "max": max(times),
-        },
-    }
-    return {"values": [float(len(new))], "extra": extra}
+    left = [describe(p) for p in descendants(me)]
+    metrics = [
+        metric(f"{opts.scenario}.new_procs", "procs", LOWER, [len(new)]),
+        metric(f"{opts.scenario}.procs_after_close", "procs", LOWER, [len(left)]),
+        *growth_metrics(opts.scenario, snapshots[first], snapshots[count]),
+        metric(f"{opts.scenario}.failed_runs", "runs", LOWER, [len(failures)]),
+    ]
+    run_s = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    return measured(
+        metrics,
+        runs=count,
+        first=snapshots[first],
+        last=snapshots[count],
+        new_descendants=new,
+        failed_runs=failures,
+        left_after_close=left,
+        run_s=run_s,
+    )
+
+
+def growth_metrics(scenario: str, first: dict[str, Any], last: dict[str, Any]) -> list[Record]:
+    """Growth of the launcher's fds and RSS and of the agents' RSS between two snapshots."""
+    runs = [f"runs {first['run']}->{last['run']}"]
+    return [
+        metric(f"{scenario}.{name}", unit, LOWER, [last[key] - first[key]], notes=runs)
+        for key, name, unit in (
+            ("launcher_fds", "launcher_fds_growth", "fds"),
+            ("launcher_rss_mib", "launcher_rss_growth", "MiB"),
+            ("agent_rss_mib", "agent_rss_growth", "MiB"),
+        )
+    ]
 
 
 def probe(opts: argparse.Namespace) -> Result:
@@ -595,7 +637,7 @@ def probe(opts: argparse.Namespace) -> Result:
         trx = load_torchrunx()
         info["torchrunx"] = getattr(trx, "__version__", "unknown")
         info["torchrunx_location"] = str(Path(trx.__file__).parent)
-    return {"values": [], "extra": info}
+    return measured([], **info)
 
 
 def multihost_first_run(opts: argparse.Namespace) -> Result:
@@ -612,8 +654,13 @@ def multihost_first_run(opts: argparse.Namespace) -> Result:
         start = time.perf_counter()
         close_launcher(launcher)
         closed = time.perf_counter() - start
-    extra = {"startup_s": imported - opts.t0, "close_s": closed, "hosts": seen}
-    return {"values": [elapsed], "extra": extra}
+    startup = imported - opts.t0
+    return measured(
+        [metric(opts.scenario, "s", LOWER, [elapsed])],
+        startup_s=startup,
+        close_s=closed,
+        hosts=seen,
+    )
 
 
 def multihost_later_run(opts: argparse.Namespace) -> Result:
@@ -622,7 +669,7 @@ def multihost_later_run(opts: argparse.Namespace) -> Result:
         warmup, _, _ = timed_run(launcher, workloads.noop)
         values = [timed_run(launcher, workloads.noop)[0] for _ in range(opts.reps)]
         seen = check_hosts(launcher, opts)
-    return {"values": values, "extra": {"warmup_s": warmup, "hosts": seen}}
+    return measured([metric(opts.scenario, "s", LOWER, values)], warmup_s=warmup, hosts=seen)
 
 
 def multihost_worker_kill(opts: argparse.Namespace) -> Result:
@@ -720,7 +767,7 @@ def log_lines_torchrun(opts: argparse.Namespace) -> Result:
         extra["noop_s"].append(noop)
         extra["print_s"].append(printing)
         extra["stdout"].append(count_lines(live, LOG_LINES))
-    return {"values": values, "extra": {"lines": LOG_LINES, **extra}}
+    return log_lines_result(opts.scenario, values, {"lines": LOG_LINES, **extra}, ["stdout"])
 
 
 def log_lines(opts: argparse.Namespace) -> Result:
@@ -763,7 +810,30 @@ def log_lines(opts: argparse.Namespace) -> Result:
             extra["wall_s"].append(wall)
             extra["noop_s"].append(noop)
             extra["print_s"].append(printing)
-    return {"values": values, "extra": extra}
+    return log_lines_result(opts.scenario, values, extra, ["file", "agent_file", "live"])
+
+
+def log_lines_result(
+    scenario: str, values: list[float], extra: dict[str, Any], destinations: list[str]
+) -> Result:
+    """lines/s, then the lines lost on the way to each destination, one value per run.
+
+    Notes: ``no live view`` where the implementation shows no lines live; ``out of order`` where
+    lines came in another order than printed.
+    """
+    metrics = [metric(scenario, "lines/s", HIGHER, values)]
+    for dest in destinations:
+        counts = extra[dest]
+        if not counts:
+            continue  # a destination this implementation does not have
+        notes = []
+        if dest == "live" and not extra.get("live_view", True):
+            notes.append("no live view")
+        if not all(c["in_order"] for c in counts):
+            notes.append("out of order")
+        lost = [c["lost"] for c in counts]
+        metrics.append(metric(f"{scenario}.lost_{dest}", "lines", LOWER, lost, notes=notes))
+    return measured(metrics, **extra)
 
 
 def set_logging(launcher: Any, log_dir: Path, on: bool) -> None:
@@ -781,7 +851,8 @@ def set_logging(launcher: Any, log_dir: Path, on: bool) -> None:
 def log_overhead(opts: argparse.Namespace) -> Result:
     """Noop runs of one launcher with default logging and with none, alternating.
 
-    Values: the runs with logging on; ``extra["off_s"]``: those with it off.
+    Metrics: the runs with logging on, those with it off (``.off``), and the ratio of their
+    medians (``.on_over_off``).
     """
     if opts.mode == "torchrun":
         msg = "torchrun has no log handling to switch off"
@@ -798,8 +869,13 @@ def log_overhead(opts: argparse.Namespace) -> Result:
             for on in order:
                 set_logging(launcher, log_dir, on)
                 (on_s if on else off_s).append(timed_run(launcher, workloads.noop)[0])
-    extra = {"off_s": off_s, "on_over_off": statistics.median(on_s) / statistics.median(off_s)}
-    return {"values": on_s, "extra": extra}
+    on_over_off = statistics.median(on_s) / statistics.median(off_s)
+    metrics = [
+        metric(opts.scenario, "s", LOWER, on_s),
+        metric(f"{opts.scenario}.off", "s", LOWER, off_s),
+        metric(f"{opts.scenario}.on_over_off", "x", LOWER, [on_over_off]),
+    ]
+    return measured(metrics)
 
 
 # --- runs in flight -----------------------------------------------------------------------------
@@ -857,9 +933,7 @@ def sweep_in_flight(opts: argparse.Namespace) -> Result:
     After a warm-up run, each repetition sweeps ``SWEEP_RUNS`` runs at each count in flight
     (in the order 1, 2, 4, then 4, 2, 1 at the next repetition): 1 is a loop of ``run()``, more
     use ``submit()``. Without ``submit()`` (torchrunx 0.4.0), only 1 in flight, with
-    ``SWEEP_RUNS_SEQUENTIAL`` runs. Every result is checked. Values: the sweeps of 1 in flight;
-    ``extra["runs_per_s"]``: those of each count; ``extra["slow_runs"]``: runs of each sweep that
-    took ``SLOW_RUN_S`` or more.
+    ``SWEEP_RUNS_SEQUENTIAL`` runs. Every result is checked. Metrics: see :func:`sweep_metrics`.
     """
     if opts.mode == "torchrun":
         msg = "torchrun runs one program per process: no runs in flight"
@@ -871,8 +945,8 @@ def sweep_in_flight(opts: argparse.Namespace) -> Result:
         submits = hasattr(launcher, "submit")
         runs = SWEEP_RUNS if submits else SWEEP_RUNS_SEQUENTIAL
         counts = IN_FLIGHT if submits else (1,)
-        warmup, _, result = timed_run(launcher, workloads.echo, -1)
-        check_echo(result, -1)
+        warmup, _, first = timed_run(launcher, workloads.echo, -1)
+        check_echo(first, -1)
         for rep in range(opts.reps):
             for k in counts if rep % 2 == 0 else counts[::-1]:
                 if k == 1:
@@ -882,15 +956,36 @@ def sweep_in_flight(opts: argparse.Namespace) -> Result:
                 runs_per_s.setdefault(str(k), []).append(rate)
                 latency.setdefault(str(k), []).append(statistics.median(times))
                 slow.setdefault(str(k), []).append(sum(t >= SLOW_RUN_S for t in times))
-    extra = {
-        "runs_per_sweep": runs,
-        "runs_per_s": runs_per_s,
-        "median_run_s": latency,
-        "slow_runs": slow,
-        "slow_run_s": SLOW_RUN_S,
-        "warmup_s": warmup,
-    }
-    return {"values": runs_per_s["1"], "extra": extra}
+    return measured(
+        sweep_metrics(opts.scenario, runs_per_s, slow, runs),
+        runs_per_sweep=runs,
+        runs_per_s=runs_per_s,
+        median_run_s=latency,
+        slow_runs=slow,
+        slow_run_s=SLOW_RUN_S,
+        warmup_s=warmup,
+    )
+
+
+def sweep_metrics(
+    scenario: str, runs_per_s: dict[str, list[float]], slow: dict[str, list[int]], runs: int
+) -> list[Record]:
+    """Metrics of ``sweep_in_flight``: per count K in flight, its sweeps' runs/s and slow runs.
+
+    ``<scenario>_K``: runs/s of each sweep; ``<scenario>_K.slow_runs``: runs of each sweep that
+    took ``SLOW_RUN_S`` or more; ``<scenario>.4_over_1``: the median runs/s with the most runs in
+    flight over that with one (where more than one count was swept).
+    """
+    metrics = []
+    for k in sorted(runs_per_s, key=int):
+        metrics.append(metric(f"{scenario}_{k}", "runs/s", HIGHER, runs_per_s[k]))
+        note = [f">= {SLOW_RUN_S:g} s, of {runs} per sweep"]
+        metrics.append(metric(f"{scenario}_{k}.slow_runs", "runs", LOWER, slow[k], notes=note))
+    if len(runs_per_s) > 1:
+        one, most = str(IN_FLIGHT[0]), str(IN_FLIGHT[-1])
+        speedup = statistics.median(runs_per_s[most]) / statistics.median(runs_per_s[one])
+        metrics.append(metric(f"{scenario}.{most}_over_{one}", "x", HIGHER, [speedup]))
+    return metrics
 
 
 def launcher_only(scenario: Callable[[argparse.Namespace], Result]) -> Callable[..., Result]:
@@ -921,9 +1016,10 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "log_lines": log_lines,
     "log_overhead": log_overhead,
     "sweep_in_flight": sweep_in_flight,
-    "multihost_first_run_1": launcher_only(multihost_first_run),
-    "multihost_first_run_4": launcher_only(multihost_first_run),
-    "multihost_first_run_8": launcher_only(multihost_first_run),
+    **{
+        multihost_first_run_name(k): launcher_only(multihost_first_run)
+        for k in MULTIHOST_FIRST_RUN_HOSTS
+    },
     "multihost_later_run": launcher_only(multihost_later_run),
     "multihost_worker_kill": launcher_only(multihost_worker_kill),
 }
@@ -944,13 +1040,11 @@ def main() -> None:
     opts.hosts = [h for h in opts.hosts.split(",") if h]
     opts.workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = SCENARIOS[opts.scenario](opts)
+        outcome = SCENARIOS[opts.scenario](opts)
     except Exception as exc:  # noqa: BLE001 - reported as the cell's error
         traceback.print_exc()
-        result = {"error": f"{exception_name(exc)}: {exc}"[:500]}
-    tmp = opts.out.with_name(f"{opts.out.name}.tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(opts.out)
+        outcome = failed(f"{exception_name(exc)}: {exc}"[:500])
+    write_result(opts.out, outcome)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from protocol import EVENT_STAMP
 
 #: How long a healthy rank waits for a failing peer before giving up on its own.
 HOLD_S = 300.0
-
-#: Name of the stamp file that marks the moment of an injected failure.
-EVENT_STAMP = "event"
 
 #: Names of the stamp files written before and after :func:`print_lines` prints.
 PRINT_START_STAMP = "print_start"

@@ -1,6 +1,6 @@
 """Shared fixtures: a warm launcher per module, a check that no test leaves a process, and
-clusters of fake hosts (network namespaces with sshd, see cluster.py) for multi-host tests, also
-as a SLURM cluster (see slurm.py)."""
+clusters of fake hosts (network namespaces with sshd, see testbed/cluster.py) for multi-host tests,
+also as a SLURM cluster (see testbed/slurm.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import psutil
 import pytest
-from cluster import Cluster, ClusterUnavailableError
-from slurm import SlurmCluster, SlurmUnavailableError
 
 import torchrunx
+from testbed.cluster import Cluster, ClusterUnavailableError
+from testbed.slurm import SlurmCluster, SlurmUnavailableError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

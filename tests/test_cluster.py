@@ -1,5 +1,5 @@
-"""The multi-host testbed itself (cluster.py): ssh to every node, traffic between hosts, faults,
-and a teardown that leaves nothing behind."""
+"""The multi-host test bed itself (testbed/cluster.py): ssh to every node, traffic between
+hosts, faults, and a teardown that leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from cluster import Cluster
+    from testbed.cluster import Cluster
 
 pytestmark = pytest.mark.multihost
 

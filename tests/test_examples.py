@@ -1,8 +1,9 @@
 """Every script in examples/ runs, at small sizes, and does what its docstring says.
 
 Each example runs as a subprocess in a temporary working directory, as a user would run it.
-Multi-host examples run on the fake hosts of cluster.py, the SLURM ones on slurm.py's cluster
-(those tests are marked multihost and skipped where this machine cannot host them).
+Multi-host examples run on the fake hosts of testbed/cluster.py, the SLURM ones on
+testbed/slurm.py's cluster (those tests are marked multihost and skipped where this machine
+cannot host them).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from cluster import Cluster
-    from slurm import SlurmCluster
+    from testbed.cluster import Cluster
+    from testbed.slurm import SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

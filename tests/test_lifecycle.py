@@ -76,7 +76,7 @@ def test_no_temporary_files_pile_up() -> None:
             for _ in range(5):
                 lau.run(os.getpid)
             assert lau._pool is not None
-            folders += [Path(a.facts["dir"]) for a in lau._pool.agents if a and a.facts]
+            folders += [Path(a.facts.dir) for a in lau._pool.agents if a and a.facts]
             assert all(f.is_dir() and f.name.startswith("torchrunx-") for f in folders[-1:])
     assert len(folders) == 3
     assert [f for f in folders if f.exists()] == []

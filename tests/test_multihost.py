@@ -1,4 +1,4 @@
-"""Several hosts over SSH: real network namespaces, each with its own sshd (see cluster.py)."""
+"""Several hosts over SSH: real network namespaces, each with its own sshd (testbed/cluster.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torchrunx
 
 if TYPE_CHECKING:
-    from cluster import Cluster
+    from testbed.cluster import Cluster
 
 
 def launcher_on(cluster: Cluster, hosts: list[str], **fields: Any) -> torchrunx.Launcher:
@@ -80,11 +80,11 @@ def test_sweep_of_20_runs_on_3_hosts_pays_ssh_once(cluster: Cluster) -> None:
     with launcher_on(cluster, cluster.hostnames[:3]) as launcher:
         launcher.start()
         assert launcher._pool is not None
-        agents = [a.facts["pid"] for a in launcher._pool.agents if a and a.facts]
+        agents = [a.facts.pid for a in launcher._pool.agents if a and a.facts]
         for i in range(20):
             result = launcher.run(lambda i: int(os.environ["RANK"]) * i, i)
             assert result.by_rank() == [0, i, 2 * i]
-        assert [a.facts["pid"] for a in launcher._pool.agents if a and a.facts] == agents
+        assert [a.facts.pid for a in launcher._pool.agents if a and a.facts] == agents
 
 
 def sleep_then_rank(seconds: float) -> int:
@@ -336,7 +336,7 @@ def test_view_runs_on_a_subset_of_the_hosts_with_the_same_agents(cluster: Cluste
     with launcher_on(cluster, cluster.hostnames[:3], workers_per_host=2) as launcher:
         launcher.start()
         assert launcher._pool is not None
-        agents = [a.facts["pid"] for a in launcher._pool.agents if a and a.facts]
+        agents = [a.facts.pid for a in launcher._pool.agents if a and a.facts]
         one = launcher.view([cluster.hostnames[1]], 1).run(all_reduce_rank)
         assert one.by_hostname() == {
             cluster.hostnames[1]: [
@@ -353,7 +353,7 @@ def test_view_runs_on_a_subset_of_the_hosts_with_the_same_agents(cluster: Cluste
         everyone = launcher.submit(all_reduce_rank)
         assert {v["sum"] for v in two.result(timeout=60)} == {10.0}
         assert {v["sum"] for v in everyone.result(timeout=60)} == {21.0}
-        assert [a.facts["pid"] for a in launcher._pool.agents if a and a.facts] == agents
+        assert [a.facts.pid for a in launcher._pool.agents if a and a.facts] == agents
 
 
 TRICKY = "a b 'c' \"d\" $HOME `x` \\ é\nsecond line"

@@ -5,8 +5,9 @@ the README leaves to the reader (``train``, ``evaluate``, ``serve_model``, ``eva
 and a ``launcher``), and its tracebacks name README.md and the README's line numbers. A comment
 ``<!-- test: ... -->`` on the line before a block says how to run it:
 
-* ``<!-- test: hosts -->``: the block runs on the test hosts (node1, node2, ... of cluster.py),
-  with the cluster's ssh config as ``~/.ssh/config`` (a HOME of its own), so it runs as written.
+* ``<!-- test: hosts -->``: the block runs on the test hosts (node1, node2, ... of
+  testbed/cluster.py), with the cluster's ssh config as ``~/.ssh/config`` (a HOME of its own),
+  so it runs as written.
 * ``<!-- test: skip, <reason> -->``: the block is not run, for the reason given.
 
 Every ``print(...)  # expected`` line must print ``expected``.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from cluster import Cluster
+    from testbed.cluster import Cluster
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TIMEOUT_S = 120

@@ -16,12 +16,13 @@ import torch
 import torchrunx
 
 if TYPE_CHECKING:
-    from cluster import Cluster
+    from testbed.cluster import Cluster
 
 # A rogue peer: every kind of message it can make up, sent to one ZeroMQ endpoint. The pickle
 # frames would create MARKER if anybody unpickled them.
 ROGUE = textwrap.dedent("""
     import json, os, pickle, socket, sys, time
+    from torchrunx.transport.messages import PROTOCOL_VERSION
     import zmq
 
     address, marker, run_id, identity = sys.argv[1:5]
@@ -37,9 +38,13 @@ ROGUE = textwrap.dedent("""
     ctx = zmq.Context()
     messages = [
         [b"hello", json.dumps({"secret": "0" * 64}).encode()],  # wrong secret
+        [b"hello", json.dumps({"version": PROTOCOL_VERSION, "secret": "0" * 64, "facts": {
+            "pid": 1, "hostname": "x", "gpus": 0, "cpus": 1, "python": "p", "dir": "d"}}).encode()],
         [b"hello", b"{}"],  # no credentials
         [b"result", json.dumps({"run": run_id, "rank": 0}).encode(), evil],  # no token
         [b"result", json.dumps({"run": run_id, "rank": 0, "token": "x"}).encode(), evil],
+        [b"direct", json.dumps({"run": run_id, "rank": 0, "token": "x" * 32}).encode(), evil],
+        [b"direct", json.dumps({"run": run_id, "rank": 0}).encode(), evil],  # no token
         [b"error", json.dumps({"run": run_id, "rank": 0}).encode(), evil],
         [b"died", json.dumps({"run": run_id, "rank": 0, "signal": "SIGKILL"}).encode()],
         [b"\\xff", b"not json", evil],

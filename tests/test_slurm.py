@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
-    from slurm import SlurmCluster
+    from testbed.slurm import SlurmCluster
 
 LAUNCH = textwrap.dedent("""
     import json, os, socket, sys, time

@@ -1,5 +1,5 @@
-"""The SLURM test bed itself (slurm.py): allocations, batch jobs, cancelling, and a teardown that
-leaves no daemon behind."""
+"""The SLURM test bed itself (testbed/slurm.py): allocations, batch jobs, cancelling, and a
+teardown that leaves no daemon behind."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from slurm import SlurmCluster
+    from testbed.slurm import SlurmCluster
 
 pytestmark = pytest.mark.multihost
 

@@ -312,8 +312,9 @@ class Controller:
         if not run.uncleared:
             del self.runs[run.id]
             run.done.set()
-            if run.on_done is not None:
-                run.on_done()
+            on_done, run.on_done = run.on_done, None  # it refers to the run: no cycle left
+            if on_done is not None:
+                on_done()
             self._notify()
 
     # ---- the loop

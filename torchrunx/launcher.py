@@ -16,6 +16,7 @@ from __future__ import annotations
 
 __all__ = ["Launcher", "launch"]
 
+import functools
 import inspect
 import logging
 import os
@@ -234,26 +235,13 @@ class Launcher:
             backend=self.backend,
             worker_timeout=self.worker_timeout,
             env=copied_env(self.copy_env_vars, self.extra_env_vars),
-            handlers=self._handlers,
+            # not a bound method: the run must not keep this launcher alive (its finalizer
+            # stops the agents when the user drops it)
+            handlers=functools.partial(
+                _handlers, self.handler_factory, self.live_ranks, self.log_dir
+            ),
         )
         return pool.submit(func, call_args, call_kwargs, options)
-
-    def _handlers(self, hostnames: list[str], workers: list[int]) -> list[logging.Handler]:
-        """A run's log handlers: the user's factory, the defaults, or none."""
-        factory = self.handler_factory
-        if factory is None:
-            return []
-        if factory == "auto":
-            r = self.live_ranks
-            live = None if r == "all" else [r] if isinstance(r, int) else list(r)
-            return default_handlers(hostnames, workers, self.log_dir, live)
-        handlers = factory()
-        if not isinstance(handlers, list) or not all(
-            isinstance(h, logging.Handler) for h in handlers
-        ):
-            msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
-            raise TypeError(msg)
-        return handlers
 
 
 @dataclass(frozen=True)
@@ -282,6 +270,27 @@ class LauncherView:
         """As :meth:`Launcher.submit`, on this view's hosts."""
         view = (self.hostnames, self.workers_per_host)
         return self.launcher._submit(func, args, kwargs, view)  # noqa: SLF001 -- its own view
+
+
+def _handlers(
+    factory: HandlerFactory | Literal["auto"] | None,
+    live_ranks: int | list[int] | Literal["all"],
+    log_dir: str | Path | None,
+    hostnames: list[str],
+    workers: list[int],
+) -> list[logging.Handler]:
+    """A run's log handlers: the user's factory, the defaults, or none."""
+    if factory is None:
+        return []
+    if factory == "auto":
+        r = live_ranks
+        live = None if r == "all" else [r] if isinstance(r, int) else list(r)
+        return default_handlers(hostnames, workers, log_dir, live)
+    handlers = factory()
+    if not isinstance(handlers, list) or not all(isinstance(h, logging.Handler) for h in handlers):
+        msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
+        raise TypeError(msg)
+    return handlers
 
 
 def _wait(handle: RunHandle[FunctionR]) -> LaunchResult[FunctionR]:

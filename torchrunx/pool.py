@@ -140,8 +140,11 @@ class AgentPool:
         for i in indexes:
             if i not in remote:
                 address = self.controller.address
-                self.agents[i] = self._spawn(self.hostnames[i], [], env, address, "local")
-        return []
+                try:
+                    self.agents[i] = self._spawn(self.hostnames[i], [], env, address, "local")
+                except AgentFailedError as e:
+                    failures.append((self.hostnames[i], str(e)))
+        return failures
 
     def _uses_srun(self) -> bool:
         if self.config.agent_start == "auto":

@@ -1,12 +1,12 @@
 """A real SLURM cluster on the fake hosts of cluster.py, for tests that run under SLURM.
 
-On top of a :class:`cluster.Cluster`: ``munged`` with a key and socket of its own, ``slurmctld``
-in the root network namespace (its own UTS namespace, hostname ``head``, reached at the cluster's
-bridge address), and one ``slurmd`` per node inside the node's network namespace, with hostname
-``nodeI`` and the node's ``/etc`` files (hosts, resolv.conf, passwd) bind-mounted in a mount
-namespace of its own. Jobs are started by slurmd, so they inherit all of that: they run as root on
-``nodeI``, resolve every node and ``head`` (and this machine's hostname) through the node's hosts
-file, and see this machine's filesystem, virtual environment included. Needs root and apt-get
+On top of a :class:`testbed.cluster.Cluster`: ``munged`` with a key and socket of its own,
+``slurmctld`` in the root network namespace (its own UTS namespace, hostname ``head``, reached at
+the cluster's bridge address), and one ``slurmd`` per node inside the node's network namespace, with
+hostname ``nodeI`` and the node's ``/etc`` files (hosts, resolv.conf, passwd) bind-mounted in a
+mount namespace of its own. Jobs are started by slurmd, so they inherit all of that: they run as
+root on ``nodeI``, resolve every node and ``head`` (and this machine's hostname) through the node's
+hosts file, and see this machine's filesystem, virtual environment included. Needs root and apt-get
 (or SLURM and munge installed).
 
 Things to know when writing tests against it:
@@ -42,21 +42,25 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster import (
-    NETNS_ETC,
-    NETNS_RUN,
-    NODE_ENV,
-    ClusterError,
-    _cmdline,
-    _start_time,
-    ensure_tools,
+from testbed.cluster import NETNS_ETC, NETNS_RUN, NODE_ENV, ClusterError, ensure_tools
+from testbed.process import (
+    all_pids,
+    cmdline,
+    comm,
+    kill_all,
+    ns_id,
+    reap,
+    run_command,
+    start_time,
+    stat_fields,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Sequence
 
-    from cluster import Cluster
     from typing_extensions import Self
+
+    from testbed.cluster import Cluster
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -118,19 +122,15 @@ Proc = tuple[int, str]  # (pid, start time): a process, whatever later reuses it
 
 
 def _proc(pid: int) -> Proc | None:
-    start = _start_time(pid)
+    start = start_time(pid)
     return None if start is None else (pid, start)
 
 
 def _alive(proc: Proc) -> bool:
     """Whether ``proc`` runs (a zombie waiting for a lazy init to reap it does not)."""
     pid, start = proc
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[0] != "Z" and fields[19] == start
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z" and fields[19] == start
 
 
 def _signal(proc: Proc, sig: int) -> None:
@@ -151,37 +151,6 @@ def _stop(procs: Iterable[Proc], timeout: float = STOP_TIMEOUT_S) -> None:
         _signal(p, signal.SIGKILL)
 
 
-def _kill_session(sid: int) -> None:
-    """SIGKILL every process of session ``sid``."""
-    for pid in _pids():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[3] == str(sid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _ns_id(pid: int, kind: str) -> tuple[int, int] | None:
-    try:
-        st = Path(f"/proc/{pid}/ns/{kind}").stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _pids() -> list[int]:
-    return [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 def _owner(pid: int) -> str | None:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -196,14 +165,14 @@ def _owner(pid: int) -> str | None:
 def reap_stale_daemons() -> list[int]:
     """SIGKILL the SLURM and munge daemons of test sessions that are gone; return their pids."""
     reaped = []
-    for pid in _pids():
-        if _comm(pid) not in {*DAEMONS, "slurmscriptd", "slurmstepd"}:
+    for pid in all_pids():
+        if comm(pid) not in {*DAEMONS, "slurmscriptd", "slurmstepd"}:
             continue
         owner = _owner(pid)
         if owner is None or ":" not in owner:
             continue  # not started by this module
         opid, ostart = owner.split(":", 1)
-        if opid.isdigit() and _start_time(int(opid)) != ostart:
+        if opid.isdigit() and start_time(int(opid)) != ostart:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             reaped.append(pid)
@@ -320,9 +289,7 @@ class SlurmCluster:
         _stop(self._slurmd.values())
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while (left := self.job_pids()) and time.monotonic() < deadline:
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_all(left)
             time.sleep(0.02)
         self._job_mnt_ns.clear()  # gone with their processes: the kernel may reuse the ids
         _stop([p for p in (self._slurmctld, self._munged) if p is not None])
@@ -349,9 +316,7 @@ class SlurmCluster:
         for _ in range(100):
             if not (pids := self.job_pids()):
                 break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            kill_all(pids)
             time.sleep(0.02)
         return left
 
@@ -379,8 +344,8 @@ class SlurmCluster:
         targets = {n: ns for n, ns in self._job_mnt_ns.items() if node is None or n == node}
         daemons = {p[0] for p in self._slurmd.values()}
         found = []
-        for pid in _pids():
-            if pid in daemons or _ns_id(pid, "mnt") not in targets.values():
+        for pid in all_pids():
+            if pid in daemons or ns_id(pid, "mnt") not in targets.values():
                 continue
             p = _proc(pid)
             if p is not None and _alive(p):
@@ -390,7 +355,7 @@ class SlurmCluster:
     def job_processes(self) -> list[str]:
         """``"nodeI: pid cmdline"`` of :meth:`job_pids`, for assertion messages."""
         return [
-            f"{node}: {pid} {_cmdline(pid)[:200]}"
+            f"{node}: {pid} {cmdline(pid)[:200]}"
             for node in self.nodes
             for pid in self.job_pids(node)
         ]
@@ -405,24 +370,12 @@ class SlurmCluster:
     def run(
         self, argv: Sequence[str], timeout: float = CMD_TIMEOUT_S, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """Run a client command (``sinfo``, ``scontrol ...``) against this cluster; bounded."""
-        try:
-            done = subprocess.run(
-                argv,
-                env=self.environ(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            msg = f"{shlex.join(argv)} did not finish in {timeout} s"
-            raise SlurmError(msg) from e
-        if check and done.returncode != 0:
-            msg = f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}"
-            raise SlurmError(msg)
-        return done
+        """Run a client command (``sinfo``, ``scontrol ...``) against this cluster; bounded.
+
+        Raises:
+            SlurmError: it ran over ``timeout`` s, or (with ``check``) exited with a failure.
+        """
+        return run_command(argv, timeout=timeout, check=check, env=self.environ(), error=SlurmError)
 
     def salloc(
         self, n: int, command: Sequence[str], timeout: float = 60.0, args: Sequence[str] = ()
@@ -437,33 +390,12 @@ class SlurmCluster:
         """
         name = f"trx-salloc-{os.getpid()}-{next(_job_names)}"
         argv = [self._tools["salloc"], "-N", str(n), f"--job-name={name}", *args, *command]
-        proc = subprocess.Popen(
-            argv,
-            env=self.environ(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,  # a session of its own: on timeout, killed with its command
-        )
         try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            # salloc gives its command a process group of its own: kill the whole session
-            _kill_session(proc.pid)
+            return self.run(argv, timeout=timeout, check=False)
+        except SlurmError:
+            # salloc and its command are killed by now; the job may outlive them in slurmctld
             self.run([self._tools["scancel"], f"--name={name}"], check=False)
-            try:
-                out, err = proc.communicate(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:  # a process that left the session holds the pipes
-                out, err = "", ""
-            msg = f"{shlex.join(argv)} did not finish in {timeout} s\n{out[-2000:]}{err[-2000:]}"
-            raise SlurmError(msg) from None
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=STOP_TIMEOUT_S)
-        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+            raise
 
     def sbatch(self, script: Path, n: int, args: Sequence[str] = ()) -> str:
         """Submit ``script`` on ``n`` nodes; return the job id.
@@ -472,23 +404,15 @@ class SlurmCluster:
         unless ``args`` say otherwise.
         """
         argv = [self._tools["sbatch"], "--parsable", "-N", str(n), *args, str(script)]
-        try:
-            done = subprocess.run(
-                argv,
-                env=self.environ(),
-                cwd=script.parent,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=CMD_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            msg = f"{shlex.join(argv)} did not finish in {CMD_TIMEOUT_S} s"
-            raise SlurmError(msg) from e
+        done = run_command(
+            argv, check=False, env=self.environ(), cwd=script.parent, error=SlurmError
+        )
         job_id = done.stdout.strip().split(";")[0]
         if done.returncode != 0 or not job_id.isdigit():
-            msg = f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}"
+            msg = (
+                f"{shlex.join(argv)} exited with {done.returncode} and no job id: "
+                f"stdout {done.stdout.strip()!r}, stderr {done.stderr.strip()!r}"
+            )
             raise SlurmError(msg)
         return job_id
 
@@ -591,7 +515,7 @@ Waittime=0
         )
 
     def _daemon_env(self) -> dict[str, str]:
-        return {**NODE_ENV, OWNER_VAR: f"{os.getpid()}:{_start_time(os.getpid())}"}
+        return {**NODE_ENV, OWNER_VAR: f"{os.getpid()}:{start_time(os.getpid())}"}
 
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
         """Start a daemon's launch command; it exits once the daemon has detached."""
@@ -602,7 +526,7 @@ Waittime=0
             )
 
     def _wait_started(
-        self, launched: dict[str, subprocess.Popen[bytes]], pidfile: dict[str, Path], comm: str
+        self, launched: dict[str, subprocess.Popen[bytes]], pidfile: dict[str, Path], program: str
     ) -> dict[str, Proc]:
         """Wait until each launch command exited and its daemon wrote a pid file and runs."""
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -614,16 +538,14 @@ Waittime=0
                     if rc not in {None, 0}:
                         raise self._failure(name, f"its launch command exited with {rc}")
                     p = self._read_pid(pidfile[name])
-                    if rc == 0 and p is not None and _comm(p[0]) == comm:
+                    if rc == 0 and p is not None and comm(p[0]) == program:
                         found[name] = p
                 if time.monotonic() > deadline:
                     raise self._failure(pending[0], f"not running after {START_TIMEOUT_S} s")
                 time.sleep(0.01)
         finally:
             for proc in launched.values():
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+                reap(proc)
         return found
 
     @staticmethod
@@ -705,10 +627,10 @@ Waittime=0
             pidfile[host] = self._spool / f"slurmd.{host}.pid"
         self._slurmd = self._wait_started(launched, pidfile, "slurmd")
         for host, (pid, _) in self._slurmd.items():
-            ns_id = _ns_id(pid, "mnt")
-            if ns_id is None:
+            mnt = ns_id(pid, "mnt")
+            if mnt is None:
                 raise self._failure(host, f"slurmd (pid {pid}) exited")
-            self._job_mnt_ns[host] = ns_id
+            self._job_mnt_ns[host] = mnt
 
     def _wait_idle(self) -> None:
         """Wait until sinfo lists every node idle, resuming nodes that registered down."""

@@ -1,4 +1,4 @@
-"""Hosts on one machine for multi-host tests: network namespaces on a bridge, each with an sshd.
+"""Hosts on one machine for multi-host tests and benchmarks: network namespaces with an sshd each.
 
 Node ``i`` (0-based) is ``node{i+1}``: its own network namespace with ``eth0`` at
 ``10.231.K.{11+i}`` on a private bridge (``10.231.K.1``, the "head", in the root namespace), its
@@ -7,7 +7,7 @@ on port 22 that logs root in with the cluster's key. All nodes share this machin
 ``K`` is a free cluster slot, so several clusters (and several test sessions) can run side by
 side. Needs root and Linux.
 
-Things to know when writing tests against it:
+Things to know when writing tests (or benchmarks) against it:
 
 * The root namespace (where pytest runs) cannot resolve ``nodeI``: connect through
   :attr:`Cluster.ssh_config` (or :attr:`Cluster.ips`). On the nodes, every name resolves through
@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from testbed.process import all_pids, cmdline, kill_all, ns_id, reap, run_command, start_time
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -54,7 +56,6 @@ NETNS_RUN = Path("/run/netns")
 NETNS_ETC = Path("/etc/netns")
 SYS_NET = Path("/sys/class/net")
 START_TIMEOUT_S = 15.0
-CMD_TIMEOUT_S = 30.0
 INSTALL_TIMEOUT_S = 300.0  # slurm and its plugins on a fresh machine
 # sbin is missing from some users' PATH, yet that is where sshd, ip and nft live
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -111,17 +112,7 @@ def _find_or_install(
         if apt is None:
             msg = f"missing {', '.join(missing)} and no apt-get to install {' '.join(packages)}"
             raise ClusterUnavailableError(msg)
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        # wait for a concurrent apt (another test session) instead of failing on its lock
-        lock = ["-o", "DPkg::Lock::Timeout=120"]
-        install = [apt, "install", "-y", "-q", "--no-install-recommends", *lock, *packages]
-        done = _apt(install, env)
-        if done.returncode != 0:  # stale package lists on a fresh machine: refresh, retry once
-            _apt([apt, "update", "-q", *lock], env)
-            done = _apt(install, env)
-        if done.returncode != 0:
-            msg = f"apt-get install {' '.join(packages)} failed:\n{done.stdout[-3000:]}"
-            raise ClusterError(msg)
+        _apt_install(apt, packages)
     found = {t: shutil.which(t, path=SEARCH_PATH) for t in tools}
     still = [t for t, p in found.items() if p is None]
     if still:
@@ -130,47 +121,17 @@ def _find_or_install(
     return {t: p for t, p in found.items() if p is not None}
 
 
-def _apt(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=INSTALL_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        msg = f"{' '.join(argv)} took over {INSTALL_TIMEOUT_S:.0f} s"
-        raise ClusterError(msg) from e
-
-
-def _run(
-    argv: Sequence[str],
-    stdin: str | None = None,
-    check: bool = True,
-    timeout: float = CMD_TIMEOUT_S,
-) -> subprocess.CompletedProcess[str]:
-    try:
-        done = subprocess.run(
-            argv,
-            input=stdin,
-            env=NODE_ENV,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        msg = f"{shlex.join(argv)} did not finish in {timeout} s"
-        raise ClusterError(msg) from e
-    if check and done.returncode != 0:
-        detail = f"\n{stdin}" if stdin else ""
-        msg = f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}{detail}"
-        raise ClusterError(msg)
-    return done
+def _apt_install(apt: str, packages: Sequence[str]) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # wait for a concurrent apt (another test session) instead of failing on its lock
+    lock = ["-o", "DPkg::Lock::Timeout=120"]
+    install = [apt, "install", "-y", "-q", "--no-install-recommends", *lock, *packages]
+    limit = INSTALL_TIMEOUT_S
+    done = run_command(install, timeout=limit, check=False, env=env, error=ClusterError)
+    if done.returncode != 0:  # stale package lists on a fresh machine: refresh, retry once
+        update = [apt, "update", "-q", *lock]
+        run_command(update, timeout=limit, check=False, env=env, error=ClusterError)
+        run_command(install, timeout=limit, env=env, error=ClusterError)
 
 
 # ---- processes of a network namespace ---------------------------------------------------------
@@ -179,43 +140,11 @@ def _run(
 def _netns_pids(ns: str) -> list[int]:
     """Live processes whose network namespace is ``ns`` (zombies have none, so they never count)."""
     try:
-        target = (NETNS_RUN / ns).stat()
+        st = (NETNS_RUN / ns).stat()
     except OSError:
         return []
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            st = Path(f"/proc/{entry.name}/ns/net").stat()
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return ""
-    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-
-
-def _start_time(pid: int) -> str | None:
-    """Start time of ``pid`` in clock ticks: with the pid, it identifies a process despite reuse."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _kill_all(pids: Iterable[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    target = (st.st_dev, st.st_ino)
+    return sorted(pid for pid in all_pids() if ns_id(pid, "net") == target)
 
 
 # ---- teardown by slot (used by down() and to reap clusters of crashed sessions) ----------------
@@ -239,14 +168,17 @@ def _teardown(slot: int, state_dir: Path | None) -> None:
         pids = [pid for ns in namespaces for pid in _netns_pids(ns)]
         if not pids or time.monotonic() > deadline:
             break
-        _kill_all(pids)  # SIGKILL also ends stopped processes
+        kill_all(pids)
         time.sleep(0.02)
     batch = [f"netns del {ns}" for ns in namespaces] + [f"link del {v}" for v in veths]
     if (SYS_NET / f"{p}br").exists():
         batch.append(f"link del {p}br")  # last: the bridge marks the slot as taken
     if batch:
         ip = shutil.which("ip", path=SEARCH_PATH) or "ip"
-        _run([ip, "-force", "-batch", "-"], stdin="\n".join(batch) + "\n", check=False)
+        # -force: go on past objects that are gone already
+        ip_batch = [ip, "-force", "-batch", "-"]
+        script = "\n".join(batch) + "\n"
+        run_command(ip_batch, stdin=script, check=False, env=NODE_ENV, error=ClusterError)
     if NETNS_ETC.is_dir():
         for d in NETNS_ETC.iterdir():
             if re.fullmatch(rf"{p}ns\d+", d.name):
@@ -273,7 +205,7 @@ def reap_stale_clusters() -> list[int]:
         if m is None or owner is None:
             continue
         pid, start, state = owner.groups()
-        if _start_time(int(pid)) == start:
+        if start_time(int(pid)) == start:
             continue
         _teardown(int(m.group(1)), Path(state) if state else None)
         reaped.append(int(m.group(1)))
@@ -394,7 +326,7 @@ class Cluster:
         left = self.wait_no_processes(timeout=wait)
         if left:
             for i in range(len(self)):
-                _kill_all(self.pids(i))
+                kill_all(self.pids(i))
             self.wait_no_processes(timeout=5.0)
         return left
 
@@ -407,15 +339,15 @@ class Cluster:
 
     def processes(self, i: int) -> list[str]:
         """``"pid cmdline"`` of :meth:`pids`, for assertion messages."""
-        return [f"{pid} {_cmdline(pid)[:200]}" for pid in self.pids(i)]
+        return [f"{pid} {cmdline(pid)[:200]}" for pid in self.pids(i)]
 
     def kill(self, i: int, pattern: str) -> list[int]:
         """SIGKILL node ``i``'s processes whose command line contains ``pattern``; return the pids.
 
         The sshd listener is never killed (use :meth:`stop_sshd`).
         """
-        pids = [pid for pid in self.pids(i) if pattern in _cmdline(pid)]
-        _kill_all(pids)
+        pids = [pid for pid in self.pids(i) if pattern in cmdline(pid)]
+        kill_all(pids)
         return pids
 
     def wait_no_processes(self, i: int | None = None, timeout: float = 10.0) -> list[str]:
@@ -466,7 +398,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while pid in _netns_pids(self.namespaces[i]):
             if time.monotonic() > deadline:
-                _kill_all([pid])
+                kill_all([pid])
                 break
             time.sleep(0.01)
         self._listeners.pop(self._index(i), None)
@@ -498,7 +430,8 @@ class Cluster:
     def _nft(self, i: int, rules: str) -> None:
         # nsenter enters only the network namespace: lighter than `ip netns exec`
         ns = f"--net={NETNS_RUN / self.namespaces[self._index(i)]}"
-        _run([self._tools["nsenter"], ns, self._tools["nft"], "-f", "-"], stdin=rules)
+        nft = [self._tools["nsenter"], ns, self._tools["nft"], "-f", "-"]
+        run_command(nft, stdin=rules, env=NODE_ENV, error=ClusterError)
 
     def _bring_up(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep dir, made by systemd
@@ -512,7 +445,9 @@ class Cluster:
             for v, ns in zip(self.veths, self.namespaces, strict=True)
         ]
         try:
-            _run([ip, "-batch", "-"], stdin="\n".join(batch) + "\n")
+            run_command(
+                [ip, "-batch", "-"], stdin="\n".join(batch) + "\n", env=NODE_ENV, error=ClusterError
+            )
         except ClusterError as e:
             if "not permitted" in str(e) or "Permission denied" in str(e):
                 msg = f"cannot create network namespaces: {e}"
@@ -522,7 +457,9 @@ class Cluster:
             _set_ipv6_off(v)  # bridge ports need no address; spares router/neighbour chatter
         batch = [f"link set {v} master {self.bridge} up" for v in self.veths]
         batch += [f"addr add {self.head_ip}/24 dev {self.bridge}", f"link set {self.bridge} up"]
-        _run([ip, "-batch", "-"], stdin="\n".join(batch) + "\n")
+        run_command(
+            [ip, "-batch", "-"], stdin="\n".join(batch) + "\n", env=NODE_ENV, error=ClusterError
+        )
         self._start_nodes(range(len(self)), configure_network=True)
         self._write_client_files()
         # the readiness probes leave short-lived preauth sshd children: let them exit
@@ -646,9 +583,7 @@ LogLevel INFO
             self._wait_ready(launched)
         finally:
             for proc in launched.values():
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+                reap(proc)
 
     def _launch_sshd(self, i: int, configure_network: bool) -> subprocess.Popen[bytes]:
         d = self._node_dir(i)
@@ -747,20 +682,23 @@ def _set_ipv6_off(dev: str) -> None:
 
 def _claim_slot(ip: str, state_dir: Path) -> int:
     """Take the first free slot by creating its bridge: `ip link add` fails if another took it."""
-    alias = f"torchrunx-tests pid={os.getpid()} start={_start_time(os.getpid())}"
+    alias = f"torchrunx-tests pid={os.getpid()} start={start_time(os.getpid())}"
     if len(f"{alias} state={state_dir}") < 256:  # the kernel caps an alias at 255 bytes
         alias = f"{alias} state={state_dir}"
     for slot in range(256):
         bridge = f"{PREFIX}{slot}br"
         if (SYS_NET / bridge).exists():
             continue
-        done = _run([ip, "link", "add", bridge, "type", "bridge"], check=False)
+        add = [ip, "link", "add", bridge, "type", "bridge"]
+        done = run_command(add, check=False, env=NODE_ENV, error=ClusterError)
         if done.returncode == 0:
             # the kernel ignores an alias given to `link add`; until it is set, reapers skip it
             try:
-                _run([ip, "link", "set", bridge, "alias", alias])
+                alias_it = [ip, "link", "set", bridge, "alias", alias]
+                run_command(alias_it, env=NODE_ENV, error=ClusterError)
             except BaseException:
-                _run([ip, "link", "del", bridge], check=False)
+                remove = [ip, "link", "del", bridge]
+                run_command(remove, check=False, env=NODE_ENV, error=ClusterError)
                 raise
             return slot
         if "File exists" in done.stderr:
@@ -768,7 +706,7 @@ def _claim_slot(ip: str, state_dir: Path) -> int:
         if "Operation not permitted" in done.stderr:
             msg = f"cannot create a bridge: {done.stderr.strip()}"
             raise ClusterUnavailableError(msg)
-        msg = f"ip link add {bridge} failed: {done.stderr.strip()}"
+        msg = f"{shlex.join(add)} exited with {done.returncode}: {done.stderr.strip()}"
         raise ClusterError(msg)
     msg = f"no free slot: 256 bridges {PREFIX}<K>br exist"
     raise ClusterError(msg)
