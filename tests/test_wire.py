@@ -58,6 +58,8 @@ EXAMPLES: list[Message] = [
     messages.Cleared("r1"),
     Output("r1", 2, 1, "stdout", "INFO"),
     Died("r1", 2, 1, 77, ("a", "b"), exitcode=None, signal="SIGKILL"),
+    messages.Dump("r1", "q1"),
+    messages.Stacks("r1", "q1", (messages.RankStack(2, 1, "Thread 0x1 ..."),), (3,)),
     messages.Up(12),
     messages.Fork(SPEC, "ipc:///tmp/x/workers", "tcp://1.2.3.4:5", (10, 0, 7)),
     messages.Forked("r1", 1, 78),

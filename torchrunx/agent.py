@@ -18,6 +18,7 @@ __all__ = ["main"]
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from typing import Any
 
 import zmq
 
+from . import stacks
 from .environment import source_env_file
 from .hosts import interface_of, local_facts
 from .logs import readable_line
@@ -45,6 +47,7 @@ from .transport.messages import (
     Connect,
     Credit,
     Died,
+    Dump,
     Exited,
     Fork,
     Forked,
@@ -54,10 +57,12 @@ from .transport.messages import (
     Output,
     Port,
     Raised,
+    RankStack,
     Rendezvous,
     Result,
     Run,
     RunSpec,
+    Stacks,
     Unpicklable,
     WireError,
     WorkerSlot,
@@ -85,6 +90,7 @@ class _WorkerProcess:
     slot: WorkerSlot
     pipes: dict[int, str]  # read end -> "stdout" | "stderr"
     pipe_inodes: tuple[int, ...] = ()
+    stack_fd: int = -1  # read end of its stack pipe (see stacks.py)
     pid: int | None = None
     exited: bool = False
     has_outcome: bool = False  # its result or error has reached us
@@ -202,6 +208,10 @@ class Agent:
             run = self.runs.get(message.run)
             if run is not None:
                 self.cancel(run)
+        elif isinstance(message, Dump):
+            run = self.runs.get(message.run)
+            if run is not None:
+                self.send_stacks(run, message.request)
 
     def start_run(self, spec: RunSpec, frames: list[Any]) -> None:
         run = _Run(spec.run, {})
@@ -220,17 +230,18 @@ class Agent:
             os.close(fd)
 
     def open_pipes(self, run: _Run, slot: WorkerSlot) -> list[int]:
-        """A worker's stdout and stderr pipes: we read them; the write ends are returned."""
+        """A worker's stdout, stderr and stack pipes: we read them; the write ends are returned."""
         (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+        stack_r, stack_w = _stack_pipe()
         inodes = (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino)
-        worker = _WorkerProcess(run, slot, {out_r: "stdout", err_r: "stderr"}, inodes)
+        worker = _WorkerProcess(run, slot, {out_r: "stdout", err_r: "stderr"}, inodes, stack_r)
         run.workers[slot.local_rank] = worker
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
             self.by_fd[fd] = worker
             if self.reading:
                 self.poller.register(fd, zmq.POLLIN)
-        return [out_w, err_w]
+        return [out_w, err_w, stack_w]
 
     def worker_env(self, spec: RunSpec) -> dict[str, str]:
         env = {**spec.env, **self.env_file_vars}  # the env file has the last word
@@ -265,6 +276,7 @@ class Agent:
 
     def on_exit(self, worker: _WorkerProcess, status: int) -> None:
         worker.exited = True
+        _close_stack_pipe(worker)
         run = worker.run
         for fd in list(worker.pipes):
             # what it wrote last must reach the launcher before "died"
@@ -368,10 +380,42 @@ class Agent:
         for w in workers:
             # dead already, not yet reaped: likely the cause of the failure, so still reported
             w.died_before_cancel = w.pid in dead
+        self.send_stacks(run, "")  # the autopsy: where every live rank was, before it goes
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         signal_all(self.leftovers_of(run), signal.SIGKILL)
+
+    def send_stacks(self, run: _Run, request: str) -> None:
+        """Dump the stacks of the run's live workers (bounded) and send them to the launcher.
+
+        Only workers that have connected are asked: before that, their dump handler may not be
+        in place yet (the signal is ignored until it is).
+        """
+        living = set(alive([w.pid for w in run.workers.values() if w.pid is not None]))
+        running = [
+            w
+            for w in run.workers.values()
+            if not w.exited and not w.has_outcome and (w.pid is None or w.pid in living)
+        ]
+        asked = {
+            w.pid: w
+            for w in running
+            if w.pid is not None and w.slot.local_rank in run.connected and w.stack_fd >= 0
+        }
+        dumps, silent = stacks.collect({pid: w.stack_fd for pid, w in asked.items()})
+        answers = [
+            RankStack(asked[pid].slot.rank, asked[pid].slot.local_rank, text)
+            for pid, text in dumps.items()
+        ]
+        answers += [
+            RankStack(w.slot.rank, w.slot.local_rank, stacks.STARTING)
+            for w in running
+            if w.pid not in asked
+        ]
+        ranks = tuple(answers)
+        quiet = tuple(sorted(asked[pid].slot.rank for pid in silent))
+        self.send(Stacks(run=run.id, request=request, ranks=ranks, silent=quiet))
 
     def leftovers_of(self, run: _Run) -> list[int]:
         """Every live process of this run that is not one of its workers."""
@@ -405,11 +449,29 @@ class Agent:
         """Kill every run, stop the forkserver, remove our files."""
         for run in self.runs.values():
             self.cancel(run)
+            for worker in run.workers.values():
+                _close_stack_pipe(worker)
         self.forkserver.kill()
         Teardown(list(self.by_pid), signal.SIGKILL).wait()
         self.forkserver.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.ctx.destroy(linger=0)
+
+
+def _stack_pipe() -> tuple[int, int]:
+    """A pipe for a worker's stack dumps; non-blocking, so a dump nobody reads never blocks it."""
+    r, w = os.pipe()
+    with contextlib.suppress(OSError):  # room for a dump of many threads (best effort)
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _close_stack_pipe(worker: _WorkerProcess) -> None:
+    if worker.stack_fd >= 0:
+        os.close(worker.stack_fd)
+        worker.stack_fd = -1
 
 
 def _read_available(fd: int, max_reads: int) -> tuple[bytes, bool]:

@@ -36,7 +36,16 @@ from typing import Any, Literal, TypeVar, cast
 import zmq
 
 from .logs import output_records
-from .outcome import AgentLost, Failure, ResultUnpicklable, RunCancelled, WorkerDied, WorkerRaised
+from .outcome import (
+    SILENT,
+    AgentLost,
+    Evidence,
+    Failure,
+    ResultUnpicklable,
+    RunCancelled,
+    WorkerDied,
+    WorkerRaised,
+)
 from .transport.messages import (
     Ack,
     Cancel,
@@ -44,6 +53,7 @@ from .transport.messages import (
     Credit,
     Died,
     DirectResult,
+    Dump,
     Heartbeat,
     Hello,
     HostFacts,
@@ -55,6 +65,7 @@ from .transport.messages import (
     Result,
     Run,
     RunSpec,
+    Stacks,
     Unpicklable,
     VersionMismatchError,
     WireError,
@@ -113,6 +124,8 @@ class RunState:
     result_token: str  # proves a worker's direct result belongs to this run
     results: dict[int, list[zmq.Frame]] = field(default_factory=dict)  # pickles, by rank
     failures: list[Failure] = field(default_factory=list)
+    evidence: Evidence = field(default_factory=Evidence)  # the autopsy's stacks, among others
+    dumps: dict[str, StackDump] = field(default_factory=dict)  # asked for, by request id
     uncleared: set[int] = field(default_factory=set)  # indexes into agents
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[], None] | None = None  # called on the controller thread, once
@@ -123,6 +136,22 @@ class RunState:
             if a is agent:
                 return i
         return None
+
+
+@dataclass
+class StackDump:
+    """Stacks asked of a run in flight: complete when every agent of the run has answered."""
+
+    waiting: set[int]  # indexes into the run's agents
+    stacks: dict[int, str] = field(default_factory=dict)
+    silent: set[int] = field(default_factory=set)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def answered(self, index: int) -> None:
+        """Agent ``index`` has answered (or cannot)."""
+        self.waiting.discard(index)
+        if not self.waiting:
+            self.done.set()
 
 
 class Controller:
@@ -294,6 +323,28 @@ class Controller:
             else:
                 self.send(agent, Run(spec), *payload)
 
+    def dump_stacks(self, run_id: str, timeout: float) -> dict[int, str]:
+        """Every live rank's stack, now, without stopping the run (call from a user thread)."""
+
+        def ask() -> StackDump | None:
+            run = self.runs.get(run_id)
+            if run is None:
+                return None
+            request = secrets.token_hex(8)
+            dump = run.dumps[request] = StackDump(set(range(len(run.agents))))
+            for i, agent in enumerate(run.agents):
+                if agent.failure is None:
+                    self.send(agent, Dump(run=run.id, request=request))
+                else:
+                    dump.answered(i)
+            return dump
+
+        dump = self.call_and_wait(ask)
+        if dump is None:
+            return {}
+        dump.done.wait(timeout)
+        return {**dump.stacks, **dict.fromkeys(dump.silent, SILENT)}
+
     def cancel_run(self, run_id: str, reason: str = "cancelled") -> None:
         """Tear a run down everywhere (its failure, if any, stays the first one)."""
         run = self.runs.get(run_id)
@@ -308,6 +359,8 @@ class Controller:
                 self.send(agent, Cancel(run=run.id))
 
     def _cleared(self, run: RunState, index: int) -> None:
+        for dump in run.dumps.values():
+            dump.answered(index)  # nothing more will come from there for this run
         run.uncleared.discard(index)
         if not run.uncleared:
             del self.runs[run.id]
@@ -476,15 +529,29 @@ class Controller:
         if isinstance(message, Port):
             for a in run.agents:
                 self.send(a, Rendezvous(run=run.id, master_port=message.port))
-        elif isinstance(message, Result):
-            if not message.direct:
-                run.results[message.rank] = frames
+        elif isinstance(message, Result) and not message.direct:  # a direct one is in already
+            run.results[message.rank] = frames
         elif isinstance(message, (Raised, Unpicklable, Died)):
             self._fail(run, _failure(agent.hostname, message, frames))
+        elif isinstance(message, Stacks):
+            self._on_stacks(run, agent, message)
         elif isinstance(message, Cleared):
             i = run.agent_index(agent)
             if i is not None:
                 self._cleared(run, i)
+
+    def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks) -> None:
+        stacks = {s.rank: s.text for s in message.ranks}
+        if not message.request:  # the autopsy, before the run's processes were killed
+            run.evidence.stacks.update(stacks)
+            run.evidence.silent.update(message.silent)
+            return
+        dump = run.dumps.get(message.request)
+        i = run.agent_index(agent)
+        if dump is not None and i is not None:
+            dump.stacks.update(stacks)
+            dump.silent.update(message.silent)
+            dump.answered(i)
 
     def _emit(self, agent: AgentHandle, output: Output, frames: list[Any]) -> None:
         local_rank = output.local_rank

@@ -23,10 +23,12 @@ import socket
 import sys
 
 from .reaper import set_child_subreaper, set_parent_death_signal
+from .stacks import STACK_FD, STACK_SIGNAL
 from .transport.messages import Exited, Fork, Forked, Up, WorkerSlot
 from .transport.unix import recv_message, send_message
 
 _MAX_FD = 1 << 20
+PIPES_PER_WORKER = 3  # stdout, stderr, stacks: write ends, from the agent
 
 
 _IDLE_S = 0.5  # idle this long, the forkserver warms up (see _warm_up)
@@ -53,15 +55,17 @@ def _warm_up() -> None:
             importlib.import_module(module)
 
 
-def _fork_worker(fork: Fork, slot: WorkerSlot, payload: memoryview, fds: tuple[int, int]) -> int:
+def _fork_worker(fork: Fork, slot: WorkerSlot, payload: memoryview, fds: list[int]) -> int:
+    """A worker with ``fds`` (stdout, stderr and stack pipes) as its fds 1, 2 and 3."""
     pid = os.fork()
     if pid == 0:  # the worker: forget the forkserver's signal set-up and descriptors
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        out, err = fds
+        out, err, stacks = fds
         os.dup2(out, 1)
         os.dup2(err, 2)
-        os.closerange(3, _MAX_FD)
+        os.dup2(stacks, STACK_FD)
+        os.closerange(STACK_FD + 1, _MAX_FD)
 
         from .worker import run_worker  # noqa: PLC0415
 
@@ -85,6 +89,9 @@ def serve(sock: socket.socket) -> None:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler makes the wakeup fd fire
+    # inherited by the workers: a stack request that comes before a worker has its dump handler
+    # must not kill it (a real-time signal's default action)
+    signal.signal(STACK_SIGNAL, signal.SIG_IGN)
     send_message(sock, Up(pid=os.getpid()))
     sock_fd = sock.fileno()
     warm = False
@@ -109,12 +116,12 @@ def serve(sock: socket.socket) -> None:
 
 
 def _fork_run(sock: socket.socket, fork: Fork, payload: memoryview, fds: list[int]) -> None:
-    """A worker per slot; ``fds`` holds each one's stdout and stderr pipe, in slot order."""
+    """A worker per slot; ``fds`` holds each one's :data:`PIPES_PER_WORKER` pipes, in order."""
     for i, slot in enumerate(fork.spec.workers):
-        out, err = fds[2 * i], fds[2 * i + 1]
-        pid = _fork_worker(fork, slot, payload, (out, err))
-        os.close(out)
-        os.close(err)
+        mine = fds[PIPES_PER_WORKER * i : PIPES_PER_WORKER * (i + 1)]
+        pid = _fork_worker(fork, slot, payload, mine)
+        for fd in mine:
+            os.close(fd)
         send_message(sock, Forked(run=fork.spec.run, local_rank=slot.local_rank, pid=pid))
 
 

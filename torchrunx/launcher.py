@@ -20,6 +20,7 @@ import functools
 import inspect
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
@@ -299,6 +300,10 @@ def _wait(handle: RunHandle[FunctionR]) -> LaunchResult[FunctionR]:
     except BaseException:
         if not handle.done():  # interrupted while waiting (Ctrl-C): the run goes too
             handle.cancel()
+            report = handle.autopsy()
+            if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
+                where = report.replace("\n", "\n  ")
+                print(f"torchrunx: run cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
         raise
 
 

@@ -7,19 +7,25 @@ runs in the thread that settles the run's handle (never the controller's), since
 from __future__ import annotations
 
 __all__ = [
+    "SILENT",
     "AgentLost",
+    "Evidence",
     "Failure",
     "ResultUnpicklable",
     "RunCancelled",
     "WorkerDied",
     "WorkerRaised",
+    "failure_exception",
     "settle",
 ]
 
+import contextlib
 import itertools
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from . import stacks
 from .errors import AgentFailedError, RemoteTraceback, TorchrunxError, WorkerFailedError
 from .result import LaunchResult
 from .transport import serialization
@@ -76,15 +82,49 @@ _LIKELY_CAUSES = {
 }
 
 
+SILENT = "(did not answer: stopped, or stuck in the kernel)"
+"""The stack of a rank that did not answer."""
+
+
+@dataclass
+class Evidence:
+    """What explains a failed run: where every live rank was (the autopsy) and the log files.
+
+    Filled by the controller thread while the run ends; read once it has.
+    """
+
+    stacks: dict[int, str] = field(default_factory=dict)  # by rank: faulthandler's dump
+    silent: set[int] = field(default_factory=set)  # ranks that did not answer
+    log_folder: Path | None = None
+
+    def all_stacks(self) -> dict[int, str]:
+        """Every rank's dump; :data:`SILENT` for those that did not answer."""
+        return dict(sorted({**self.stacks, **dict.fromkeys(self.silent, SILENT)}.items()))
+
+    def report(self) -> str:
+        """Where the ranks were, grouped, odd ones out first; empty if none was running."""
+        return stacks.report(self.stacks, self.silent) if self.stacks or self.silent else ""
+
+    def logs_of(self, hostname: str, local_rank: int | None) -> str:
+        """Where a worker's (or, with ``None``, an agent's) output is written, if anywhere."""
+        if self.log_folder is None:
+            return ""
+        agent = self.log_folder / f"{hostname}.log"
+        if local_rank is None:
+            return f"\nIts log: {agent}"
+        return f"\nIts log: {self.log_folder / f'{hostname}[{local_rank}].log'} (agent: {agent})"
+
+
 def settle(
     failures: list[Failure],
     results: dict[int, list[Any]],
     hostnames: list[str],
     workers_per_host: list[int],
+    evidence: Evidence,
 ) -> LaunchResult[Any]:
-    """Every rank's return value; or raise the failure that ended the run."""
+    """Every rank's return value; or raise the failure that ended the run, explained."""
     if failures:
-        _raise(failures, hostnames)
+        raise failure_exception(failures, results, hostnames, workers_per_host, evidence)
     offsets = [0, *itertools.accumulate(workers_per_host)]
     return LaunchResult(
         {
@@ -94,22 +134,69 @@ def settle(
     )
 
 
-def _raise(failures: list[Failure], hostnames: list[str]) -> NoReturn:
-    """Raise the failure that caused the run to end; summarise the others in ``__notes__``.
+def failure_exception(
+    failures: list[Failure],
+    results: dict[int, list[Any]],
+    hostnames: list[str],
+    workers_per_host: list[int],
+    evidence: Evidence,
+) -> BaseException:
+    """The exception of the failure that ended the run, with everything else it can tell.
 
     A worker's death or an agent's failure comes first: the errors it causes in the other ranks
-    ("connection closed by peer") are consequences, not causes.
+    ("connection closed by peer") are consequences, not causes; otherwise the first failure to
+    arrive. The others are listed as collateral, one line each. ``__notes__`` hold where the
+    ranks still running were; ``stacks``, ``partial_results`` and ``failures`` the details.
     """
     real = [f for f in failures if not isinstance(f, RunCancelled)] or failures
     primary = next((f for f in real if isinstance(f, (WorkerDied, AgentLost))), real[0])
-    exc = _exception(primary, hostnames)
+    exc = _exception(primary, hostnames, evidence)
     others = [_summary(f) for f in real if f is not primary]
     if others:
-        _add_note(exc, "other failures in this run:\n  " + "\n  ".join(others))
-    raise exc
+        _add_note(exc, "collateral, after it in this run:\n  " + "\n  ".join(others))
+    report = evidence.report()
+    if report:
+        where = report.replace("\n", "\n  ")
+        _add_note(exc, f"where the ranks still running were (full stacks: .stacks):\n  {where}")
+    by_rank = {
+        r: _exception(f, hostnames, evidence)
+        for f in real
+        for r in _ranks_of(f, hostnames, workers_per_host)
+    }
+    by_rank.update(dict.fromkeys(_ranks_of(primary, hostnames, workers_per_host), exc))
+    _attach(exc, "stacks", evidence.all_stacks())
+    _attach(exc, "failures", dict(sorted(by_rank.items())))
+    _attach(exc, "partial_results", _returned(results))
+    return exc
 
 
-def _exception(failure: Failure, hostnames: list[str]) -> BaseException:
+def _ranks_of(failure: Failure, hostnames: list[str], workers_per_host: list[int]) -> list[int]:
+    if isinstance(failure, (WorkerRaised, ResultUnpicklable)):
+        return [failure.error.rank]
+    if isinstance(failure, WorkerDied):
+        return [failure.death.rank]
+    if isinstance(failure, AgentLost) and failure.hostname in hostnames:
+        g = hostnames.index(failure.hostname)
+        start = sum(workers_per_host[:g])
+        return list(range(start, start + workers_per_host[g]))
+    return []
+
+
+def _returned(results: dict[int, list[Any]]) -> dict[int, Any]:
+    """What the ranks that returned returned (those that cannot be unpickled here left out)."""
+    values = {}
+    for rank, frames in sorted(results.items()):
+        with contextlib.suppress(Exception):
+            values[rank] = serialization.loads(frames)
+    return values
+
+
+def _attach(exc: BaseException, name: str, value: object) -> None:
+    with contextlib.suppress(AttributeError, TypeError):  # an exception type without __dict__
+        setattr(exc, name, value)
+
+
+def _exception(failure: Failure, hostnames: list[str], evidence: Evidence) -> BaseException:
     if isinstance(failure, WorkerRaised):
         exc = _raised(failure)
         _add_note(exc, f"raised by {_where(failure)} in torchrunx")
@@ -122,9 +209,10 @@ def _exception(failure: Failure, hostnames: list[str]) -> BaseException:
         )
         return _worker_error(failure, text, e.traceback)
     if isinstance(failure, WorkerDied):
-        return _died(failure)
+        return _died(failure, evidence.logs_of(failure.hostname, failure.death.local_rank))
     if isinstance(failure, AgentLost):
-        return AgentFailedError(failure.reason, hostname=failure.hostname)
+        logs = evidence.logs_of(failure.hostname, None)
+        return AgentFailedError(failure.reason + logs, hostname=failure.hostname)
     return TorchrunxError(f"the run on {hostnames} was cancelled: {failure.reason}")
 
 
@@ -145,7 +233,7 @@ def _summary(failure: Failure) -> str:
     return f"run cancelled: {failure.reason}"
 
 
-def _died(failure: WorkerDied) -> WorkerFailedError:
+def _died(failure: WorkerDied, logs: str) -> WorkerFailedError:
     d = failure.death
     if d.signal is not None:
         how = f"was killed by {d.signal}"
@@ -157,6 +245,7 @@ def _died(failure: WorkerDied) -> WorkerFailedError:
     text = f"worker {_where(failure)}, pid {d.pid}, {how}"
     lines = "\n  ".join(d.tail)
     text += f".\nLast lines it wrote:\n  {lines}" if d.tail else ".\nIt wrote nothing."
+    text += logs
     return WorkerFailedError(
         text,
         hostname=failure.hostname,

@@ -32,7 +32,7 @@ from .controller import AgentHandle, Controller, RunState
 from .environment import agent_base_env
 from .errors import AgentFailedError
 from .hosts import in_slurm_job, is_local, route_to
-from .logs import emit_batch, log_level_from_env
+from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import settle
 from .runs import RunHandle
 from .transport import serialization
@@ -271,6 +271,9 @@ class AgentPool:
             functools.partial(emit_batch, handlers),
             secrets.token_hex(16),
         )
+        run.evidence.log_folder = next(
+            (h.folder for h in handlers if isinstance(h, RunFilesHandler)), None
+        )
         specs = self._specs(run, indexes, options)
         handle: RunHandle[Any] = RunHandle(
             run.id,
@@ -279,13 +282,21 @@ class AgentPool:
                 functools.partial(self.controller.cancel_run, run.id, "cancelled in the launcher"),
             ),
             run.done,
+            functools.partial(self.controller.dump_stacks, run.id),
+            run.evidence,
         )
 
         def finish() -> None:
             for handler in handlers:
                 handler.close()
             handle.settle(
-                lambda: settle(run.failures, run.results, options.hostnames, run.workers_per_host)
+                lambda: settle(
+                    run.failures,
+                    run.results,
+                    options.hostnames,
+                    run.workers_per_host,
+                    run.evidence,
+                )
             )
 
         # settled on a thread of its own: unpickling and the user's done-callbacks must neither

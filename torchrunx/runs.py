@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     import threading
     from collections.abc import Callable
 
+    from .outcome import Evidence
+
 FunctionR = TypeVar("FunctionR")
 
 CANCEL_TIMEOUT_S = 15.0
@@ -28,14 +30,48 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
     """
 
     def __init__(
-        self, run_id: str, cancel_run: Callable[[], None], finished: threading.Event
+        self,
+        run_id: str,
+        cancel_run: Callable[[], None],
+        finished: threading.Event,
+        dump_stacks: Callable[[float], dict[int, str]],
+        evidence: Evidence,
     ) -> None:
         super().__init__()
         self.run_id = run_id
         """The run's id, also ``$TORCHRUNX_RUN_ID`` in its workers."""
         self._cancel_run = cancel_run
         self._finished = finished
+        self._dump_stacks = dump_stacks
+        self._evidence = evidence
         self._cancelling = False
+
+    def stacks(self, timeout: float = 5.0) -> dict[int, str]:
+        """Every live rank's Python stack (all threads), by rank, without stopping the run.
+
+        Ranks blocked in C (a collective, a sleep) show their Python frames; a rank that cannot
+        answer within ``timeout`` s shows why. Once the run has ended: the stacks its ranks had
+        when it failed or was cancelled (none if it succeeded).
+        """
+        if self._finished.is_set():
+            return self._evidence.all_stacks()
+        return self._dump_stacks(timeout)
+
+    def autopsy(self) -> str:
+        """Where the ranks still running were when the run failed or was cancelled (grouped)."""
+        return self._evidence.report()
+
+    def partial_results(self) -> dict[int, Any]:
+        """After a failure: what the ranks that had returned returned, by rank."""
+        error = self.exception() if self.done() and not self.cancelled() else None
+        if error is None:
+            return dict(enumerate(self.result().by_rank())) if self.done() else {}
+        return dict(getattr(error, "partial_results", {}))
+
+    def failures(self) -> dict[int, BaseException]:
+        """After a failure: each failed rank's failure, as the exception it would raise."""
+        error = self.exception() if self.done() and not self.cancelled() else None
+        return {} if error is None else dict(getattr(error, "failures", {}))
 
     def cancel(self) -> bool:
         """Kill this run's workers everywhere (other runs and the agents stay); False if done.

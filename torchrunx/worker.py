@@ -32,6 +32,7 @@ from typing import Any, NoReturn, TypeVar
 
 import zmq
 
+from . import stacks
 from .logs import record_line
 from .reaper import set_parent_death_signal
 from .transport import serialization
@@ -135,6 +136,7 @@ class _Rank:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        stacks.enable_dumps()  # the agent may ask where this rank is, whatever it is doing
         # the worker's logging records reach the launcher whole: logger name, level, time
         logging.root.addHandler(_RecordsToStderr())
         logging.root.setLevel(self.spec.log_level)
@@ -248,11 +250,18 @@ class _Rank:
 
 
 def _described(e: BaseException) -> tuple[str, str, str]:
-    """An exception as text: its type's full name, its message, its formatted traceback."""
+    """An exception as text: its type's full name, its message, its formatted traceback.
+
+    The traceback starts in the user's function: the frames of this module above it say nothing
+    the user can act on (unless the error is ours, and then they are all there is).
+    """
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
     return (
         f"{type(e).__module__}.{type(e).__qualname__}",
         _safe_str(e),
-        "".join(traceback.format_exception(type(e), e, e.__traceback__)),
+        "".join(traceback.format_exception(type(e), e, tb or e.__traceback__)),
     )
 
 

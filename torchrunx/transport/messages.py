@@ -20,6 +20,8 @@ rendezvous     launcher → agent → worker   rank 0's store port
 cleared        agent → launcher            a run has no process left on the host
 output         agent → launcher            where a chunk of output came from; buffer: it
 died           agent → launcher            a worker that ended without an outcome
+dump           launcher → agent            dump the stacks of a run's live workers, now
+stacks         agent → launcher            the stacks of a run's live workers (and who was silent)
 up             forkserver → agent          it is ready
 fork           agent → forkserver          a run to fork workers for; pipes attached
 forked         forkserver → agent          a worker's pid
@@ -46,6 +48,7 @@ __all__ = [
     "Credit",
     "Died",
     "DirectResult",
+    "Dump",
     "Exited",
     "Fork",
     "Forked",
@@ -56,10 +59,12 @@ __all__ = [
     "Output",
     "Port",
     "Raised",
+    "RankStack",
     "Rendezvous",
     "Result",
     "Run",
     "RunSpec",
+    "Stacks",
     "Unpicklable",
     "Up",
     "VersionMismatchError",
@@ -269,6 +274,39 @@ class Died(Message):
     signal: str | None = None  # a signal's name (or number, as text, if it has none)
 
 
+@dataclass(frozen=True)
+class Dump(Message):
+    """Dump the stacks of the run's live workers (``request`` names the answer)."""
+
+    KIND = "dump"
+    run: str
+    request: str
+
+
+@dataclass(frozen=True)
+class RankStack:
+    """One worker's Python stack, every thread (``faulthandler``'s text)."""
+
+    rank: int
+    local_rank: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Stacks(Message):
+    """The stacks of the run's live workers on one host; ``silent``: ranks that did not answer.
+
+    Sent for a :class:`Dump` (its ``request``), and unasked (``request=""``) when the run fails
+    or is cancelled, before its processes are killed: the autopsy.
+    """
+
+    KIND = "stacks"
+    run: str
+    request: str
+    ranks: tuple[RankStack, ...]
+    silent: tuple[int, ...]
+
+
 # ---- agent and forkserver
 
 
@@ -390,13 +428,27 @@ class Ack(Message):
 
 def to_json(value: object) -> Any:
     """Plain JSON data of a message, a dataclass or a value inside one."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    kind = type(value)
+    if kind in _SCALARS or value is None:
+        return value
+    names = _FIELDS.get(kind, ())
+    if names == ():
+        names = _FIELDS[kind] = (
+            tuple(f.name for f in dataclasses.fields(kind))
+            if dataclasses.is_dataclass(kind)
+            else None
+        )
+    if names is not None:
+        return {name: to_json(getattr(value, name)) for name in names}
     if isinstance(value, (list, tuple)):
         return [to_json(v) for v in value]
     if isinstance(value, dict):
         return {k: to_json(v) for k, v in value.items()}
     return value
+
+
+_SCALARS = frozenset({str, int, float, bool})
+_FIELDS: dict[type, tuple[str, ...] | None] = {}  # a dataclass's field names; None: not one
 
 
 def encode(message: Message, *buffers: Buffer) -> list[Buffer]:
@@ -445,54 +497,64 @@ def from_json(cls: type[T], data: object) -> T:
     if not isinstance(data, dict):
         msg = f"{cls.__name__}: expected an object, got {type(data).__name__}"
         raise WireError(msg)
-    hints = _hints(typing.cast("type", cls))
-    unknown = set(data) - set(hints)
-    if unknown:
-        msg = f"{cls.__name__}: unknown fields {sorted(unknown)}"
-        raise WireError(msg)
+    converters = _converters(typing.cast("type", cls))
+    values = {}
+    for name, value in data.items():
+        convert = converters.get(name)
+        if convert is None:
+            msg = f"{cls.__name__}: unknown fields {sorted(set(data) - set(converters))}"
+            raise WireError(msg)
+        try:
+            values[name] = convert(value)
+        except _MismatchError as e:
+            msg = f"{cls.__name__}: field {name!r}: {value!r} is not a {e}"
+            raise WireError(msg) from None
     try:
-        values = {name: _convert(hints[name], value, name) for name, value in data.items()}
         return cls(**values)
     except TypeError as e:  # a required field is missing
         msg = f"{cls.__name__}: {e}"
         raise WireError(msg) from e
 
 
+class _MismatchError(Exception):
+    """A value that is not of its field's type (the message: the type)."""
+
+
+Converter = typing.Callable[[Any], Any]
+
+
 @cache
-def _hints(cls: type) -> dict[str, Any]:
+def _converters(cls: type) -> dict[str, Converter]:
+    """One converter per field, made once per class: decoding is on the hot path of output."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
+    hints = typing.get_type_hints(cls)
+    return {name: _converter(tp) for name, tp in hints.items() if name in names}
 
 
-def _convert(tp: Any, value: object, where: str) -> Any:
-    """``value`` as a ``tp``: nested dataclasses built, lists as tuples where declared so."""
+def _converter(tp: Any) -> Converter:
+    """A function that checks a JSON value against ``tp`` and builds it (tuples, dataclasses)."""
     origin = typing.get_origin(tp)
     if origin is typing.Union or origin is types.UnionType:  # only ever ``X | None`` here
-        options = [o for o in typing.get_args(tp) if o is not type(None)]
-        if value is None and len(options) < len(typing.get_args(tp)):
-            return None
-        if len(options) == 1:
-            return _convert(options[0], value, where)
-    elif dataclasses.is_dataclass(tp):
-        return from_json(tp, value)  # type: ignore[arg-type]
-    elif origin in (list, tuple) and isinstance(value, list):
-        item = typing.get_args(tp)[0]
-        return origin(_convert(item, v, where) for v in value)
-    elif origin is dict and isinstance(value, dict):
-        _, item = typing.get_args(tp)
-        return {str(k): _convert(item, v, where) for k, v in value.items()}
-    elif _is_scalar(tp, value):
-        return float(value) if tp is float else value  # type: ignore[arg-type]
-    msg = f"field {where!r}: {value!r} is not a {tp}"
-    raise WireError(msg)
-
-
-def _is_scalar(tp: Any, value: object) -> bool:
-    if isinstance(value, bool):  # a bool is an int to isinstance, never to us
-        return tp is bool
+        (inner,) = [_converter(o) for o in typing.get_args(tp) if o is not type(None)]
+        return lambda v: None if v is None else inner(v)
+    if dataclasses.is_dataclass(tp):
+        return lambda v: from_json(tp, v)  # type: ignore[arg-type]
+    if origin in (list, tuple):
+        item = _converter(typing.get_args(tp)[0])
+        return lambda v: origin(map(item, v)) if type(v) is list else _mismatch(tp)
+    if origin is dict:
+        value = _converter(typing.get_args(tp)[1])
+        return lambda v: {k: value(x) for k, x in v.items()} if type(v) is dict else _mismatch(tp)
     if tp is float:
-        return isinstance(value, (int, float))
-    return tp in (int, str) and type(value) is tp
+        return lambda v: float(v) if type(v) in (int, float) else _mismatch(tp)
+    if tp in (int, str, bool):
+        return lambda v: v if type(v) is tp else _mismatch(tp)
+    msg = f"no converter for {tp}"
+    raise TypeError(msg)
+
+
+def _mismatch(tp: Any) -> typing.NoReturn:
+    raise _MismatchError(tp)
 
 
 def _as_bytes(frame: zmq.Frame | bytes) -> bytes:

@@ -4,6 +4,11 @@
 when sent with ``copy=False``). CPU tensors are reduced through their storage: the storage's bytes
 become one out-of-band buffer and pickle's memo keeps views of one storage sharing it (tied
 weights stay tied). Everything else is cloudpickle protocol 5.
+
+Code pickled by value (functions of ``__main__``, of a notebook cell, closures) keeps its file
+name, which cloudpickle would replace by ``<dynamic-code>``, so that tracebacks and stack dumps
+in workers point at the user's file and line. Where that file exists only in this process's
+``linecache`` (a notebook cell), its lines travel with the code and are put into the worker's.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ __all__ = ["dumps", "loads"]
 
 import ctypes
 import io
+import linecache
+import os
 import pickle
 import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -75,8 +83,30 @@ def _plain_cpu_tensor(obj: Any, torch: Any) -> bool:
     )
 
 
+def _rebuild_code(
+    reduced: tuple[Any, tuple[Any, ...]], filename: str, lines: list[str] | None
+) -> types.CodeType:
+    rebuild, args = reduced
+    code: types.CodeType = rebuild(*args)
+    if lines is not None and filename not in linecache.cache:
+        # no mtime: linecache.checkcache keeps it although no such file exists here
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return code.replace(co_filename=filename)
+
+
+def _code_reduce(code: types.CodeType) -> Any:
+    """Reduce ``code`` as cloudpickle does, keeping its file name (and lines, if only here)."""
+    filename = code.co_filename
+    lines = None
+    if not os.path.exists(filename):  # noqa: PTH110 -- a name from a code object, not a Path
+        lines = linecache.getlines(filename) or None
+    return _rebuild_code, (cloudpickle.cloudpickle._code_reduce(code), filename, lines)  # noqa: SLF001
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.CodeType:
+            return _code_reduce(obj)
         torch = sys.modules.get("torch")
         if torch is not None:
             if type(obj) is torch.UntypedStorage and obj.device.type == "cpu":

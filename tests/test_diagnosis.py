@@ -1,0 +1,341 @@
+"""A failed or hung run explains itself: every live rank's stack, tracebacks into the user's
+file, partial results, the log files; on one host, on the test hosts, and under Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pexpect
+import pytest
+import torch.distributed as dist
+
+import torchrunx
+from torchrunx.outcome import SILENT
+from torchrunx.stacks import STARTING
+
+if TYPE_CHECKING:
+    from testbed.cluster import Cluster
+
+HERE = Path(__file__).name
+
+
+def stuck_in_user_code(seconds: float = 60) -> None:
+    time.sleep(seconds)
+
+
+def one_rank_stuck(stuck: int = 1) -> None:
+    if dist.get_rank() == stuck:
+        stuck_in_user_code()
+    dist.barrier()
+
+
+def test_a_hung_rank_is_named_in_the_timeout_error() -> None:
+    launcher = torchrunx.Launcher(
+        hostnames=["localhost"], workers_per_host=2, backend="gloo", worker_timeout=3
+    )
+    start = time.monotonic()
+    with launcher, pytest.raises(RuntimeError, match=r"[Tt]imed out") as info:
+        launcher.run(one_rank_stuck)
+    elapsed = time.monotonic() - start
+    notes = "\n".join(info.value.__notes__)
+    assert re.search(rf"rank 1: stuck_in_user_code \(\S*{HERE}:\d+\) <- one_rank_stuck", notes)
+    stacks = info.value.stacks  # type: ignore[attr-defined]
+    assert set(stacks) == {1}
+    assert "stuck_in_user_code" in stacks[1]
+    assert set(info.value.failures) == {0}  # type: ignore[attr-defined]
+    assert elapsed < 3 + 2 + 10  # the timeout, the autopsy's bound, a slow first start
+
+
+def raise_on(rank: int, value: int = 7) -> int:
+    if dist.get_rank() == rank:
+        time.sleep(0.5)  # the others are in the barrier by now
+        msg = "bad config 42"
+        raise ValueError(msg)
+    if dist.get_rank() == 0:
+        return value  # returns at once: a partial result
+    dist.barrier()
+    return value
+
+
+def test_autopsy_when_a_rank_raises_with_partial_results() -> None:
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=3, backend="gloo") as lau:
+        lau.run(os.getpid)  # warm: what follows is timed
+        handle = lau.submit(raise_on, 1)
+        with pytest.raises(ValueError, match="bad config 42") as info:
+            handle.result(timeout=60)
+    e = info.value
+    notes = "\n".join(e.__notes__)
+    assert re.search(rf"rank 2: barrier \(torch/distributed/\S+\) <- raise_on \(\S*{HERE}:", notes)
+    assert set(e.stacks) == {2}  # type: ignore[attr-defined]
+    assert e.partial_results == {0: 7}  # type: ignore[attr-defined]
+    assert list(e.failures) == [1]  # type: ignore[attr-defined]
+    assert e.failures[1] is e  # type: ignore[attr-defined]
+    assert handle.partial_results() == {0: 7}
+    assert list(handle.failures()) == [1]
+    assert handle.stacks() == e.stacks  # type: ignore[attr-defined]
+
+
+def die_on(rank: int) -> None:
+    if dist.get_rank() == rank:
+        print("about to die", flush=True)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    stuck_in_user_code()  # not in a collective: no error of its own when the peer dies
+
+
+def test_autopsy_when_a_rank_dies_names_its_log_files(tmp_path: Path) -> None:
+    launcher = torchrunx.Launcher(
+        hostnames=["localhost"], workers_per_host=2, backend="gloo", log_dir=tmp_path
+    )
+    with launcher, pytest.raises(torchrunx.WorkerFailedError) as info:
+        launcher.run(die_on, 1)
+    text = str(info.value)
+    (folder,) = tmp_path.iterdir()
+    worker_log, agent_log = folder / "localhost[1].log", folder / "localhost.log"
+    assert f"Its log: {worker_log} (agent: {agent_log})" in text
+    assert "about to die" in worker_log.read_text()
+    notes = "\n".join(info.value.__notes__)
+    assert re.search(rf"rank 0: stuck_in_user_code \(\S*{HERE}:\d+\) <- die_on", notes)
+    assert "did not answer" not in notes  # the dead rank is not asked
+
+
+def wait_for_file(path: str) -> int:
+    if dist.get_rank() == 1:
+        while not Path(path).exists():
+            stuck_in_user_code(0.05)
+    dist.barrier()
+    return dist.get_rank()
+
+
+def stacks_when_ready(handle: torchrunx.RunHandle[int], ranks: int) -> dict[int, str]:
+    """The stacks once every rank is in the function, rank 1 in its sleep (it polls a file)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        stacks = handle.stacks(timeout=5)
+        if (
+            len(stacks) == ranks
+            and STARTING not in stacks.values()
+            and "in stuck_in_user_code" in stacks.get(1, "in stuck_in_user_code")
+        ):
+            return stacks
+        time.sleep(0.1)
+    pytest.fail(f"ranks never all in the function: {handle.stacks()}")
+
+
+def test_stacks_on_demand_do_not_stop_the_run(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=3, backend="gloo") as lau:
+        handle = lau.submit(wait_for_file, str(go))
+        stacks = stacks_when_ready(handle, 3)
+        assert "in stuck_in_user_code" in stacks[1]
+        for rank in (0, 2):  # blocked in C inside the collective: their Python frames show
+            assert "in barrier" in stacks[rank]
+            assert "in wait_for_file" in stacks[rank]
+        assert not handle.done()
+        go.touch()
+        assert handle.result(timeout=60).by_rank() == [0, 1, 2]
+        assert handle.stacks() == {}  # it succeeded: nothing to explain
+
+
+def stop_on(rank: int) -> None:
+    if dist.get_rank() == rank:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    dist.barrier()
+
+
+def test_a_rank_that_cannot_answer_is_named_and_torn_down() -> None:
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo") as lau:
+        handle = lau.submit(stop_on, 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until rank 0 is in the barrier, rank 1 stopped
+            stacks = handle.stacks(timeout=5)
+            if "in barrier" in stacks.get(0, "") and stacks.get(1) == SILENT:
+                break
+        else:
+            pytest.fail(f"not as expected: {handle.stacks()}")
+        start = time.monotonic()
+        assert handle.cancel()
+        elapsed = time.monotonic() - start
+        report = handle.autopsy()
+        assert "rank 1: did not answer within 1 s (stopped, or stuck in the kernel)" in report
+        assert "rank 0: barrier (" in report
+        assert elapsed < 10
+        assert lau.run(lambda: 1).by_rank() == [1, 1]  # the stopped rank is gone
+
+
+CTRL_C_SCRIPT = """
+import time
+import torch.distributed as dist
+import torchrunx
+
+
+def stuck_in_user_code():
+    print("stuck now", flush=True)
+    time.sleep(60)
+
+
+def train():
+    if dist.get_rank() == 1:
+        stuck_in_user_code()
+    dist.barrier()
+
+
+torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo", live_ranks="all",
+                   log_dir="").run(train)
+"""
+
+
+def test_ctrl_c_prints_where_the_ranks_were_before_keyboard_interrupt(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(CTRL_C_SCRIPT)
+    child = pexpect.spawn(
+        sys.executable, [str(script)], cwd=str(tmp_path), timeout=60, encoding="utf-8"
+    )
+    try:
+        child.expect_exact("stuck now")
+        time.sleep(1)  # rank 0 reaches the barrier
+        child.sendintr()  # Ctrl-C, through the terminal
+        child.expect_exact("torchrunx: run cancelled; its ranks were at:")
+        child.expect(r"rank 0: barrier \(torch/distributed/\S+:\d+\) <- train")
+        child.expect(r"rank 1: stuck_in_user_code \(train.py:\d+\) <- train \(train.py:\d+\)")
+        child.expect_exact("KeyboardInterrupt")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus != 0 or child.signalstatus == signal.SIGINT
+
+
+# ---- tracebacks into the user's own code
+
+SCRIPT = """
+import torchrunx
+
+
+def helper(x):
+    return 1 / x
+
+
+def train():
+    return helper(0)
+
+
+if __name__ == "__main__":
+    try:
+        torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None,
+                           log_dir="").run(train)
+    except ZeroDivisionError as e:
+        print(e.__cause__)
+"""
+
+
+def test_a_traceback_names_the_users_file_line_and_source(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert f'File "{script}", line 10, in train' in out.stdout
+    assert "    return helper(0)" in out.stdout
+    assert f'File "{script}", line 6, in helper' in out.stdout
+    assert "    return 1 / x" in out.stdout
+    assert "<dynamic-code>" not in out.stdout
+    assert "torchrunx/worker.py" not in out.stdout  # the traceback starts in the user's code
+
+
+NOTEBOOK = [
+    (
+        "import torchrunx\nlauncher = torchrunx.Launcher(hostnames=['localhost'], "
+        "workers_per_host=1, backend=None, log_dir='')"
+    ),
+    "def cell_helper(x):\n    return {}[x]  # the failing line of a notebook cell",
+    (
+        "try:\n    launcher.run(cell_helper, 'k')\nexcept KeyError as e:\n    print(e.__cause__)\n"
+        "launcher.close()"
+    ),
+]
+
+
+def test_a_traceback_shows_the_source_of_a_notebook_cell() -> None:
+    program = textwrap.dedent(f"""
+        from IPython.core.interactiveshell import InteractiveShell
+        shell = InteractiveShell.instance()
+        for cell in {NOTEBOOK!r}:
+            shell.run_cell(cell).raise_error()
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "in cell_helper" in out.stdout, out.stdout + out.stderr
+    assert "return {}[x]  # the failing line of a notebook cell" in out.stdout
+    assert "<dynamic-code>" not in out.stdout
+
+
+# ---- culprit and collateral
+
+
+def test_the_culprit_is_raised_and_the_collateral_listed_one_line_each() -> None:
+    from torchrunx.outcome import Evidence, WorkerDied, WorkerRaised, failure_exception
+    from torchrunx.transport.messages import Died, Raised, decode, encode
+
+    def arrived(message: Raised | Died) -> Raised | Died:
+        decoded, _ = decode(encode(message))
+        assert isinstance(decoded, (Raised, Died))
+        return decoded
+
+    reset = "Connection reset by peer"
+    collateral = [
+        arrived(Raised("r", rank, rank, "builtins.RuntimeError", reset, "tb", unpicklable="x"))
+        for rank in (0, 2)
+    ]
+    death = arrived(Died("r", 1, 1, 99, ("last words",), signal="SIGKILL"))
+    failures = [
+        WorkerRaised("h", collateral[0], []),  # type: ignore[arg-type]
+        WorkerDied("h", death),  # type: ignore[arg-type]
+        WorkerRaised("h", collateral[1], []),  # type: ignore[arg-type]
+    ]
+    exc = failure_exception(failures, {}, ["h"], [3], Evidence())
+    assert isinstance(exc, torchrunx.WorkerFailedError)
+    assert exc.rank == 1
+    (note,) = exc.__notes__
+    assert note.splitlines() == [
+        "collateral, after it in this run:",
+        f"  rank 0 (local rank 0) on h raised builtins.RuntimeError: {reset}",
+        f"  rank 2 (local rank 2) on h raised builtins.RuntimeError: {reset}",
+    ]
+    assert sorted(exc.failures) == [0, 1, 2]  # type: ignore[attr-defined]
+
+
+# ---- on the test hosts
+
+
+def test_a_hung_rank_on_another_host(cluster: Cluster) -> None:
+    hosts = cluster.hostnames[:2]
+    launcher = torchrunx.Launcher(
+        hostnames=hosts,
+        workers_per_host=1,
+        backend="gloo",
+        worker_timeout=3,
+        ssh_config_file=cluster.ssh_config,
+    )
+    with launcher:
+        launcher.run(os.getpid)  # agents up: what follows is the failure alone
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"[Tt]imed out") as info:
+            launcher.run(one_rank_stuck)
+        elapsed = time.monotonic() - start
+        stacks = launcher.submit(wait_for_file, "/nonexistent/never")
+        on_demand = stacks_when_ready(stacks, 2)
+        stacks.cancel()
+    notes = "\n".join(info.value.__notes__)
+    assert re.search(rf"rank 1: stuck_in_user_code \(\S*{HERE}:\d+\)", notes)
+    assert elapsed < 3 + 2 + 3
+    assert "in stuck_in_user_code" in on_demand[1]  # rank 1 is on the second host
+    assert "in barrier" in on_demand[0]
