@@ -319,9 +319,11 @@ class Agent:
         )
         if not (isinstance(message, Result) and message.direct):  # a direct one has arrived
             self.send(message, *frames)
-        self.to_worker(run, slot.local_rank, Ack())
         if not isinstance(message, Result):
+            # the others first (their stacks, then their end): were this rank let go before,
+            # its exit would be their "connection closed by peer"
             self.cancel(run)
+        self.to_worker(run, slot.local_rank, Ack())
 
     def to_worker(self, run: _Run, local_rank: int, message: Message) -> None:
         identity = f"{run.id}:{local_rank}".encode()

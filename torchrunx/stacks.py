@@ -50,7 +50,7 @@ STACK_SIGNAL = signal.SIGRTMIN + 3
 Lightning's) is taken."""
 STACK_FD = 3
 """The worker's end of its stack pipe."""
-QUIET_S = 0.02
+QUIET_S = 0.01
 """A dump is complete once its pipe has been quiet this long (faulthandler writes it at once)."""
 DEADLINE_S = 1.0
 """How long a worker gets to start answering before it is named silent."""
