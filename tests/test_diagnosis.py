@@ -107,6 +107,30 @@ def test_autopsy_when_a_rank_dies_names_its_log_files(tmp_path: Path) -> None:
     assert "did not answer" not in notes  # the dead rank is not asked
 
 
+def crash_in_user_code() -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # a segfault, as a broken extension would
+
+
+def crash_on(rank: int) -> None:
+    if dist.get_rank() == rank:
+        time.sleep(0.5)
+        crash_in_user_code()
+    stuck_in_user_code()
+
+
+def test_a_rank_that_dies_of_a_fatal_signal_says_where() -> None:
+    launcher = torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo")
+    with launcher, pytest.raises(torchrunx.WorkerFailedError, match="SIGSEGV") as info:
+        launcher.run(crash_on, 1)
+    notes = "\n".join(info.value.__notes__)
+    dying = rf"rank 1: string_at \(ctypes/\S+\) <- crash_in_user_code \(\S*{HERE}:\d+\) \(as"
+    assert re.search(dying + r" it died\)", notes)
+    assert re.search(rf"rank 0: stuck_in_user_code \(\S*{HERE}:\d+\) <- crash_on", notes)
+    assert "in crash_in_user_code" in info.value.stacks[1]  # type: ignore[attr-defined]
+
+
 def wait_for_file(path: str) -> int:
     if dist.get_rank() == 1:
         while not Path(path).exists():
@@ -264,6 +288,7 @@ NOTEBOOK = [
 
 
 def test_a_traceback_shows_the_source_of_a_notebook_cell() -> None:
+    pytest.importorskip("IPython")
     program = textwrap.dedent(f"""
         from IPython.core.interactiveshell import InteractiveShell
         shell = InteractiveShell.instance()

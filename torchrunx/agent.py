@@ -276,13 +276,14 @@ class Agent:
 
     def on_exit(self, worker: _WorkerProcess, status: int) -> None:
         worker.exited = True
+        last_dump = stacks.read_now(worker.stack_fd) if worker.stack_fd >= 0 else ""
         _close_stack_pipe(worker)
         run = worker.run
         for fd in list(worker.pipes):
             # what it wrote last must reach the launcher before "died"
             self.on_output(fd, _READS_AT_EXIT)
         if not worker.has_outcome and (not run.cancelled or worker.died_before_cancel):
-            self.send(_death(worker, status))
+            self.send(_death(worker, status, last_dump))
             self.cancel(run)
         if all(w.exited for w in run.workers.values()):
             self.begin_clearing(run)
@@ -493,7 +494,7 @@ def _read_available(fd: int, max_reads: int) -> tuple[bytes, bool]:
     return b"".join(chunks), False
 
 
-def _death(worker: _WorkerProcess, status: int) -> Died:
+def _death(worker: _WorkerProcess, status: int, last_dump: str) -> Died:
     exitcode, name = None, None
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -509,6 +510,7 @@ def _death(worker: _WorkerProcess, status: int) -> Died:
         tail=(*worker.tail, *partial),
         exitcode=exitcode,
         signal=name,
+        stack=last_dump if name is not None and last_dump else None,
     )
 
 

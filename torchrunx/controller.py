@@ -532,13 +532,25 @@ class Controller:
         elif isinstance(message, Result) and not message.direct:  # a direct one is in already
             run.results[message.rank] = frames
         elif isinstance(message, (Raised, Unpicklable, Died)):
-            self._fail(run, _failure(agent.hostname, message, frames))
+            self._on_failure(run, agent, message, frames)
         elif isinstance(message, Stacks):
             self._on_stacks(run, agent, message)
         elif isinstance(message, Cleared):
             i = run.agent_index(agent)
             if i is not None:
                 self._cleared(run, i)
+
+    def _on_failure(
+        self,
+        run: RunState,
+        agent: AgentHandle,
+        message: Raised | Unpicklable | Died,
+        frames: list[Any],
+    ) -> None:
+        if isinstance(message, Died) and message.stack:  # where it was as it died
+            run.evidence.stacks[message.rank] = message.stack
+            run.evidence.died.add(message.rank)
+        self._fail(run, _failure(agent.hostname, message, frames))
 
     def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks) -> None:
         stacks = {s.rank: s.text for s in message.ranks}

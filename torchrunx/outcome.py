@@ -95,6 +95,7 @@ class Evidence:
 
     stacks: dict[int, str] = field(default_factory=dict)  # by rank: faulthandler's dump
     silent: set[int] = field(default_factory=set)  # ranks that did not answer
+    died: set[int] = field(default_factory=set)  # ranks whose dump is from their death
     log_folder: Path | None = None
 
     def all_stacks(self) -> dict[int, str]:
@@ -103,7 +104,9 @@ class Evidence:
 
     def report(self) -> str:
         """Where the ranks were, grouped, odd ones out first; empty if none was running."""
-        return stacks.report(self.stacks, self.silent) if self.stacks or self.silent else ""
+        if not self.stacks and not self.silent:
+            return ""
+        return stacks.report(self.stacks, self.silent, self.died)
 
     def logs_of(self, hostname: str, local_rank: int | None) -> str:
         """Where a worker's (or, with ``None``, an agent's) output is written, if anywhere."""
@@ -157,7 +160,7 @@ def failure_exception(
     report = evidence.report()
     if report:
         where = report.replace("\n", "\n  ")
-        _add_note(exc, f"where the ranks still running were (full stacks: .stacks):\n  {where}")
+        _add_note(exc, f"where the ranks were (full stacks: .stacks):\n  {where}")
     by_rank = {
         r: _exception(f, hostnames, evidence)
         for f in real

@@ -27,6 +27,7 @@ __all__ = [
     "collect",
     "enable_dumps",
     "innermost",
+    "read_now",
     "report",
 ]
 
@@ -59,8 +60,18 @@ STARTING = "(starting: not in the function yet)"
 
 
 def enable_dumps() -> None:
-    """In a worker: dump every thread's stack to :data:`STACK_FD` on :data:`STACK_SIGNAL`."""
+    """In a worker: dump every thread's stack to :data:`STACK_FD` on :data:`STACK_SIGNAL`.
+
+    And as it dies of a fatal signal (a segfault, an abort such as NCCL's watchdog's): the
+    agent reads that last dump when the worker is gone, so a death says where it happened.
+    """
     faulthandler.register(STACK_SIGNAL, file=STACK_FD, all_threads=True, chain=False)
+    faulthandler.enable(file=STACK_FD, all_threads=True)
+
+
+def read_now(fd: int) -> str:
+    """What a stack pipe holds now (a dead worker's last dump), without waiting."""
+    return _read_all(fd).decode(errors="replace")
 
 
 def collect(
@@ -174,11 +185,16 @@ def innermost(dump: str) -> str:
     return f"{first.where()} <- {mine.where()}"
 
 
-def report(stacks: Mapping[int, str], silent: Iterable[int] = ()) -> str:
-    """One line per group of ranks at the same place, the smallest groups (odd ones out) first."""
+def report(stacks: Mapping[int, str], silent: Iterable[int] = (), died: Iterable[int] = ()) -> str:
+    """One line per group of ranks at the same place, the smallest groups (odd ones out) first.
+
+    Ranks in ``died`` are where they were as they died (a fatal signal's dump).
+    """
+    dead = set(died)
     groups: dict[str, list[int]] = {}
     for rank, dump in stacks.items():
-        groups.setdefault(innermost(dump), []).append(rank)
+        where = innermost(dump) + (" (as it died)" if rank in dead else "")
+        groups.setdefault(where, []).append(rank)
     lines = [
         f"{_ranks(ranks)}: {where}"
         for where, ranks in sorted(groups.items(), key=lambda g: (len(g[1]), min(g[1])))

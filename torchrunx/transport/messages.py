@@ -272,6 +272,7 @@ class Died(Message):
     tail: tuple[str, ...]  # its last lines of output
     exitcode: int | None = None
     signal: str | None = None  # a signal's name (or number, as text, if it has none)
+    stack: str | None = None  # its stacks as it died of a fatal signal, if it could dump them
 
 
 @dataclass(frozen=True)
