@@ -227,7 +227,7 @@ class AgentPool:
         try:
             stdin.write(_json_line(boot))
             stdin.flush()
-        except OSError as e:  # it exited at once: say why, if its exit status tells
+        except (OSError, EOFError) as e:  # it exited at once (EOFError: an SSH channel): say why
             try:
                 code: int | None = agent.process.wait(5)
             except subprocess.TimeoutExpired:
