@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -71,18 +71,27 @@ def test_live_ranks_chooses_who_is_shown(capfd: pytest.CaptureFixture[str]) -> N
         assert {line[-1] for line in out.splitlines() if "out-" in line} == shown
 
 
-def test_worker_logging_keeps_logger_names_and_levels(two: torchrunx.Launcher) -> None:
+def records_of(
+    launcher: torchrunx.Launcher | torchrunx.LauncherView, fn: Any, *args: Any
+) -> list[logging.LogRecord]:
+    """Every record of ``fn``'s run, through a handler in place of the defaults."""
     records: list[logging.LogRecord] = []
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             records.append(record)
 
-    two.set_logging_handlers(lambda: [Collect()])
+    owner = launcher if isinstance(launcher, torchrunx.Launcher) else launcher.launcher
+    owner.set_logging_handlers(lambda: [Collect()])
     try:
-        two.run(speak)
+        launcher.run(fn, *args)
     finally:
-        two.set_logging_handlers("auto")
+        owner.set_logging_handlers("auto")
+    return records
+
+
+def test_worker_logging_keeps_logger_names_and_levels(two: torchrunx.Launcher) -> None:
+    records = records_of(two, speak)
     mine = {
         (r.name, r.levelno, r.getMessage(), r.hostname, r.local_rank)  # type: ignore[attr-defined]
         for r in records
@@ -115,17 +124,9 @@ def log_through_handlers_of_its_own(folder: str) -> None:
 def test_a_record_that_a_library_prints_itself_arrives_once(
     two: torchrunx.Launcher, tmp_path: Path
 ) -> None:
-    records: list[logging.LogRecord] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    two.set_logging_handlers(lambda: [Collect()])
-    try:
-        two.view(workers_per_host=1).run(log_through_handlers_of_its_own, str(tmp_path))
-    finally:
-        two.set_logging_handlers("auto")
+    records = records_of(
+        two.view(workers_per_host=1), log_through_handlers_of_its_own, str(tmp_path)
+    )
     seen = [(r.name, r.getMessage()) for r in records if "by the library" in r.getMessage()]
     assert seen == [
         ("torchrunx.localhost.0", "printed by the library"),  # the library's own line, once
