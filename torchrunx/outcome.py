@@ -161,12 +161,10 @@ def failure_exception(
     if report:
         where = report.replace("\n", "\n  ")
         _add_note(exc, f"where the ranks were (full stacks: .stacks):\n  {where}")
-    by_rank = {
-        r: _exception(f, hostnames, evidence)
-        for f in real
-        for r in _ranks_of(f, hostnames, workers_per_host)
-    }
-    by_rank.update(dict.fromkeys(_ranks_of(primary, hostnames, workers_per_host), exc))
+    by_rank: dict[int, BaseException] = {}
+    for f in real:
+        error = exc if f is primary else _exception(f, hostnames, evidence)
+        by_rank.update(dict.fromkeys(_ranks_of(f, hostnames, workers_per_host), error))
     _attach(exc, "stacks", evidence.all_stacks())
     _attach(exc, "failures", dict(sorted(by_rank.items())))
     _attach(exc, "partial_results", _returned(results))

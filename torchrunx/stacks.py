@@ -227,6 +227,7 @@ def _short(path: str) -> str:
     for root in sorted(_LIBRARIES, key=len, reverse=True):
         if path.startswith(root + os.sep):
             return path[len(root) + 1 :]
-    with contextlib.suppress(ValueError):
-        return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    with contextlib.suppress(ValueError):  # another drive, or no working directory
+        relative = os.path.relpath(path)
+        return path if relative.startswith("..") else relative
     return path
