@@ -161,6 +161,13 @@ SCENARIOS = (
         description="2 hosts x 1 worker: rank 1 (2nd host) SIGKILLs itself -> run() raises",
         hosts=2,
     ),
+    Scenario(
+        "multihost_exception_autopsy",
+        ("ours", "040"),
+        description="3 hosts x 1 worker, warm: rank 1 raises, ranks 0, 2 in a barrier -> run() "
+        "raises (ours: after the autopsy of ranks 0, 2)",
+        hosts=3,
+    ),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}
 MULTIHOST = tuple(s.name for s in SCENARIOS if s.hosts)
@@ -567,6 +574,7 @@ def repetitions(scenario: str, impl: str, opts: argparse.Namespace) -> int:
         "sweep_in_flight": (1 if quick else 3) if impl == "ours" else 1,
         "multihost_later_run": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
         "multihost_worker_kill": 2 if quick else 3,
+        "multihost_exception_autopsy": (5 if quick else 10) if impl == "ours" else 3,
     }
     if scenario.startswith("multihost_first_run_"):
         return 1 if quick else 3
@@ -586,6 +594,7 @@ def timeout_for(scenario: str, reps: int) -> float:
         "log_overhead": 60.0,
         "sweep_in_flight": 300.0,  # ours: 3 sweeps of 100 runs; 0.4.0: 1 of 10
         "multihost_later_run": 30.0,
+        "multihost_exception_autopsy": 30.0,
     }
     return STARTUP_TIMEOUT_S + per_rep.get(scenario, 0.0) * reps
 

@@ -677,6 +677,32 @@ def multihost_worker_kill(opts: argparse.Namespace) -> Result:
     return failure_latency(opts, workloads.sigkill_rank1, "sigkill")
 
 
+def multihost_exception_autopsy(opts: argparse.Namespace) -> Result:
+    """3 hosts x 1 worker, a warm launcher: rank 1 raises while ranks 0 and 2 wait in a barrier.
+
+    Time until ``run()`` raises: with the autopsy, which asks the two waiting ranks on the other
+    hosts for their stacks first. Notes: the type raised and the ranks whose stacks it carries.
+    """
+    stamp = opts.workdir / EVENT_STAMP
+    values: list[float] = []
+    notes: list[str] = []
+    with open_launcher(load_torchrunx(), opts) as launcher:
+        timed_run(launcher, workloads.noop)
+        for _ in range(opts.reps):
+            stamp.unlink(missing_ok=True)
+            try:
+                launcher.run(workloads.raise_in_barrier, str(opts.workdir))
+            except Exception as exc:  # noqa: BLE001 - the type raised is what is measured
+                reported = time.time()
+                stacks = sorted(getattr(exc, "stacks", {}))
+                notes.append(f"{exception_name(exc)}, stacks of ranks {stacks}")
+            else:
+                msg = "the run returned: rank 1 was to raise"
+                raise RuntimeError(msg)
+            values.append(reported - workloads.read_stamp(stamp))
+    return measured([metric(opts.scenario, "s", LOWER, values, notes=notes)])
+
+
 # --- logging ------------------------------------------------------------------------------------
 
 
@@ -1022,6 +1048,7 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     },
     "multihost_later_run": launcher_only(multihost_later_run),
     "multihost_worker_kill": launcher_only(multihost_worker_kill),
+    "multihost_exception_autopsy": launcher_only(multihost_exception_autopsy),
 }
 
 

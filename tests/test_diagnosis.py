@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import pexpect
 import pytest
+import torch
 import torch.distributed as dist
 
 import torchrunx
@@ -167,6 +168,33 @@ def test_stacks_on_demand_do_not_stop_the_run(tmp_path: Path) -> None:
         go.touch()
         assert handle.result(timeout=60).by_rank() == [0, 1, 2]
         assert handle.stacks() == {}  # it succeeded: nothing to explain
+
+
+def one_collective_behind(behind: int) -> None:
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    if dist.get_rank() == behind:
+        stuck_in_user_code()
+    dist.all_reduce(t)
+
+
+def test_each_rank_says_which_collective_it_entered_last() -> None:
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=3, backend="gloo") as lau:
+        handle = lau.submit(one_collective_behind, 1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until rank 1 is stuck, the others in all_reduce #2
+            stacks = handle.stacks(timeout=5)
+            if all("#2 gloo:all_reduce" in stacks.get(r, "") for r in (0, 2)):
+                break
+        assert "torchrunx: last collective #1 gloo:all_reduce, completed" in stacks[1]
+        assert "torchrunx: last collective #2 gloo:all_reduce, not completed" in stacks[0]
+        assert handle.cancel()
+        report = handle.autopsy()
+    assert re.search(
+        r"rank 1: stuck_in_user_code \(.*\) · last collective #1 gloo:all_reduce, completed\n"
+        r"ranks 0, 2: all_reduce \(.*\) · last collective #2 gloo:all_reduce, not completed",
+        report,
+    ), report
 
 
 def stop_on(rank: int) -> None:
@@ -364,3 +392,5 @@ def test_a_hung_rank_on_another_host(cluster: Cluster) -> None:
     assert elapsed < 3 + 2 + 3
     assert "in stuck_in_user_code" in on_demand[1]  # rank 1 is on the second host
     assert "in barrier" in on_demand[0]
+    assert "torchrunx: last collective #1 gloo:barrier, not completed" in on_demand[0]
+    assert "torchrunx: no collective yet" in on_demand[1]  # across hosts: rank 1 is one behind

@@ -18,7 +18,6 @@ __all__ = ["main"]
 
 import contextlib
 import dataclasses
-import fcntl
 import os
 import shutil
 import signal
@@ -107,6 +106,7 @@ class _Run:
     connected: set[int] = field(default_factory=set)
     cancelled: bool = False
     teardown: Teardown | None = None  # of what the workers left, once they have all exited
+    collectives: bool = False  # whether its workers have a process group to say things about
 
 
 class Agent:
@@ -214,7 +214,7 @@ class Agent:
                 self.send_stacks(run, message.request)
 
     def start_run(self, spec: RunSpec, frames: list[Any]) -> None:
-        run = _Run(spec.run, {})
+        run = _Run(spec.run, {}, collectives=spec.backend is not None)
         self.runs[run.id] = run
         fds = []
         for slot in spec.workers:
@@ -406,7 +406,9 @@ class Agent:
             for w in running
             if w.pid is not None and w.slot.local_rank in run.connected and w.stack_fd >= 0
         }
-        dumps, silent = stacks.collect({pid: w.stack_fd for pid, w in asked.items()})
+        dumps, silent = stacks.collect(
+            {pid: w.stack_fd for pid, w in asked.items()}, ask=run.collectives
+        )
         answers = [
             RankStack(asked[pid].slot.rank, asked[pid].slot.local_rank, text)
             for pid, text in dumps.items()
@@ -462,13 +464,18 @@ class Agent:
 
 
 def _stack_pipe() -> tuple[int, int]:
-    """A pipe for a worker's stack dumps; non-blocking, so a dump nobody reads never blocks it."""
-    r, w = os.pipe()
+    """A worker's stack channel (see stacks.py): our end, and the worker's.
+
+    Non-blocking, so a dump nobody reads never blocks the worker; a socket pair, so that we can
+    also ask the worker a question (its last collective).
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(OSError):  # room for a dump of many threads (best effort)
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    return r, w
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    fds = ours.detach(), theirs.detach()
+    for fd in fds:
+        os.set_blocking(fd, False)
+    return fds
 
 
 def _close_stack_pipe(worker: _WorkerProcess) -> None:

@@ -11,11 +11,18 @@ blocked in C (a collective, a ``time.sleep``), holding the GIL or not. A worker 
 or stuck in the kernel does not answer; :func:`collect` names it silent at its deadline, and
 never waits longer.
 
+The stack channel is a socket pair, so it also carries a question the other way: once the dumps
+are in, a worker of a run with a process group is asked for its last collective (a byte), and a
+thread of the worker answers with one line from torch's flight recorder (:func:`answer_asks`).
+That thread needs the GIL, which collectives release; a rank that holds it keeps its line.
+
 On the launcher's side, :func:`report` groups ranks whose innermost frames are the same and puts
 the odd ones out first::
 
-    rank 1: stuck_in_user_code (train.py:17) <- train (train.py:25)
-    ranks 0, 2-7: barrier (torch/distributed/distributed_c10d.py:4857) <- train (train.py:30)
+    rank 1: stuck_in_user_code (train.py:17) <- train (train.py:25) · last collective #4 \
+nccl:all_reduce, completed
+    ranks 0, 2-7: barrier (torch/distributed/distributed_c10d.py:4857) <- train (train.py:30) \
+· last collective #5 nccl:all_reduce, not completed
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ __all__ = [
     "STACK_FD",
     "STACK_SIGNAL",
     "STARTING",
+    "answer_asks",
     "collect",
     "enable_dumps",
     "innermost",
@@ -34,10 +42,12 @@ __all__ = [
 import contextlib
 import faulthandler
 import os
+import pickle
 import re
 import select
 import signal
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +67,10 @@ DEADLINE_S = 1.0
 """How long a worker gets to start answering before it is named silent."""
 STARTING = "(starting: not in the function yet)"
 """The "stack" of a worker that has not started the function (nor its dump handler)."""
+ASK_S = 0.25
+"""How long the workers get to say which collective they are in, once their dumps are in."""
+COLLECTIVE = "torchrunx: "
+"""Starts the line a worker adds to its dump: the last collective it entered."""
 
 
 def enable_dumps() -> None:
@@ -69,20 +83,87 @@ def enable_dumps() -> None:
     faulthandler.enable(file=STACK_FD, all_threads=True)
 
 
+def answer_asks() -> None:
+    """In a worker with a process group: answer each byte on :data:`STACK_FD` with a line.
+
+    The line (:data:`COLLECTIVE`) names the last collective the worker entered, read from
+    torch's flight recorder when the agent asks, so it costs nothing until then.
+    """
+    threading.Thread(target=_answer, name="torchrunx-collectives", daemon=True).start()
+
+
+def _answer() -> None:
+    while True:
+        select.select([STACK_FD], [], [])
+        try:
+            if not os.read(STACK_FD, 64):
+                return
+        except BlockingIOError:
+            continue
+        except OSError:  # the channel is gone: nobody will ask again
+            return
+        try:
+            line = COLLECTIVE + last_collective()
+        except Exception as e:  # noqa: BLE001 -- a report, not a reason to stop answering
+            line = f"{COLLECTIVE}last collective unknown ({type(e).__name__}: {e})"
+        with contextlib.suppress(OSError):
+            os.write(STACK_FD, (line.replace("\n", " ") + "\n").encode())
+
+
+def last_collective() -> str:
+    """The collective this process entered last, by sequence number and kind, and its state.
+
+    ``last collective #5 nccl:all_reduce, not completed``, from torch's flight recorder; only the
+    sequence number where the recorder keeps no entries; ``no collective yet`` before the first.
+    """
+    import torch.distributed as dist  # noqa: PLC0415 -- only in workers, where it is loaded
+
+    if not dist.is_initialized():
+        return "no process group yet"
+    from torch._C import _distributed_c10d as c10d  # noqa: PLC0415
+
+    dump = getattr(c10d, "_dump_fr_trace", None) or getattr(c10d, "_dump_nccl_trace", None)
+    if dump is None:
+        return "last collective unknown (this torch has no flight recorder)"
+    raw = dump(includeCollectives=True, includeStackTraces=False, onlyActive=False)
+    trace = pickle.loads(raw)  # noqa: S301 -- torch's own bytes, from this process
+    status: dict[str, dict[str, int]] = trace.get("pg_status", {})
+    entries = [e for e in trace.get("entries", []) if e.get("collective_seq_id")]
+    if not entries:
+        seqs = [s.get("last_enqueued_collective", -1) for s in status.values()]
+        return f"last collective #{max(seqs)}" if seqs and max(seqs) > 0 else "no collective yet"
+    last = max(entries, key=lambda e: (e.get("time_created_ns", 0), e.get("record_id", 0)))
+    seq, group = last["collective_seq_id"], last.get("process_group", ("0", "default_pg"))
+    done = status.get(str(last.get("pg_id", group[0])), {}).get("last_completed_collective", -1)
+    where = "" if group[1] == "default_pg" else f" in group {group[1]}"
+    state = "completed" if done >= seq or last.get("state") == "completed" else "not completed"
+    return f"last collective #{seq} {last.get('profiling_name', '?')}{where}, {state}"
+
+
 def read_now(fd: int) -> str:
     """What a stack pipe holds now (a dead worker's last dump), without waiting."""
     return _read_all(fd).decode(errors="replace")
 
 
 def collect(
-    pipes: Mapping[int, int], deadline: float = DEADLINE_S
+    pipes: Mapping[int, int], deadline: float = DEADLINE_S, *, ask: bool = False
 ) -> tuple[dict[int, str], set[int]]:
-    """Signal each process of ``pipes`` (pid -> its stack pipe's read end) and read its dump.
+    """Signal each process of ``pipes`` (pid -> its stack channel's end) and read its dump.
 
     Returns the dumps by pid, and the pids that wrote nothing within ``deadline`` seconds (a
-    process that exits meanwhile is in neither).
-    Bounded: at most ``deadline`` plus one quiet period.
+    process that exits meanwhile is in neither). With ``ask``, each dump ends with the line its
+    worker gives about its last collective (see :func:`answer_asks`), where it gives one.
+    Bounded: at most ``deadline`` plus one quiet period, plus :data:`ASK_S` with ``ask``.
     """
+    dumps, silent = _dumps(pipes, deadline)
+    if ask:
+        answered = {pid: fd for pid, fd in pipes.items() if pid in dumps}
+        for pid, line in _ask(answered).items():
+            dumps[pid] += line
+    return {pid: d.decode(errors="replace") for pid, d in dumps.items()}, silent
+
+
+def _dumps(pipes: Mapping[int, int], deadline: float) -> tuple[dict[int, bytes], set[int]]:
     for fd in pipes.values():
         _read_all(fd)  # what an earlier signal (not ours) left there is not this dump
     dumps = dict.fromkeys(pipes, b"")
@@ -107,7 +188,26 @@ def collect(
             else:  # the worker is gone: no more from it, and no silence to report
                 gone.add(by_fd.pop(fd))
     silent = {pid for pid, data in dumps.items() if not data and pid not in gone}
-    return {pid: d.decode(errors="replace") for pid, d in dumps.items() if d}, silent
+    return {pid: d for pid, d in dumps.items() if d}, silent
+
+
+def _ask(channels: Mapping[int, int]) -> dict[int, bytes]:
+    """Each worker's line about its last collective: those that give one within :data:`ASK_S`."""
+    by_fd: dict[int, int] = {}
+    for pid, fd in channels.items():
+        with contextlib.suppress(OSError):  # gone, or a channel that is full: no answer
+            os.write(fd, b"?")
+            by_fd[fd] = pid
+    lines: dict[int, bytes] = {}
+    end = time.monotonic() + ASK_S
+    while by_fd and (left := end - time.monotonic()) > 0:
+        readable, _, _ = select.select(list(by_fd), [], [], left)
+        for fd in readable:
+            pid = by_fd[fd]
+            lines[pid] = lines.get(pid, b"") + _read_all(fd)
+            if lines[pid].endswith(b"\n") or not lines[pid]:
+                del by_fd[fd]
+    return {pid: line for pid, line in lines.items() if line.startswith(COLLECTIVE.encode())}
 
 
 def _read_all(fd: int) -> bytes:
@@ -171,9 +271,21 @@ def _is_users(frame: Frame) -> bool:
 
 
 def innermost(dump: str) -> str:
-    """Where the rank is: its innermost frame and, if that is a library's, the user's frame."""
+    """Where the rank is: its innermost frame and, if that is a library's, the user's frame.
+
+    And the last collective it entered, where its dump says.
+    """
     if dump.startswith("("):  # a state, not a dump
         return dump
+    collective = next(
+        (line[len(COLLECTIVE) :] for line in dump.splitlines() if line.startswith(COLLECTIVE)),
+        None,
+    )
+    place = _place(dump)
+    return place if collective is None else f"{place} · {collective}"
+
+
+def _place(dump: str) -> str:
     frames = main_thread(dump)
     if not frames:
         return "no Python frame"

@@ -110,6 +110,7 @@ class _Rank:
             store = self._rendezvous()
             fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
             if self.spec.backend is not None:
+                stacks.answer_asks()  # which collective this rank is in, when the agent asks
                 self._init_process_group(store)
             value = fn(*args, **kwargs)
             if store is not None:
