@@ -45,6 +45,8 @@ from .transport.messages import (
     Cleared,
     Connect,
     Credit,
+    Debug,
+    DebugInput,
     Died,
     Dump,
     Exited,
@@ -196,22 +198,25 @@ class Agent:
         self.last_from_launcher = time.monotonic()
         if isinstance(message, Run):
             self.start_run(message.spec, frames)
-        elif isinstance(message, Rendezvous):
-            run = self.runs.get(message.run)
-            if run is not None:
-                run.rendezvous = message
-                for local_rank in run.connected:
-                    self.to_worker(run, local_rank, message)
         elif isinstance(message, Credit):
             self.on_credit(message.bytes)
+        elif isinstance(message, (Rendezvous, Cancel, Dump, DebugInput)):
+            run = self.runs.get(message.run)
+            if run is not None:
+                self.on_run_message(run, message)
+
+    def on_run_message(self, run: _Run, message: Rendezvous | Cancel | Dump | DebugInput) -> None:
+        """What the launcher says about one of our runs."""
+        if isinstance(message, Rendezvous):
+            run.rendezvous = message
+            for local_rank in run.connected:
+                self.to_worker(run, local_rank, message)
         elif isinstance(message, Cancel):
-            run = self.runs.get(message.run)
-            if run is not None:
-                self.cancel(run)
+            self.cancel(run)
         elif isinstance(message, Dump):
-            run = self.runs.get(message.run)
-            if run is not None:
-                self.send_stacks(run, message.request)
+            self.send_stacks(run, message.request)
+        elif message.local_rank in run.connected:  # a line for a rank's debugger
+            self.to_worker(run, message.local_rank, message)
 
     def start_run(self, spec: RunSpec, frames: list[Any]) -> None:
         run = _Run(spec.run, {}, collectives=spec.backend is not None)
@@ -306,6 +311,19 @@ class Agent:
             self.send(Port(run=run.id, port=message.port))
         elif isinstance(message, (Result, Raised, Unpicklable)):
             self.on_outcome(worker, message, frames)
+        elif isinstance(message, Debug):
+            self.on_debug(worker, message)
+
+    def on_debug(self, worker: _WorkerProcess, message: Debug) -> None:
+        run, slot = worker.run, worker.slot
+        if message.state == "skipped":  # a warning: live on the launcher's terminal, logged
+            self.send(Output(run=run.id, level="WARNING"), message.text.encode())
+            return
+        # who sent it is the socket's identity, not what the message claims
+        message = dataclasses.replace(
+            message, run=run.id, rank=slot.rank, local_rank=slot.local_rank
+        )
+        self.send(message)
 
     def on_outcome(
         self, worker: _WorkerProcess, message: Result | Raised | Unpicklable, frames: list[Any]

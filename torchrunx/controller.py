@@ -41,6 +41,7 @@ from .outcome import (
     AgentLost,
     Evidence,
     Failure,
+    QuitInDebugger,
     ResultUnpicklable,
     RunCancelled,
     WorkerDied,
@@ -51,6 +52,7 @@ from .transport.messages import (
     Cancel,
     Cleared,
     Credit,
+    Debug,
     Died,
     DirectResult,
     Dump,
@@ -129,6 +131,7 @@ class RunState:
     uncleared: set[int] = field(default_factory=set)  # indexes into agents
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[], None] | None = None  # called on the controller thread, once
+    on_debug: Callable[[AgentHandle, Debug], None] | None = None  # a rank's debugger session
 
     def agent_index(self, agent: AgentHandle) -> int | None:
         """Position of ``agent`` in this run, or None."""
@@ -522,7 +525,10 @@ class Controller:
     def _on_message(self, agent: AgentHandle, message: Message, frames: list[Any]) -> None:
         if isinstance(message, Output):
             self._emit(agent, message, frames)
-            return
+        else:
+            self._on_run_message(agent, message, frames)
+
+    def _on_run_message(self, agent: AgentHandle, message: Message, frames: list[Any]) -> None:
         run = self.runs.get(getattr(message, "run", ""))
         if run is None:
             return
@@ -535,6 +541,8 @@ class Controller:
             self._on_failure(run, agent, message, frames)
         elif isinstance(message, Stacks):
             self._on_stacks(run, agent, message)
+        elif isinstance(message, Debug):
+            self._on_debug(run, agent, message)
         elif isinstance(message, Cleared):
             i = run.agent_index(agent)
             if i is not None:
@@ -551,6 +559,12 @@ class Controller:
             run.evidence.stacks[message.rank] = message.stack
             run.evidence.died.add(message.rank)
         self._fail(run, _failure(agent.hostname, message, frames))
+
+    def _on_debug(self, run: RunState, agent: AgentHandle, message: Debug) -> None:
+        if message.state == "quit":  # the user ends the run: as a failure would
+            self._fail(run, QuitInDebugger(agent.hostname, message))
+        if run.on_debug is not None:
+            run.on_debug(agent, message)
 
     def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks) -> None:
         stacks = {s.rank: s.text for s in message.ranks}

@@ -7,7 +7,13 @@ rank in ``__notes__``: the pattern of :mod:`concurrent.futures.process`.
 
 from __future__ import annotations
 
-__all__ = ["AgentFailedError", "RemoteTraceback", "TorchrunxError", "WorkerFailedError"]
+__all__ = [
+    "AgentFailedError",
+    "DebuggerQuitError",
+    "RemoteTraceback",
+    "TorchrunxError",
+    "WorkerFailedError",
+]
 
 
 class TorchrunxError(Exception):
@@ -46,6 +52,15 @@ class WorkerFailedError(TorchrunxError):
         self.exitcode = exitcode
         self.signal_name = signal_name
         self.last_lines = last_lines
+
+
+class DebuggerQuitError(TorchrunxError):
+    """The run was ended from the debugger: ``q``, end of input or Ctrl-C at a rank's prompt."""
+
+    def __init__(self, message: str, *, hostname: str, rank: int) -> None:
+        super().__init__(message)
+        self.hostname = hostname
+        self.rank = rank
 
 
 class RemoteTraceback(Exception):  # noqa: N818 -- named as in concurrent.futures.process

@@ -23,12 +23,15 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
+from . import console
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
 from .hosts import in_slurm_job, resolve_hostnames
 from .logs import HandlerFactory, default_handlers
 from .pool import AgentPool, AgentsConfig, RunOptions
+from .runs import CANCEL_TIMEOUT_S
+from .transport.messages import DebugSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -94,6 +97,12 @@ class Launcher:
     always on; encryption costs throughput (results: 0.33 GiB/s instead of 1.33 here)."""
     live_ranks: int | list[int] | Literal["all"] = 0
     """Ranks whose output is shown live on the terminal: one, a list, or ``"all"``."""
+    debug_ranks: int | list[int] | Literal["all"] = "all"
+    """Ranks whose ``breakpoint()`` opens pdb in this terminal: one, a list, or ``"all"``. The
+    others skip theirs. Without a terminal (stdin not a TTY) every rank skips them, with a
+    warning."""
+    post_mortem: bool = False
+    """An exception in the function first opens pdb where it was raised, in this terminal."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
@@ -241,6 +250,11 @@ class Launcher:
             handlers=functools.partial(
                 _handlers, self.handler_factory, self.live_ranks, self.log_dir
             ),
+            debug=DebugSettings(
+                terminal=_has_terminal(),
+                ranks=None if self.debug_ranks == "all" else _ranks(self.debug_ranks),
+                post_mortem=self.post_mortem,
+            ),
         )
         return pool.submit(func, call_args, call_kwargs, options)
 
@@ -297,14 +311,29 @@ def _handlers(
 def _wait(handle: RunHandle[FunctionR]) -> LaunchResult[FunctionR]:
     try:
         return handle.result()
+    except KeyboardInterrupt:
+        if handle.done() or not console.shared().quit_at_prompt(handle.run_id):
+            _cancel(handle)
+            raise
     except BaseException:
-        if not handle.done():  # interrupted while waiting (Ctrl-C): the run goes too
-            handle.cancel()
-            report = handle.autopsy()
-            if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
-                where = report.replace("\n", "\n  ")
-                print(f"torchrunx: run cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
+        _cancel(handle)
         raise
+    # Ctrl-C at a debugger prompt of this run: it ends as a "q" there does
+    try:
+        return handle.result(timeout=CANCEL_TIMEOUT_S)
+    finally:
+        _cancel(handle)
+
+
+def _cancel(handle: RunHandle[Any]) -> None:
+    """Interrupted while waiting (Ctrl-C): the run goes too, saying where its ranks were."""
+    if handle.done():
+        return
+    handle.cancel()
+    report = handle.autopsy()
+    if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
+        where = report.replace("\n", "\n  ")
+        print(f"torchrunx: run cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
 
 
 def launch(  # noqa: PLR0913 -- the public signature of earlier releases
@@ -353,14 +382,33 @@ def _validate(launcher: Launcher) -> None:
     if launcher.agent_start == "srun" and not in_slurm_job():
         msg = 'agent_start="srun" needs a SLURM allocation, but SLURM_JOB_ID is not set'
         raise ValueError(msg)
-    r = launcher.live_ranks
-    ranks = [r] if isinstance(r, int) and not isinstance(r, bool) else r
-    if r != "all" and not (
-        isinstance(ranks, (list, tuple))
-        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ranks)
-    ):
-        msg = f'live_ranks={r!r}: use a rank (int >= 0), a list of ranks, or "all"'
-        raise ValueError(msg)
+    for name in ("live_ranks", "debug_ranks"):
+        r = getattr(launcher, name)
+        if r != "all" and not all(_is_rank(x) for x in _ranks(r)):
+            msg = f'{name}={r!r}: use a rank (int >= 0), a list of ranks, or "all"'
+            raise ValueError(msg)
+    if not isinstance(launcher.post_mortem, bool):
+        msg = f"post_mortem={launcher.post_mortem!r}: use True or False"
+        raise TypeError(msg)
+
+
+def _is_rank(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _ranks(r: object) -> tuple[int, ...]:
+    """``3`` or ``[0, 3]`` as a tuple of ranks (anything else: a tuple that fails the checks)."""
+    if _is_rank(r):
+        return (cast("int", r),)
+    return tuple(r) if isinstance(r, (list, tuple)) else (cast("int", r),)
+
+
+def _has_terminal() -> bool:
+    """Whether a person can answer a prompt here: stdin is a terminal."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 def _check_hostnames_field(h: object, workers_per_host: object) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "AgentLost",
     "Evidence",
     "Failure",
+    "QuitInDebugger",
     "ResultUnpicklable",
     "RunCancelled",
     "WorkerDied",
@@ -26,10 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from . import stacks
-from .errors import AgentFailedError, RemoteTraceback, TorchrunxError, WorkerFailedError
+from .errors import (
+    AgentFailedError,
+    DebuggerQuitError,
+    RemoteTraceback,
+    TorchrunxError,
+    WorkerFailedError,
+)
 from .result import LaunchResult
 from .transport import serialization
-from .transport.messages import Died, Raised, Unpicklable
+from .transport.messages import Debug, Died, Raised, Unpicklable
 
 
 @dataclass(frozen=True)
@@ -66,13 +73,21 @@ class AgentLost:
 
 
 @dataclass(frozen=True)
+class QuitInDebugger:
+    """The user ended the run at a rank's debugger prompt; ``quit.text`` says how."""
+
+    hostname: str
+    quit: Debug
+
+
+@dataclass(frozen=True)
 class RunCancelled:
     """The run was cancelled: ``cancel()``, Ctrl-C, ``close()``."""
 
     reason: str
 
 
-Failure = WorkerRaised | ResultUnpicklable | WorkerDied | AgentLost | RunCancelled
+Failure = WorkerRaised | ResultUnpicklable | WorkerDied | AgentLost | QuitInDebugger | RunCancelled
 
 _LIKELY_CAUSES = {
     "SIGKILL": "killed from outside, often by the kernel's out-of-memory killer",
@@ -146,13 +161,15 @@ def failure_exception(
 ) -> BaseException:
     """The exception of the failure that ended the run, with everything else it can tell.
 
-    A worker's death or an agent's failure comes first: the errors it causes in the other ranks
-    ("connection closed by peer") are consequences, not causes; otherwise the first failure to
-    arrive. The others are listed as collateral, one line each. ``__notes__`` hold where the
-    ranks still running were; ``stacks``, ``partial_results`` and ``failures`` the details.
+    A quit from the debugger, a worker's death or an agent's failure comes first: the errors it
+    causes in the other ranks ("connection closed by peer") are consequences, not causes;
+    otherwise the first failure to arrive. The others are listed as collateral, one line each.
+    ``__notes__`` hold where the ranks still running were; ``stacks``, ``partial_results`` and
+    ``failures`` the details.
     """
     real = [f for f in failures if not isinstance(f, RunCancelled)] or failures
-    primary = next((f for f in real if isinstance(f, (WorkerDied, AgentLost))), real[0])
+    causes = (QuitInDebugger, WorkerDied, AgentLost)
+    primary = next((f for f in real if isinstance(f, causes)), real[0])
     exc = _exception(primary, hostnames, evidence)
     others = [_summary(f) for f in real if f is not primary]
     if others:
@@ -176,6 +193,8 @@ def _ranks_of(failure: Failure, hostnames: list[str], workers_per_host: list[int
         return [failure.error.rank]
     if isinstance(failure, WorkerDied):
         return [failure.death.rank]
+    if isinstance(failure, QuitInDebugger):
+        return [failure.quit.rank]
     if isinstance(failure, AgentLost) and failure.hostname in hostnames:
         g = hostnames.index(failure.hostname)
         start = sum(workers_per_host[:g])
@@ -214,11 +233,20 @@ def _exception(failure: Failure, hostnames: list[str], evidence: Evidence) -> Ba
     if isinstance(failure, AgentLost):
         logs = evidence.logs_of(failure.hostname, None)
         return AgentFailedError(failure.reason + logs, hostname=failure.hostname)
+    if isinstance(failure, QuitInDebugger):
+        text = f"the run was quit from the debugger of {_where(failure)}: {failure.quit.text}"
+        return DebuggerQuitError(text, hostname=failure.hostname, rank=failure.quit.rank)
     return TorchrunxError(f"the run on {hostnames} was cancelled: {failure.reason}")
 
 
-def _where(failure: WorkerRaised | ResultUnpicklable | WorkerDied) -> str:
-    m = failure.death if isinstance(failure, WorkerDied) else failure.error
+def _where(failure: WorkerRaised | ResultUnpicklable | WorkerDied | QuitInDebugger) -> str:
+    m: Raised | Unpicklable | Died | Debug
+    if isinstance(failure, WorkerDied):
+        m = failure.death
+    elif isinstance(failure, QuitInDebugger):
+        m = failure.quit
+    else:
+        m = failure.error
     return f"rank {m.rank} (local rank {m.local_rank}) on {failure.hostname}"
 
 
@@ -231,6 +259,8 @@ def _summary(failure: Failure) -> str:
         return f"{_where(failure)} died ({how})"
     if isinstance(failure, AgentLost):
         return f"the agent on {failure.hostname} failed"
+    if isinstance(failure, QuitInDebugger):
+        return f"quit from the debugger of {_where(failure)}"
     return f"run cancelled: {failure.reason}"
 
 

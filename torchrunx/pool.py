@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from . import console
 from .controller import AgentHandle, Controller, RunState
 from .environment import agent_base_env
 from .errors import AgentFailedError
@@ -36,7 +37,16 @@ from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import settle
 from .runs import RunHandle
 from .transport import serialization
-from .transport.messages import PROTOCOL_VERSION, Boot, RunSpec, WorkerSlot, to_json
+from .transport.messages import (
+    PROTOCOL_VERSION,
+    Boot,
+    Debug,
+    DebugInput,
+    DebugSettings,
+    RunSpec,
+    WorkerSlot,
+    to_json,
+)
 from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
 
 HandlersFor = Callable[[list[str], list[int]], list[logging.Handler]]
@@ -65,6 +75,7 @@ class RunOptions:
     worker_timeout: float
     env: dict[str, str]  # copied and extra variables, taken afresh for each run
     handlers: HandlersFor
+    debug: DebugSettings
 
 
 class AgentPool:
@@ -263,6 +274,7 @@ class AgentPool:
         indexes = [self.hostnames.index(h) for h in options.hostnames]
         agents = [a for a in (self.agents[i] for i in indexes) if a is not None]
         workers = _workers_per_host(options.workers_per_host, agents)
+        _check_debug_ranks(options.debug, sum(workers))
         handlers = options.handlers(options.hostnames, workers)
         run = RunState(
             uuid.uuid4().hex[:12],
@@ -274,6 +286,7 @@ class AgentPool:
         run.evidence.log_folder = next(
             (h.folder for h in handlers if isinstance(h, RunFilesHandler)), None
         )
+        run.on_debug = functools.partial(_to_console, self.controller, run.done)
         specs = self._specs(run, indexes, options)
         handle: RunHandle[Any] = RunHandle(
             run.id,
@@ -328,9 +341,11 @@ class AgentPool:
                 log_level=log_level_from_env(),
                 server_key=self.controller.server_key,
                 group_rank=g,
+                hostname=self.hostnames[i],
                 address=self.host_address(i),
                 local_world_size=n,
                 workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
+                debug=options.debug,
             )
             for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
         ]
@@ -340,6 +355,27 @@ class AgentPool:
         for handle in list(self.handles):
             handle.cancel()
         self._finalizer()
+
+
+def _to_console(
+    controller: Controller, finished: threading.Event, agent: AgentHandle, message: Debug
+) -> None:
+    """A rank's debugger output goes to the terminal; the lines typed there go back to it."""
+
+    def reply(answer: DebugInput) -> None:
+        controller.call(functools.partial(controller.send, agent, answer))
+
+    console.shared().on_debug(agent.hostname, message, finished, reply)
+
+
+def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:
+    outside = sorted(r for r in debug.ranks or () if not 0 <= r < world_size)
+    if outside:
+        msg = (
+            f"debug_ranks names ranks {outside}, but this run has ranks 0 to {world_size - 1}: "
+            "pass ranks of the run, or 'all'"
+        )
+        raise ValueError(msg)
 
 
 def _json_line(boot: Boot) -> bytes:

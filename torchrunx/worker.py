@@ -32,13 +32,14 @@ from typing import Any, NoReturn, TypeVar
 
 import zmq
 
-from . import stacks
+from . import debugger, stacks
 from .logs import record_line
 from .reaper import set_parent_death_signal
 from .transport import serialization
 from .transport.messages import (
     Ack,
     Connect,
+    DebugInput,
     DirectResult,
     Fork,
     Message,
@@ -106,6 +107,9 @@ class _Rank:
         self._set_up()
         self.sock.connect(self.fork.endpoint)
         self.sock.send_multipart(encode(Connect()))
+        where = (self.spec.run, self.rank, self.local_rank)
+        channel = debugger.Channel(self._send_now, lambda: self._recv(DebugInput), where)
+        debugger.install(self.spec.debug, self.rank, self.spec.hostname, channel)
         try:
             store = self._rendezvous()
             fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
@@ -116,6 +120,7 @@ class _Rank:
             if store is not None:
                 store.set(f"torchrunx/done/{self.rank}", "1")
         except Exception as e:  # noqa: BLE001 -- the user's exception: it goes back to the launcher
+            debugger.post_mortem(e)  # if asked for: a session where it was raised, first
             return self._send_error(e)
         try:
             frames = serialization.dumps(value)
@@ -202,6 +207,9 @@ class _Rank:
             if not isinstance(message, Rendezvous):  # rank 0 hears of its own port: no news
                 msg = f"worker expected {expected.KIND!r} from its agent, got {message.KIND!r}"
                 raise TypeError(msg)
+
+    def _send_now(self, message: Message) -> None:
+        self.sock.send_multipart(encode(message))
 
     def _send(self, message: Message, frames: list[Any]) -> None:
         """Send the outcome and wait until the agent has it: only then may this process exit."""

@@ -33,6 +33,8 @@ direct         worker → launcher           the run's token; buffers: a large r
 error          worker → agent → launcher   the exception; buffers: it, pickled, if it can be
 unpicklable    worker → agent → launcher   a return value that cannot be pickled
 ack            agent or launcher → worker  the outcome has arrived: the worker may exit
+debug          worker → agent → launcher   a rank's debugger session: pdb's output, its state
+debug-input    launcher → agent → worker   a line typed at that session's prompt (or its end)
 =============  ==========================  ====================================================
 """
 
@@ -46,6 +48,9 @@ __all__ = [
     "Cleared",
     "Connect",
     "Credit",
+    "Debug",
+    "DebugInput",
+    "DebugSettings",
     "Died",
     "DirectResult",
     "Dump",
@@ -92,7 +97,7 @@ if TYPE_CHECKING:
 
     from .serialization import Buffer
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Launcher and agent must speak the same; it travels in ``boot`` and ``hello``."""
 
 M = TypeVar("M", bound="Message")
@@ -187,6 +192,15 @@ class WorkerSlot:
 
 
 @dataclass(frozen=True)
+class DebugSettings:
+    """What a ``breakpoint()`` in a worker does (see :mod:`torchrunx.debugger`)."""
+
+    terminal: bool  # the launcher's stdin is a terminal: a session opens there; else it is skipped
+    ranks: tuple[int, ...] | None  # the ranks that may stop; None: every rank
+    post_mortem: bool  # an exception in the function opens a session at its frame first
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything one host's agent and workers need to run their part of a run."""
 
@@ -202,9 +216,11 @@ class RunSpec:
     log_level: int
     server_key: str | None
     group_rank: int
+    hostname: str  # this host, as the launcher names it
     address: str  # where the other hosts reach this one
     local_world_size: int
     workers: tuple[WorkerSlot, ...]
+    debug: DebugSettings
 
 
 @dataclass(frozen=True)
@@ -422,6 +438,37 @@ class Ack(Message):
     """The worker's outcome has arrived."""
 
     KIND = "ack"
+
+
+@dataclass(frozen=True)
+class Debug(Message):
+    """A rank's debugger session: what pdb wrote since, and what it does now (``state``).
+
+    ``output``: more will come; ``prompt``: pdb waits for a line (:class:`DebugInput`);
+    ``over``: the rank goes on (``c``), the terminal is free; ``quit``: the run is to end
+    (``text``: how); ``skipped``: a breakpoint was skipped (``text``: the warning, which the
+    agent sends on as its own).
+    ``why``: why the rank stopped (``breakpoint() at train.py:12``), in a session's first message.
+    """
+
+    KIND = "debug"
+    run: str
+    rank: int
+    local_rank: int
+    text: str
+    state: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class DebugInput(Message):
+    """A line typed at a rank's prompt; ``None``: the input ended (EOF at the prompt)."""
+
+    KIND = "debug-input"
+    run: str
+    local_rank: int
+    line: str | None
+    why: str = ""  # how the input ended: "Ctrl-C at the prompt"
 
 
 # ---- encoding
