@@ -40,9 +40,11 @@ SPEC = RunSpec(
     log_level=20,
     server_key=None,
     group_rank=1,
+    hostname="node2",
     address="10.0.0.2",
     local_world_size=2,
     workers=(WorkerSlot(1, 0), WorkerSlot(2, 1)),
+    debug=messages.DebugSettings(terminal=True, ranks=(0, 2), post_mortem=True),
 )
 FACTS = HostFacts(pid=1, hostname="node1", gpus=0, cpus=2, python="/py", dir="/tmp/x")
 
@@ -71,6 +73,8 @@ EXAMPLES: list[Message] = [
     messages.Raised("r1", 2, 1, "builtins.ValueError", "bad", "tb", unpicklable="why"),
     messages.Unpicklable("r1", 2, 1, "lock", "builtins.TypeError", "cannot", "tb"),
     messages.Ack(),
+    messages.Debug("r1", 2, 1, "(Pdb) ", "prompt", why="breakpoint() at train.py:9"),
+    messages.DebugInput("r1", 1, None, why="Ctrl-C at the prompt"),
 ]
 
 

@@ -56,7 +56,7 @@ class Console:
     def __init__(self, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
         self._stdin = stdin
         self._stdout = stdout
-        self._sessions: dict[tuple[str, int], _Session] = {}  # in the order they came
+        self._sessions: list[_Session] = []  # in the order they came
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._typed = b""  # read from stdin, not yet handed to a prompt
@@ -70,15 +70,21 @@ class Console:
         reply: Callable[[DebugInput], None],
     ) -> None:
         """A rank's debugger said something (the controller's thread)."""
-        key = (message.run, message.rank)
         with self._changed:
-            session = self._sessions.get(key)
-            if session is None:
+            session = next(
+                (
+                    s
+                    for s in self._sessions
+                    if (s.run, s.rank) == (message.run, message.rank) and not s.over
+                ),
+                None,
+            )
+            if session is None:  # a new stop (the rank's last session may not be shown yet)
                 session = _Session(
                     message.run, message.rank, message.local_rank, hostname, message.why,
                     finished, reply,
                 )  # fmt: skip
-                self._sessions[key] = session
+                self._sessions.append(session)
             if message.state == "quit":
                 session.quit = message.text
             else:
@@ -110,13 +116,15 @@ class Console:
                 if not self._sessions:
                     self._thread = None
                     return
-                front = self._front = next(iter(self._sessions.values()))
+                front = self._front = self._sessions[0]
                 waiting = len(self._sessions) - 1
+                # what it said and what it does now, taken together: nothing slips between
                 text, front.text = "".join(front.text), []
+                over, wants_line = front.over or front.finished.is_set(), front.waiting
             self._show(front, text, waiting)
-            if front.over or front.finished.is_set():
+            if over:
                 self._end(front)
-            elif front.waiting:
+            elif wants_line:
                 self._answer(front)
             else:
                 with self._changed:
@@ -135,7 +143,7 @@ class Console:
 
     def _end(self, session: _Session) -> None:
         with self._changed:
-            self._sessions.pop((session.run, session.rank), None)
+            self._sessions.remove(session)
             self._front = None
         if session.quit:
             self._write(f"\n*** torchrunx: run quit ({session.quit}): tearing it down ***\n")

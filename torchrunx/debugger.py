@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["Channel", "install", "post_mortem"]
 
+import contextlib
 import io
 import os
 import pdb  # noqa: T100 -- the debugger is this module's job
@@ -156,13 +157,13 @@ class _Debugger:
         self.channel = channel
         self.pid = os.getpid()
         self.lock = threading.Lock()  # one session per rank at a time (threads of the rank)
-        self.warned: set[tuple[str, int]] = set()
+        self.warned: set[str] = set()
 
     def may_stop(self, frame: FrameType, what: str) -> bool:
         """Whether a session may open here; says why not, once per place, where it matters."""
         if self.settings.ranks is not None and self.rank not in self.settings.ranks:
             return False  # the user chose other ranks: no word, however often it is called
-        place = (frame.f_code.co_filename, frame.f_lineno)
+        place = _place(frame)
         if os.getpid() != self.pid:
             why = f"in a child process (pid {os.getpid()}) of rank {self.rank}"
         elif not self.settings.terminal:
@@ -172,7 +173,7 @@ class _Debugger:
         if place not in self.warned:
             self.warned.add(place)
             line = (
-                f"torchrunx: {what} at {place[0]}:{place[1]} skipped {why} "
+                f"torchrunx: {what} at {place} skipped {why} "
                 "(PYTHONBREAKPOINT=0 skips breakpoints silently)"
             )
             if os.getpid() == self.pid:  # the agent shows it with its own warnings
@@ -210,7 +211,12 @@ class _Debugger:
 
 
 def _place(frame: FrameType) -> str:
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    """``file:line``, the file relative to the working directory where it is inside it."""
+    path = frame.f_code.co_filename
+    with contextlib.suppress(ValueError):  # another drive, or no working directory
+        relative = os.path.relpath(path)
+        path = path if relative.startswith("..") else relative
+    return f"{path}:{frame.f_lineno}"
 
 
 def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
