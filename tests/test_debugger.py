@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
-import os
+import os, pdb
 import sys
 import time
 from pathlib import Path
@@ -46,7 +46,7 @@ def train(scale, stops, out):
     value = rank * scale
     if rank in stops:
         Path(out, f"stamp{rank}").write_text(repr(time.time()))
-        breakpoint()
+        pdb.set_trace() if MODE == "set_trace" else breakpoint()
     if MODE == "post_mortem":
         helper(rank)
     dist.barrier()
@@ -153,6 +153,17 @@ def test_breakpoint_opens_pdb_in_the_launchers_terminal(
     command(child, "!value = 99")  # runs in the worker: its return value changes
     child.sendline("c")
     child.expect_exact("results: [0, 99]")
+    child.expect(pexpect.EOF)
+
+
+def test_pdb_set_trace_too(script: Path, children: list[pexpect.spawn]) -> None:
+    child = spawn(script, "set_trace", "0")
+    children.append(child)
+    child.expect(r"rank 0 @ localhost stopped: breakpoint\(\) at \S*train.py:22")
+    child.expect_exact(prompt(0))
+    assert command(child, "p rank", 0).strip().endswith("0")
+    child.sendline("c")
+    child.expect_exact("results: [0, 10]")
     child.expect(pexpect.EOF)
 
 
