@@ -50,7 +50,9 @@ FACTS = HostFacts(pid=1, hostname="node1", gpus=0, cpus=2, python="/py", dir="/t
 
 # one example of every kind, with every field set to something other than its default
 EXAMPLES: list[Message] = [
-    messages.Boot(PROTOCOL_VERSION, "tcp://1.2.3.4:5", "ab", "s", "node1", 60.0, "/e", "k"),
+    messages.Boot(
+        PROTOCOL_VERSION, "tcp://1.2.3.4:5", "ab", "s", "node1", 60.0, "/e", "k", ("json",), False
+    ),
     Hello(PROTOCOL_VERSION, "s", FACTS),
     messages.Heartbeat(),
     Run(SPEC),
@@ -63,7 +65,10 @@ EXAMPLES: list[Message] = [
     messages.Dump("r1", "q1"),
     messages.Stacks("r1", "q1", (messages.RankStack(2, 1, "Thread 0x1 ..."),), (3,)),
     messages.Up(12),
-    messages.Fork(SPEC, "ipc:///tmp/x/workers", "tcp://1.2.3.4:5", (10, 0, 7)),
+    messages.Fork(SPEC, "ipc:///tmp/x/workers", "tcp://1.2.3.4:5", (10, 0, 7), learn=True),
+    messages.Preload(("json", "xml.dom"), strict=False, env={"A": "1"}, cwd="/w", sys_path=("",)),
+    messages.Preloaded(("json",), ("nosuch",), unsafe="xml.dom", why="it starts 1 thread(s)"),
+    messages.Imported("r1", ("json", "json.decoder")),
     messages.Forked("r1", 1, 78),
     messages.Exited(78, 9),
     messages.Connect(),

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import zmq
 
 from . import stacks
 from .environment import source_env_file
+from .forkservers import Forkserver, Forkservers, receive, setup_key
 from .hosts import interface_of, local_facts
 from .logs import readable_line
 from .reaper import Teardown, alive, run_processes, signal_all
@@ -54,6 +54,7 @@ from .transport.messages import (
     Forked,
     Heartbeat,
     Hello,
+    Imported,
     Message,
     Output,
     Port,
@@ -72,7 +73,7 @@ from .transport.messages import (
     parse,
 )
 from .transport.security import encrypt_client
-from .transport.unix import recv_message, send_message
+from .transport.unix import send_message
 
 HEARTBEAT_INTERVAL_S = 1.0
 """How often the agent tells the launcher it is alive."""
@@ -109,6 +110,8 @@ class _Run:
     cancelled: bool = False
     teardown: Teardown | None = None  # of what the workers left, once they have all exited
     collectives: bool = False  # whether its workers have a process group to say things about
+    spec: RunSpec | None = None  # as its workers have it (the env completed here)
+    forkserver_pid: int = 0  # the parent of its workers
 
 
 class Agent:
@@ -131,19 +134,13 @@ class Agent:
         self.workers = self.ctx.socket(zmq.ROUTER)
         self.workers.setsockopt(zmq.LINGER, 0)
         self.workers.bind(self.endpoint)
-        self.fs_sock, child_sock = socket.socketpair()
-        self.forkserver = subprocess.Popen(
-            [sys.executable, "-m", "torchrunx.forkserver", str(child_sock.fileno())],
-            pass_fds=[child_sock.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        child_sock.close()
         self.runs: dict[str, _Run] = {}
         self.by_pid: dict[int, _WorkerProcess] = {}
         self.by_fd: dict[int, _WorkerProcess] = {}
         self.poller = zmq.Poller()
-        for s in (self.launcher, self.workers, self.fs_sock, sys.stdin.fileno()):
+        for s in (self.launcher, self.workers, sys.stdin.fileno()):
             self.poller.register(s, zmq.POLLIN)
+        self.forkservers = Forkservers(self.poller, boot.preload, learn=boot.learn)
         self.last_from_launcher = time.monotonic()
         self.next_heartbeat = 0.0
         # flow control: output the launcher has not confirmed yet; past the window we stop
@@ -177,8 +174,8 @@ class Agent:
             self.on_launcher()
         elif sock is self.workers:
             self.on_worker()
-        elif sock == self.fs_sock.fileno():  # the poller gives back fds
-            self.on_forkserver()
+        elif (server := self.forkservers.by_fd(sock)) is not None:  # the poller gives back fds
+            self.on_forkserver(server)
         elif sock == sys.stdin.fileno():
             return bool(os.read(sock, 4096))  # EOF: the lifeline is cut, the launcher is gone
         else:
@@ -229,8 +226,11 @@ class Agent:
             endpoint=self.endpoint,
             launcher=self.address,
             payload_sizes=tuple(len(f.buffer) for f in frames),
+            learn=self.forkservers.learn_enabled,
         )
-        send_message(self.fs_sock, fork, [f.buffer for f in frames], fds)
+        server = self.forkservers.for_run(run.id, setup_key(fork.spec))
+        run.spec, run.forkserver_pid = fork.spec, server.pid
+        send_message(server.sock, fork, [f.buffer for f in frames], fds)
         for fd in fds:
             os.close(fd)
 
@@ -260,13 +260,18 @@ class Agent:
 
     # ---- forkserver
 
-    def on_forkserver(self) -> None:
+    def on_forkserver(self, server: Forkserver) -> None:
         try:
-            message, _, _ = recv_message(self.fs_sock)
+            message = receive(server)
         except (EOFError, ConnectionError):
-            code = self.forkserver.wait()
-            msg = f"the forkserver of {self.hostname} exited with code {code}"
-            raise RuntimeError(msg) from None
+            code = server.process.poll()
+            if not self.forkservers.lost(server):
+                msg = f"a forkserver of {self.hostname} exited (code {code}) with runs in flight"
+                raise RuntimeError(msg) from None
+            return
+        self.forkservers.on_message(server, message)
+        while self.forkservers.warnings:
+            self.warn(self.forkservers.warnings.pop(0))
         if isinstance(message, Forked):
             run = self.runs[message.run]
             worker = run.workers[message.local_rank]
@@ -313,6 +318,8 @@ class Agent:
             self.on_outcome(worker, message, frames)
         elif isinstance(message, Debug):
             self.on_debug(worker, message)
+        elif isinstance(message, Imported) and run.spec is not None:
+            self.forkservers.imported(message.modules, run.spec)
 
     def on_debug(self, worker: _WorkerProcess, message: Debug) -> None:
         run, slot = worker.run, worker.slot
@@ -444,14 +451,14 @@ class Agent:
         """Every live process of this run that is not one of its workers."""
         others = [r for r in self.runs.values() if r is not run]
         return run_processes(
-            self.forkserver.pid,
+            run.forkserver_pid,
             workers={w.pid for w in run.workers.values() if w.pid is not None},
             other_workers={
                 w.pid for r in others for w in r.workers.values() if w.pid and not w.exited
             },
             pipes={inode for w in run.workers.values() for inode in w.pipe_inodes},
             run_id=run.id,
-            alone=not others,
+            alone=not [r for r in others if r.forkserver_pid == run.forkserver_pid],
         )
 
     def begin_clearing(self, run: _Run) -> None:
@@ -466,17 +473,18 @@ class Agent:
             if run.teardown.remaining:
                 self.warn(f"processes {run.teardown.remaining} of run {run.id} did not exit")
             del self.runs[run.id]
+            self.forkservers.cleared(run.id)
             self.send(Cleared(run=run.id))
 
     def close(self) -> None:
-        """Kill every run, stop the forkserver, remove our files."""
+        """Kill every run, stop the forkservers, remove our files."""
         for run in self.runs.values():
             self.cancel(run)
             for worker in run.workers.values():
                 _close_stack_pipe(worker)
-        self.forkserver.kill()
-        Teardown(list(self.by_pid), signal.SIGKILL).wait()
-        self.forkserver.wait()
+        self.forkservers.kill()
+        # their forkservers are gone: orphans now, which only the host's init may reap
+        Teardown(list(self.by_pid), signal.SIGKILL, reaped=False).wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.ctx.destroy(linger=0)
 

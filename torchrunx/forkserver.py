@@ -10,6 +10,12 @@
 It is the workers' parent and a child subreaper, so it reaps every process a worker leaves behind,
 and it reports each exit to the agent the moment ``SIGCHLD`` arrives. It dies with the agent
 (``PR_SET_PDEATHSIG``), and its workers die with it.
+
+It never does anything slow once it forks: more modules (a ``preload``, what earlier runs
+imported) are imported by a *new* forkserver, before its first fork, while this one goes on
+serving; the agent then sends runs there (see :mod:`torchrunx.agent`). A module whose import
+starts a thread or initialises CUDA leaves a forkserver unsafe to fork: that forkserver says so
+and is not used.
 """
 
 from __future__ import annotations
@@ -24,14 +30,11 @@ import sys
 
 from .reaper import set_child_subreaper, set_parent_death_signal
 from .stacks import STACK_FD, STACK_SIGNAL
-from .transport.messages import Exited, Fork, Forked, Up, WorkerSlot
+from .transport.messages import Exited, Fork, Forked, Preload, Preloaded, Up, WorkerSlot
 from .transport.unix import recv_message, send_message
 
 _MAX_FD = 1 << 20
 PIPES_PER_WORKER = 3  # stdout, stderr, stacks: write ends, from the agent
-
-
-_IDLE_S = 0.5  # idle this long, the forkserver warms up (see _warm_up)
 
 
 def _preload() -> None:
@@ -44,15 +47,51 @@ def _preload() -> None:
     from . import worker  # noqa: F401, PLC0415
 
 
-def _warm_up() -> None:
-    """What many functions import first thing, loaded while idle (it takes seconds here).
+def _threads() -> int:
+    """This process's threads (the kernel's count: C libraries start threads of their own)."""
+    try:
+        return len(os.listdir("/proc/self/task"))  # noqa: PTH208 -- a count, no paths needed
+    except OSError:  # no /proc: Python's own count, the best there is
+        import threading  # noqa: PLC0415
 
-    ``DistributedDataParallel`` pulls in ``torch._dynamo`` (2.5 s on 2 cores): preloaded, every
-    run after the first saves that. Done only when no request waits, never before the first fork.
+        return threading.active_count()
+
+
+def _unsafe(threads: int) -> str:
+    """Why a fork from here would not be a clean copy, or ``""``: CUDA, threads beyond ours."""
+    cuda = sys.modules.get("torch.cuda")
+    if cuda is not None and cuda.is_initialized():
+        return "it initialises CUDA"
+    now = _threads()
+    return f"it starts {now - threads} thread(s)" if now > threads else ""
+
+
+def _preload_more(sock: socket.socket, preload: Preload, threads: int) -> bool:
+    """Import ``preload.modules`` as a worker would; ``False``: this forkserver is of no use.
+
+    Strict (what runs imported): the first module that leaves forking unsafe ends it. Not strict
+    (the user's own preload): that is reported, and the rest is imported all the same.
     """
-    for module in ("torch._dynamo", "torch.nn.parallel"):
-        with contextlib.suppress(Exception):  # an optional speed-up: a failure costs nothing
-            importlib.import_module(module)
+    if preload.env is not None:
+        from .worker import enter  # noqa: PLC0415
+
+        enter(preload.env, preload.cwd, preload.sys_path)
+    imported: list[str] = []
+    failed: list[str] = []
+    unsafe = why = ""
+    for name in preload.modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 -- a module that fails here is left to the workers
+            failed.append(name)
+            continue
+        imported.append(name)
+        if not unsafe and (why := _unsafe(threads)):
+            unsafe = name
+            if preload.strict:
+                break
+    send_message(sock, Preloaded(tuple(imported), tuple(failed), unsafe, why))
+    return not (unsafe and preload.strict)
 
 
 def _fork_worker(fork: Fork, slot: WorkerSlot, payload: memoryview, fds: list[int]) -> int:
@@ -85,21 +124,18 @@ def _reap(sock: socket.socket) -> None:
 
 
 def serve(sock: socket.socket) -> None:
-    """Fork workers on request until the agent closes the socket."""
+    """Fork workers on request until the agent closes the socket (or a preload is unsafe)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler makes the wakeup fd fire
     # inherited by the workers: a stack request that comes before a worker has its dump handler
     # must not kill it (a real-time signal's default action)
     signal.signal(STACK_SIGNAL, signal.SIG_IGN)
+    threads = _threads()
     send_message(sock, Up(pid=os.getpid()))
     sock_fd = sock.fileno()
-    warm = False
     while True:
-        readable, _, _ = select.select([sock_fd, wake_r], [], [], None if warm else _IDLE_S)
-        if not readable and not warm:
-            _warm_up()
-            warm = True
+        readable, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 while os.read(wake_r, 512):
@@ -107,11 +143,13 @@ def serve(sock: socket.socket) -> None:
             _reap(sock)
         if sock_fd in readable:
             try:
-                fork, payload, fds = recv_message(sock)
+                message, payload, fds = recv_message(sock)
             except EOFError:
                 return
-            if isinstance(fork, Fork):
-                _fork_run(sock, fork, memoryview(payload), fds)
+            if isinstance(message, Fork):
+                _fork_run(sock, message, memoryview(payload), fds)
+            elif isinstance(message, Preload) and not _preload_more(sock, message, threads):
+                return  # tainted: the agent uses another forkserver
             _reap(sock)
 
 

@@ -103,6 +103,12 @@ class Launcher:
     warning."""
     post_mortem: bool = False
     """An exception in the function first opens pdb where it was raised, in this terminal."""
+    preload: tuple[str, ...] = ()
+    """Modules each host imports once, before forking the workers of the first run (e.g.
+    ``("transformers",)``): no run pays for their import."""
+    learn_preload: bool = True
+    """Also preload what earlier runs imported from installed packages, in the background, for
+    later runs with the same environment (see "Sweeps" in the README)."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
@@ -131,6 +137,8 @@ class Launcher:
             agent_timeout=self.agent_timeout,
             encrypt=self.encrypt,
             agent_start=self.agent_start,
+            preload=tuple(self.preload),
+            learn_preload=self.learn_preload,
         )
         if self._pool is not None and self._pool.config != config:
             self.close()
@@ -373,23 +381,35 @@ def _validate(launcher: Launcher) -> None:
             msg = f"{name}={value!r}: use a positive number of seconds"
             raise ValueError(msg)
     _check_environment(launcher)
-    if not isinstance(launcher.encrypt, bool):
-        msg = f"encrypt={launcher.encrypt!r}: use True or False"
-        raise TypeError(msg)
     if launcher.agent_start not in ("auto", "ssh", "srun"):
         msg = f'agent_start={launcher.agent_start!r}: use "auto", "ssh" or "srun"'
         raise ValueError(msg)
     if launcher.agent_start == "srun" and not in_slurm_job():
         msg = 'agent_start="srun" needs a SLURM allocation, but SLURM_JOB_ID is not set'
         raise ValueError(msg)
+    _check_ranks(launcher)
+    for name in ("encrypt", "post_mortem", "learn_preload"):
+        if not isinstance(getattr(launcher, name), bool):
+            msg = f"{name}={getattr(launcher, name)!r}: use True or False"
+            raise TypeError(msg)
+    _check_preload(launcher.preload)
+
+
+def _check_ranks(launcher: Launcher) -> None:
     for name in ("live_ranks", "debug_ranks"):
         r = getattr(launcher, name)
         if r != "all" and not all(_is_rank(x) for x in _ranks(r)):
             msg = f'{name}={r!r}: use a rank (int >= 0), a list of ranks, or "all"'
             raise ValueError(msg)
-    if not isinstance(launcher.post_mortem, bool):
-        msg = f"post_mortem={launcher.post_mortem!r}: use True or False"
-        raise TypeError(msg)
+
+
+def _check_preload(preload: object) -> None:
+    if not isinstance(preload, (list, tuple)) or not all(
+        isinstance(n, str) and n and all(part.isidentifier() for part in n.split("."))
+        for n in preload
+    ):
+        msg = f'preload={preload!r}: use a list of module names, e.g. ["transformers"]'
+        raise ValueError(msg)
 
 
 def _is_rank(x: object) -> bool:

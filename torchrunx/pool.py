@@ -63,6 +63,8 @@ class AgentsConfig:
     agent_timeout: float
     encrypt: bool
     agent_start: Literal["auto", "ssh", "srun"]
+    preload: tuple[str, ...] = ()
+    learn_preload: bool = True
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,8 @@ class AgentPool:
             agent_timeout=self.config.agent_timeout,
             env_file=self.config.env_file,
             server_key=self.controller.server_key,
+            preload=self.config.preload,
+            learn=self.config.learn_preload,
         )
         stdin = agent.process.stdin
         assert stdin is not None  # noqa: S101 -- narrows the type: stdin is a pipe or channel

@@ -3,8 +3,9 @@
 This module owns "end these processes and everything they started, within this deadline":
 :class:`Teardown` signals a set, gives it a grace period, escalates to SIGKILL and gives up at a
 deadline, either polled from an event loop (a run's leftovers) or waited for (an agent's own
-shutdown). :func:`run_processes` finds what a run's workers started. Zombies count as gone:
-their parent reaps them.
+shutdown). :func:`run_processes` finds what a run's workers started. A process is gone only once
+it has been reaped: an exiting process or a zombie may still hold memory (a GPU's among it), so
+a teardown waits for those too (the forkserver, their subreaper, reaps them at once).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 __all__ = [
     "Teardown",
     "alive",
+    "existing",
     "run_processes",
     "set_child_subreaper",
     "set_parent_death_signal",
@@ -82,10 +84,17 @@ def alive(pids: Iterable[int]) -> list[int]:
     return running
 
 
+def existing(pids: Iterable[int]) -> list[int]:
+    """The processes among ``pids`` that exist in any state: running, exiting, zombie."""
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
 class Teardown:
     """Ends ``pids``: ``first`` now, SIGKILL after ``grace`` s, given up on after ``deadline`` s.
 
-    Poll :meth:`done` from an event loop, or block in :meth:`wait`.
+    Poll :meth:`done` from an event loop, or block in :meth:`wait`. ``reaped``: wait until the
+    processes are reaped (by a subreaper of ours); else only until they are dead (processes that
+    were orphaned to an init that may never reap them).
     """
 
     def __init__(
@@ -94,8 +103,11 @@ class Teardown:
         first: int = signal.SIGTERM,
         grace: float = GRACE_S,
         deadline: float = DEADLINE_S,
+        *,
+        reaped: bool = True,
     ) -> None:
         self.remaining = list(pids)
+        self.left = existing if reaped else alive
         self.started = time.monotonic()
         self.grace = grace
         self.deadline = deadline
@@ -103,12 +115,15 @@ class Teardown:
         signal_all(self.remaining, first)
 
     def done(self) -> bool:
-        """Whether every process is gone, or the deadline passed (``remaining`` lists the rest)."""
-        self.remaining = alive(self.remaining)
+        """Whether every process is gone, or the deadline passed (``remaining`` lists the rest).
+
+        Gone: reaped, not only dead (see the module's docstring).
+        """
+        self.remaining = self.left(self.remaining)
         waited = time.monotonic() - self.started
         if self.remaining and not self.killed and waited >= self.grace:
             self.killed = True
-            signal_all(self.remaining, signal.SIGKILL)
+            signal_all(alive(self.remaining), signal.SIGKILL)
         return not self.remaining or waited >= self.deadline
 
     def wait(self, interval: float = 0.01) -> list[int]:

@@ -27,7 +27,9 @@ import logging
 import os
 import socket
 import sys
+import sysconfig
 import traceback
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import zmq
@@ -42,6 +44,7 @@ from .transport.messages import (
     DebugInput,
     DirectResult,
     Fork,
+    Imported,
     Message,
     Port,
     Raised,
@@ -62,6 +65,8 @@ _DIRECT_RESULT_BYTES = 1 << 20
 
 def run_worker(fork: Fork, slot: WorkerSlot, payload: memoryview) -> NoReturn:
     """Run one rank and exit; called in the child right after ``fork``."""
+    global _AT_FORK  # noqa: PLW0603 -- this process's own, taken once, at its start
+    _AT_FORK = frozenset(sys.modules)
     os.setsid()
     set_parent_death_signal()
     code = 1
@@ -117,9 +122,11 @@ class _Rank:
                 stacks.answer_asks()  # which collective this rank is in, when the agent asks
                 self._init_process_group(store)
             value = fn(*args, **kwargs)
+            self._report_imports()
             if store is not None:
                 store.set(f"torchrunx/done/{self.rank}", "1")
         except Exception as e:  # noqa: BLE001 -- the user's exception: it goes back to the launcher
+            self._report_imports()
             debugger.post_mortem(e)  # if asked for: a session where it was raised, first
             return self._send_error(e)
         try:
@@ -135,10 +142,7 @@ class _Rank:
         return 0
 
     def _set_up(self) -> None:
-        os.environ.update(self.env)
-        with contextlib.suppress(OSError):
-            os.chdir(self.spec.cwd)
-        sys.path[:0] = [p for p in self.spec.sys_path if p not in sys.path]
+        enter(self.env, self.spec.cwd, self.spec.sys_path)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -146,6 +150,23 @@ class _Rank:
         # the worker's logging records reach the launcher whole: logger name, level, time
         logging.root.addHandler(_RecordsToStderr())
         logging.root.setLevel(self.spec.log_level)
+
+    def _report_imports(self) -> None:
+        """What this run imported from installed packages, for the agent to preload next time.
+
+        One rank per host says it (they import alike); only modules of installed packages and
+        the standard library: the user's own files may change before the next run.
+        """
+        if self.local_rank != 0 or not self.fork.learn:
+            return
+        cwd = str(Path.cwd()) + os.sep
+        modules = tuple(
+            name
+            for name, module in list(sys.modules.items())
+            if name not in _AT_FORK and _installed(getattr(module, "__file__", None), cwd)
+        )
+        if modules:
+            self.sock.send_multipart(encode(Imported(self.spec.run, modules)))
 
     def _leave(self, store: Any) -> None:
         """Nobody leaves before every rank is done.
@@ -256,6 +277,27 @@ class _Rank:
         where = (self.spec.run, self.rank, self.local_rank)
         self._send(Unpicklable(*where, type(value).__qualname__, *_described(e)), [])
         return 0
+
+
+def enter(env: dict[str, str], cwd: str, sys_path: tuple[str, ...]) -> None:
+    """Take on a run's environment, working directory and ``sys.path`` (the launcher's)."""
+    os.environ.update(env)
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+
+
+_INSTALLED = tuple(
+    {sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+_OURS = os.path.dirname(__file__) + os.sep  # noqa: PTH120 -- a prefix test on __file__
+_AT_FORK: frozenset[str] = frozenset()  # the modules this process had when it was forked
+
+
+def _installed(file: object, cwd: str) -> bool:
+    return (
+        isinstance(file, str) and file.startswith(_INSTALLED) and not file.startswith((cwd, _OURS))
+    )
 
 
 def _described(e: BaseException) -> tuple[str, str, str]:

@@ -23,10 +23,13 @@ died           agent → launcher            a worker that ended without an outc
 dump           launcher → agent            dump the stacks of a run's live workers, now
 stacks         agent → launcher            the stacks of a run's live workers (and who was silent)
 up             forkserver → agent          it is ready
+preload        agent → forkserver          modules to import before forking, and in what env
+preloaded      forkserver → agent          what it imported, and what would make forking unsafe
 fork           agent → forkserver          a run to fork workers for; pipes attached
 forked         forkserver → agent          a worker's pid
 exited         forkserver → agent          a child's wait status
 connect        worker → agent              the worker is up
+imported       worker → agent              the installed modules the run imported (to preload)
 port           worker → agent → launcher   rank 0's store port
 result         worker → agent → launcher   buffers: the pickled return value (< 1 MiB)
 direct         worker → launcher           the run's token; buffers: a large return value
@@ -60,9 +63,12 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "HostFacts",
+    "Imported",
     "Message",
     "Output",
     "Port",
+    "Preload",
+    "Preloaded",
     "Raised",
     "RankStack",
     "Rendezvous",
@@ -164,6 +170,8 @@ class Boot(Message):
     agent_timeout: float
     env_file: str | None
     server_key: str | None
+    preload: tuple[str, ...] = ()  # modules every forkserver imports before its first fork
+    learn: bool = True  # preload, while idle, what the workers of earlier runs imported
 
 
 @dataclass(frozen=True)
@@ -336,6 +344,41 @@ class Up(Message):
 
 
 @dataclass(frozen=True)
+class Preload(Message):
+    """Import ``modules`` before any fork, in the workers' ``env``, ``cwd`` and ``sys_path``.
+
+    ``env`` None: as the forkserver is (the agent's environment).
+    """
+
+    KIND = "preload"
+    modules: tuple[str, ...]
+    strict: bool = True  # stop (and exit) at the first module that leaves forking unsafe
+    env: dict[str, str] | None = None
+    cwd: str = ""
+    sys_path: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Preloaded(Message):
+    """What a :class:`Preload` did; ``unsafe``: the module after which forking is not safe."""
+
+    KIND = "preloaded"
+    imported: tuple[str, ...]
+    failed: tuple[str, ...]
+    unsafe: str = ""
+    why: str = ""  # what makes it unsafe: "CUDA initialised", "2 threads more"
+
+
+@dataclass(frozen=True)
+class Imported(Message):
+    """The installed modules a worker imported beyond what its forkserver had (in order)."""
+
+    KIND = "imported"
+    run: str
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Fork(Message):
     """Fork the workers of a run (the spec's env as the agent completed it); pipes attached."""
 
@@ -344,6 +387,7 @@ class Fork(Message):
     endpoint: str  # the agent's socket for its workers
     launcher: str  # the launcher's socket, for direct results
     payload_sizes: tuple[int, ...]
+    learn: bool = False  # rank 0 of the host says what it imported (:class:`Imported`)
 
 
 @dataclass(frozen=True)
