@@ -51,7 +51,16 @@ FACTS = HostFacts(pid=1, hostname="node1", gpus=0, cpus=2, python="/py", dir="/t
 # one example of every kind, with every field set to something other than its default
 EXAMPLES: list[Message] = [
     messages.Boot(
-        PROTOCOL_VERSION, "tcp://1.2.3.4:5", "ab", "s", "node1", 60.0, "/e", "k", ("json",), False
+        PROTOCOL_VERSION,
+        "tcp://1.2.3.4:5",
+        "ab",
+        "s",
+        "node1",
+        60.0,
+        "/e",
+        "k",
+        ("json",),
+        learn=False,
     ),
     Hello(PROTOCOL_VERSION, "s", FACTS),
     messages.Heartbeat(),
