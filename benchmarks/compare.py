@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REF_VENV = HERE / ".venv-torchrunx040"
 REF_CONSTRAINTS = HERE / "constraints-torchrunx040.txt"
-REF_REQUIREMENTS = ("torch==2.13.0", "torchrunx==0.4.0", "psutil")
+REF_REQUIREMENTS = ("torch==2.13.0", "torchrunx==0.4.0", "psutil", "transformers==5.24.0")
 
 IMPLS = ("ours", "040", "torchrun")
 TITLES = {"ours": "ours", "040": "torchrunx 0.4.0", "torchrun": "torchrun"}
@@ -101,6 +101,18 @@ SCENARIOS = (
         process_per_rep=True,
         failure=True,
         description="rank 1 raises, rank 0 in barrier -> run() raises (torchrun: exits)",
+    ),
+    Scenario(
+        "first_failure",
+        IMPLS,
+        process_per_rep=True,
+        failure=True,
+        description="fresh launcher: noop run, then rank 1 raises, rank 0 in barrier -> raises",
+    ),
+    Scenario(
+        "sweep_big_import",
+        IMPLS,
+        description="runs importing transformers (2-layer GPT-2, one loss): runs after 1 + 5",
     ),
     Scenario(
         "results_throughput",
@@ -565,6 +577,8 @@ def repetitions(scenario: str, impl: str, opts: argparse.Namespace) -> int:
         "later_run": (10 if quick else 20) if impl == "ours" else (3 if quick else 5),
         "sigkill_latency": 2 if quick else 3,
         "exception_in_barrier": 2 if quick else 3,
+        "first_failure": 3 if quick else 5,
+        "sweep_big_import": (5 if quick else 10) if impl == "ours" else (2 if quick else 3),
         "results_throughput": 2 if quick else 3,
         "results_throughput_encrypted": 2 if quick else 3,
         "agent_rss": 1 if quick else 3,
@@ -595,6 +609,7 @@ def timeout_for(scenario: str, reps: int) -> float:
         "sweep_in_flight": 300.0,  # ours: 3 sweeps of 100 runs; 0.4.0: 1 of 10
         "multihost_later_run": 30.0,
         "multihost_exception_autopsy": 30.0,
+        "sweep_big_import": 40.0,
     }
     return STARTUP_TIMEOUT_S + per_rep.get(scenario, 0.0) * reps
 

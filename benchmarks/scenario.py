@@ -406,10 +406,13 @@ def later_run(opts: argparse.Namespace) -> Result:
     return measured([metric(opts.scenario, "s", LOWER, values)], warmup_s=warmup)
 
 
-def failure_latency(opts: argparse.Namespace, fn: Callable[[str], None], mode: str) -> Result:
+def failure_latency(
+    opts: argparse.Namespace, fn: Callable[[str], None], mode: str, *, noop_first: bool = False
+) -> Result:
     """Time from an injected failure on rank 1 to the launcher (or torchrun) reporting it.
 
-    Notes: the type raised (torchrun: its exit code).
+    Each repetition has a fresh launcher; with ``noop_first``, it runs a noop before the failing
+    run (the failure is its second run). Notes: the type raised (torchrun: its exit code).
     """
     stamp = opts.workdir / EVENT_STAMP
     values: list[float] = []
@@ -425,6 +428,8 @@ def failure_latency(opts: argparse.Namespace, fn: Callable[[str], None], mode: s
             details.append(log_tail(opts.workdir)[:300])
         else:
             with open_launcher(trx, opts) as launcher:
+                if noop_first:
+                    launcher.run(workloads.noop)
                 try:
                     launcher.run(fn, str(opts.workdir))
                 except Exception as exc:  # noqa: BLE001 - the type raised is what is measured
@@ -451,6 +456,37 @@ def sigkill_latency(opts: argparse.Namespace) -> Result:
 def exception_in_barrier(opts: argparse.Namespace) -> Result:
     """Rank 1 raises while rank 0 waits in a barrier; time until ``run()`` raises."""
     return failure_latency(opts, workloads.raise_in_barrier, "raise_in_barrier")
+
+
+def first_failure(opts: argparse.Namespace) -> Result:
+    """A fresh launcher: a noop run, then rank 1 raises while rank 0 is in a barrier."""
+    return failure_latency(opts, workloads.raise_in_barrier, "raise_in_barrier", noop_first=True)
+
+
+SETTLING_RUNS = 5  # runs of sweep_big_import between the first and the measured ones
+
+
+def sweep_big_import(opts: argparse.Namespace) -> Result:
+    """Runs of a function that imports transformers (:func:`workloads.gpt2_loss`).
+
+    A launcher: its first run, ``SETTLING_RUNS`` more, then the measured ones (details: the
+    first and the settling runs). torchrun: whole runs.
+    """
+    if opts.mode == "torchrun":
+        values = []
+        for _ in range(opts.reps):
+            start = time.perf_counter()
+            code = wait_exit(start_torchrun("gpt2_loss", opts.workdir), TORCHRUN_TIMEOUT_S)
+            values.append(time.perf_counter() - start)
+            if code != 0:
+                msg = f"torchrun exited with {code}: {log_tail(opts.workdir)}"
+                raise RuntimeError(msg)
+        return measured([metric(opts.scenario, "s", LOWER, values)])
+    with open_launcher(load_torchrunx()) as launcher:
+        first, _, _ = timed_run(launcher, workloads.gpt2_loss)
+        settling = [timed_run(launcher, workloads.gpt2_loss)[0] for _ in range(SETTLING_RUNS)]
+        values = [timed_run(launcher, workloads.gpt2_loss)[0] for _ in range(opts.reps)]
+    return measured([metric(opts.scenario, "s", LOWER, values)], first_s=first, settling_s=settling)
 
 
 def check_tensors(result: Any) -> None:
@@ -1049,6 +1085,8 @@ SCENARIOS: dict[str, Callable[[argparse.Namespace], Result]] = {
     "multihost_later_run": launcher_only(multihost_later_run),
     "multihost_worker_kill": launcher_only(multihost_worker_kill),
     "multihost_exception_autopsy": launcher_only(multihost_exception_autopsy),
+    "first_failure": first_failure,
+    "sweep_big_import": sweep_big_import,
 }
 
 

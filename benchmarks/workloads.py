@@ -98,3 +98,17 @@ def print_lines(stamp_dir: str, count: int) -> None:
         print(f"line {i}")
     sys.stdout.flush()
     write_stamp(Path(stamp_dir) / PRINT_END_STAMP)
+
+
+def gpt2_loss(_stamp_dir: str = "") -> float:
+    """Import transformers, build a 2-layer GPT-2 from a config, return one loss.
+
+    The import is what a sweep pays in every run of a fresh process; the model is small.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415 -- the point
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=1000, n_positions=64)
+    model = GPT2LMHeadModel(config)
+    ids = torch.randint(0, config.vocab_size, (1, 32))
+    return float(model(ids, labels=ids).loss.detach())
