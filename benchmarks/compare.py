@@ -107,7 +107,7 @@ SCENARIOS = (
         IMPLS,
         process_per_rep=True,
         failure=True,
-        description="fresh launcher: noop run, then rank 1 raises, rank 0 in barrier -> raises",
+        description="fresh launcher: noop run, then rank 1 raises 1 s in, rank 0 in barrier",
     ),
     Scenario(
         "sweep_big_import",

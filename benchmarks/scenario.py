@@ -459,8 +459,9 @@ def exception_in_barrier(opts: argparse.Namespace) -> Result:
 
 
 def first_failure(opts: argparse.Namespace) -> Result:
-    """A fresh launcher: a noop run, then rank 1 raises while rank 0 is in a barrier."""
-    return failure_latency(opts, workloads.raise_in_barrier, "raise_in_barrier", noop_first=True)
+    """A fresh launcher: a noop run, then rank 1 raises 1 s in while rank 0 is in a barrier."""
+    fn, mode = workloads.raise_late_in_barrier, "raise_late_in_barrier"
+    return failure_latency(opts, fn, mode, noop_first=True)
 
 
 SETTLING_RUNS = 5  # runs of sweep_big_import between the first and the measured ones

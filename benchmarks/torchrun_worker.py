@@ -2,7 +2,7 @@
 
 Usage: ``python -m torch.distributed.run --nproc-per-node 2 torchrun_worker.py MODE DIR [ARG]``
 where MODE is one of ``noop``, ``sleep`` (ARG: seconds), ``sigkill``, ``raise_in_barrier``,
-``gpt2_loss`` or ``print_lines`` (ARG: how many lines).
+``raise_late_in_barrier``, ``gpt2_loss`` or ``print_lines`` (ARG: how many lines).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ def main(argv: list[str]) -> None:
         workloads.sigkill_rank1(stamp_dir)
     elif mode == "raise_in_barrier":
         workloads.raise_in_barrier(stamp_dir)
+    elif mode == "raise_late_in_barrier":
+        workloads.raise_late_in_barrier(stamp_dir)
     elif mode == "gpt2_loss":
         workloads.gpt2_loss()
     elif mode == "print_lines":

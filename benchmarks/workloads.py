@@ -74,13 +74,19 @@ def sigkill_rank1(stamp_dir: str) -> None:
     time.sleep(HOLD_S)
 
 
-def raise_in_barrier(stamp_dir: str) -> None:
-    """Rank 1 stamps the time and raises; the other ranks enter a barrier."""
+def raise_in_barrier(stamp_dir: str, delay: float = 0.0) -> None:
+    """Rank 1 waits ``delay`` s, stamps the time and raises; the other ranks enter a barrier."""
     if rank() == 1:
+        time.sleep(delay)
         write_stamp(Path(stamp_dir) / EVENT_STAMP)
         msg = "rank 1 fails on purpose"
         raise ValueError(msg)
     dist.barrier()
+
+
+def raise_late_in_barrier(stamp_dir: str) -> None:
+    """:func:`raise_in_barrier` 1 s into the run (a fresh forkserver once idled by then)."""
+    raise_in_barrier(stamp_dir, 1.0)
 
 
 def build_tensor(stamp_dir: str, numel: int) -> torch.Tensor:

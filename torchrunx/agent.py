@@ -250,6 +250,11 @@ class Agent:
 
     def worker_env(self, spec: RunSpec) -> dict[str, str]:
         env = {**spec.env, **self.env_file_vars}  # the env file has the last word
+        if spec.backend == "nccl":
+            # the communicator is set up in the background from init_process_group on (the
+            # worker passes device_id), overlapping what the function does before its first
+            # collective
+            env.setdefault("TORCH_NCCL_USE_COMM_NONBLOCKING", "1")
         if spec.backend == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
             # gloo binds to what the hostname resolves to, which may be 127.0.0.1 on a cluster
             # node: use the interface of the address the other hosts reach this one at

@@ -23,11 +23,13 @@ __all__ = ["run_worker"]
 
 import contextlib
 import datetime as dt
+import inspect
 import logging
 import os
 import socket
 import sys
 import sysconfig
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -110,6 +112,7 @@ class _Rank:
     def execute(self, payload: memoryview) -> int:
         """Set up, call the function, send back its outcome; the process's exit code."""
         self._set_up()
+        gpu = _GpuWarmUp.start(self.local_rank) if self.spec.backend == "nccl" else None
         self.sock.connect(self.fork.endpoint)
         self.sock.send_multipart(encode(Connect()))
         where = (self.spec.run, self.rank, self.local_rank)
@@ -120,7 +123,7 @@ class _Rank:
             fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
             if self.spec.backend is not None:
                 stacks.answer_asks()  # which collective this rank is in, when the agent asks
-                self._init_process_group(store)
+                self._init_process_group(store, gpu)
             value = fn(*args, **kwargs)
             self._report_imports()
             if store is not None:
@@ -205,19 +208,26 @@ class _Rank:
         os.environ["MASTER_PORT"] = str(port)
         return store
 
-    def _init_process_group(self, store: Any) -> None:
+    def _init_process_group(self, store: Any, gpu: _GpuWarmUp | None) -> None:
         import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
-        if self.spec.backend == "nccl" and self.local_rank < torch.cuda.device_count():
-            # each worker its own GPU, as NCCL expects: cuda:LOCAL_RANK is the current device
+        extra: dict[str, Any] = {}
+        if gpu is not None:
+            gpu.join(self.spec.worker_timeout)
+            # each worker its own GPU, as NCCL expects: cuda:LOCAL_RANK is the current device;
+            # with device_id, torch sets up NCCL's communicator now (in the background where
+            # TORCH_NCCL_USE_COMM_NONBLOCKING is on), not at the first collective
             torch.cuda.set_device(self.local_rank)
+            if "device_id" in inspect.signature(dist.init_process_group).parameters:
+                extra["device_id"] = torch.device("cuda", self.local_rank)
         dist.init_process_group(
             backend=self.spec.backend,
             store=store,
             rank=self.rank,
             world_size=self.world_size,
             timeout=dt.timedelta(seconds=self.spec.worker_timeout),
+            **extra,
         )
 
     def _recv(self, expected: type[M]) -> M:
@@ -277,6 +287,40 @@ class _Rank:
         where = (self.spec.run, self.rank, self.local_rank)
         self._send(Unpicklable(*where, type(value).__qualname__, *_described(e)), [])
         return 0
+
+
+class _GpuWarmUp:
+    """This worker's CUDA context, made on a thread while the rendezvous goes on (0.15 s+).
+
+    The context is the process's; the current device is each thread's, so the main thread still
+    sets its own (at no cost once the context exists).
+    """
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.thread = threading.Thread(target=self._run, name="torchrunx-cuda", daemon=True)
+
+    @classmethod
+    def start(cls, local_rank: int) -> _GpuWarmUp | None:
+        """Start it if this worker has a GPU of its own (``cuda:LOCAL_RANK``)."""
+        import torch  # noqa: PLC0415
+
+        if local_rank >= torch.cuda.device_count():
+            return None
+        warm = cls(local_rank)
+        warm.thread.start()
+        return warm
+
+    def _run(self) -> None:
+        import torch  # noqa: PLC0415
+
+        with contextlib.suppress(Exception):  # the main thread meets the error itself, later
+            torch.cuda.set_device(self.device)
+            torch.empty(0, device=f"cuda:{self.device}")
+
+    def join(self, timeout: float) -> None:
+        """Wait for the context (bounded: past ``timeout`` the main thread makes its own)."""
+        self.thread.join(timeout)
 
 
 def enter(env: dict[str, str], cwd: str, sys_path: tuple[str, ...]) -> None:
