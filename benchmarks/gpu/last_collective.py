@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import torchrunx
-from torchrunx.stacks import report
+from torchrunx.stacks import innermost, report
 
 
 def three_then_wait() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
         stacks: dict[int, str] = {}
         while time.monotonic() < deadline:
             stacks = handle.stacks()
-            if stacks and all("in three_then_wait" in s and "sleep" in s for s in stacks.values()):
+            if stacks and all(innermost(s).startswith("three_then_wait") for s in stacks.values()):
                 break
             time.sleep(0.5)
         print(report(stacks))
