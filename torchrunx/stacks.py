@@ -51,7 +51,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -122,13 +122,23 @@ def last_collective() -> str:
         return "no process group yet"
     from torch._C import _distributed_c10d as c10d  # noqa: PLC0415
 
-    dump = getattr(c10d, "_dump_fr_trace", None) or getattr(c10d, "_dump_nccl_trace", None)
-    if dump is None:
+    # torch keeps one recorder for NCCL and one for the other backends (older: NCCL's only)
+    dumps = [getattr(c10d, name, None) for name in ("_dump_nccl_trace", "_dump_fr_trace")]
+    status: dict[str, dict[str, int]] = {}
+    entries: list[dict[str, Any]] = []
+    for dump in filter(None, dumps):
+        try:
+            raw = dump(includeCollectives=True, includeStackTraces=False, onlyActive=False)
+        except RuntimeError:  # a recorder this process does not use
+            continue
+        trace = pickle.loads(raw)  # noqa: S301 -- torch's own bytes, from this process
+        for group, counters in trace.get("pg_status", {}).items():
+            mine = status.setdefault(str(group), {})
+            for name, value in counters.items():
+                mine[name] = max(mine.get(name, -1), value)
+        entries += [e for e in trace.get("entries", []) if e.get("collective_seq_id")]
+    if not any(dumps):
         return "last collective unknown (this torch has no flight recorder)"
-    raw = dump(includeCollectives=True, includeStackTraces=False, onlyActive=False)
-    trace = pickle.loads(raw)  # noqa: S301 -- torch's own bytes, from this process
-    status: dict[str, dict[str, int]] = trace.get("pg_status", {})
-    entries = [e for e in trace.get("entries", []) if e.get("collective_seq_id")]
     if not entries:
         seqs = [s.get("last_enqueued_collective", -1) for s in status.values()]
         return f"last collective #{max(seqs)}" if seqs and max(seqs) > 0 else "no collective yet"

@@ -34,8 +34,8 @@ if [ -d "$wheels" ]; then
             *) ours+=("$w") ;;
         esac
     done
-    install "$site" "${ours[@]}" || exit 1
-    install "$site040" "${v040[@]}" || exit 1
+    if [ "${#ours[@]}" -gt 0 ]; then install "$site" "${ours[@]}" || exit 1; fi
+    if [ "${#v040[@]}" -gt 0 ]; then install "$site040" "${v040[@]}" || exit 1; fi
 fi
 
 if [ -z "${SKIP_TESTS:-}" ]; then
