@@ -24,6 +24,7 @@ __all__ = ["run_worker"]
 import contextlib
 import datetime as dt
 import inspect
+import itertools
 import logging
 import os
 import socket
@@ -68,7 +69,7 @@ _DIRECT_RESULT_BYTES = 1 << 20
 def run_worker(fork: Fork, slot: WorkerSlot, payload: memoryview) -> NoReturn:
     """Run one rank and exit; called in the child right after ``fork``."""
     global _AT_FORK  # noqa: PLW0603 -- this process's own, taken once, at its start
-    _AT_FORK = frozenset(sys.modules)
+    _AT_FORK = len(sys.modules)
     os.setsid()
     set_parent_death_signal()
     code = 1
@@ -162,11 +163,17 @@ class _Rank:
         """
         if self.local_rank != 0 or not self.fork.learn:
             return
+        new = len(sys.modules) - _AT_FORK
+        if new <= 0:
+            return
+        # the newest only (sys.modules keeps the order they came in): touching every module
+        # would copy the pages the fork shares with the forkserver, milliseconds in every run
         cwd = str(Path.cwd()) + os.sep
+        latest = list(itertools.islice(reversed(sys.modules.items()), new))
         modules = tuple(
             name
-            for name, module in list(sys.modules.items())
-            if name not in _AT_FORK and _installed(getattr(module, "__file__", None), cwd)
+            for name, module in reversed(latest)
+            if _installed(getattr(module, "__file__", None), cwd)
         )
         if modules:
             self.sock.send_multipart(encode(Imported(self.spec.run, modules)))
@@ -335,7 +342,7 @@ _INSTALLED = tuple(
     {sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")}
 )
 _OURS = os.path.dirname(__file__) + os.sep  # noqa: PTH120 -- a prefix test on __file__
-_AT_FORK: frozenset[str] = frozenset()  # the modules this process had when it was forked
+_AT_FORK = 0  # how many modules this process had when it was forked
 
 
 def _installed(file: object, cwd: str) -> bool:
