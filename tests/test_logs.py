@@ -256,3 +256,75 @@ def test_flooding_worker_does_not_delay_failures(log_root: Path) -> None:
             launcher.run(flood_forever_or_fail, str(stamp))
         delay = time.time() - float(stamp.read_text())
     assert delay < 2.0  # tens of milliseconds on an idle machine; a flood loads both cores
+
+
+# ---- progress bars: redrawn lines
+
+BAR_SCRIPT = """
+import sys
+import time
+from pathlib import Path
+
+import torchrunx
+from tqdm import tqdm
+
+
+def train(stamps):
+    for i in tqdm(range(20), desc="epoch", mininterval=0):
+        Path(stamps, str(i)).write_text(repr(time.time()))
+        time.sleep(0.15)
+    return 1
+
+
+print(torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None,
+                         log_dir=sys.argv[2]).run(train, sys.argv[1]).by_rank())
+"""
+
+
+def test_a_progress_bar_is_live_and_files_get_its_end(tmp_path: Path) -> None:
+    import pexpect
+
+    script, stamps, logs = tmp_path / "bar.py", tmp_path / "stamps", tmp_path / "logs"
+    script.write_text(BAR_SCRIPT)
+    stamps.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = pexpect.spawn(
+        sys.executable, [str(script), str(stamps), str(logs)], env=env, encoding="utf-8"
+    )
+    seen: dict[int, float] = {}
+    try:
+        while True:
+            i = child.expect([r"\r\x1b\[2K\[localhost:0\] epoch:\s+\d+%[^\r\n]*?(\d+)/20", "EOF"])
+            if i == 1 or child.match.group(1) == "20":
+                break
+            seen.setdefault(int(child.match.group(1)), time.time())
+        child.expect_exact("[1]", timeout=60)
+    finally:
+        child.close(force=True)
+    assert len(seen) >= 10  # drawn step by step, not once at the end
+    lags = [seen[i] - float((stamps / str(i)).read_text()) for i in seen if i > 0]
+    assert sorted(lags)[len(lags) // 2] < 0.5, lags  # on the terminal as the worker draws it
+    (run,) = logs.iterdir()
+    bar_lines = [x for x in (run / "localhost[0].log").read_text().splitlines() if "epoch" in x]
+    assert len(bar_lines) == 1  # its end, once
+    assert "20/20" in bar_lines[0]
+    assert "\r" not in bar_lines[0]
+
+
+def test_a_progress_bar_through_a_pipe_is_its_end_once(capfd: pytest.CaptureFixture[str]) -> None:
+    with torchrunx.Launcher(
+        hostnames=["localhost"], workers_per_host=1, backend=None, log_dir=""
+    ) as launcher:
+        launcher.run(draw_bar)
+    err = capfd.readouterr().err
+    assert err.count("[localhost:0] ") == 1, err
+    assert "step 9/10" in err
+    assert "step 3/10" not in err
+
+
+def draw_bar() -> None:
+    for i in range(10):
+        sys.stderr.write(f"\rstep {i}/10")
+        sys.stderr.flush()
+        time.sleep(0.05)
+    sys.stderr.write("\n")

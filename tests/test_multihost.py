@@ -402,3 +402,26 @@ def test_env_file_failing_on_a_host_names_host_file_and_message(
     assert cluster.hostnames[1] in text
     assert str(env_file) in text
     assert "no_such_command_on_node2" in text
+
+
+def warn_then_all_reduce() -> float:
+    import warnings
+
+    warnings.warn(f"a warning of rank {os.environ['RANK']}", stacklevel=1)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def test_no_c10d_hostname_noise_but_other_warnings(
+    cluster: Cluster, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    hosts = cluster.hostnames[:3]
+    with launcher_on(cluster, hosts, live_ranks="all", log_dir=tmp_path) as launcher:
+        assert launcher.run(warn_then_all_reduce).by_rank() == [3.0, 3.0, 3.0]
+    live = capfd.readouterr().err
+    files = "".join(f.read_text() for f in tmp_path.rglob("*.log"))
+    for output in (live, files):
+        assert "The hostname of the client socket cannot be retrieved" not in output
+        for rank in range(3):
+            assert f"a warning of rank {rank}" in output

@@ -376,7 +376,9 @@ class Agent:
             data, newline, rest = data.rpartition(b"\n")
             data += newline
             if rest:
-                worker.partial[stream] = rest
+                worker.partial[stream] = self.redraw(worker, stream, rest)
+        if _NOISE in data:
+            data = b"".join(x for x in data.splitlines(keepends=True) if _NOISE not in x)
         if data:
             last = data[-_TAIL_BYTES:].decode(errors="replace").split("\n")
             worker.tail.extend(readable_line(line) for line in last if line)
@@ -390,6 +392,22 @@ class Agent:
             os.close(fd)
             del worker.pipes[fd]
             del self.by_fd[fd]
+
+    def redraw(self, worker: _WorkerProcess, stream: str, line: bytes) -> bytes:
+        """A line redrawn with carriage returns (a progress bar) goes out as it is now.
+
+        Only its latest state is kept: the earlier ones are drawn over.
+        """
+        cut = line.rfind(b"\r")
+        if cut < 0:
+            return line
+        now = line[cut + 1 :]
+        if now:
+            slot = worker.slot
+            where = Output(worker.run.id, slot.rank, slot.local_rank, stream, "INFO", redraw=True)
+            self.send(where, now)
+            self.on_credit(-len(now))
+        return line[cut:]
 
     def on_credit(self, confirmed: int) -> None:
         """Count output confirmed by the launcher (negative: sent); pause or resume reading."""
@@ -495,6 +513,11 @@ class Agent:
         Teardown(list(self.by_pid), signal.SIGKILL, reaped=False).wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.ctx.destroy(linger=0)
+
+
+_NOISE = b"[c10d] The hostname of the client socket cannot be retrieved"
+"""torch's TCPStore looks up each client's name for its log and warns, once per peer and run,
+wherever there is no reverse DNS (most clusters): nothing anyone can act on, so not passed on."""
 
 
 def _stack_pipe() -> tuple[int, int]:

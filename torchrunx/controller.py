@@ -592,6 +592,9 @@ class Controller:
             stream=output.stream or "stderr",
             level=logging.getLevelName(output.level),
         )
+        if output.redraw:  # a progress bar as it is now: for the live view only
+            for record in records:
+                record.__dict__["redraw"] = True
         run = None if output.run is None else self.runs.get(output.run)
         if run is not None:
             run.emit(records)

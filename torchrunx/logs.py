@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 HandlerFactory = Callable[[], list[logging.Handler]]
 
@@ -64,12 +64,17 @@ class LiveHandler(logging.Handler):
     """Writes to the launcher's stdout or stderr (as the worker did), prefixed ``[host:rank]``.
 
     Shows the workers of ``ranks`` (global ranks; ``None``: all) and agents' warnings. Lines are
-    flushed once per batch (see :func:`emit_batch`), not once per line.
+    flushed once per batch (see :func:`emit_batch`), not once per line. A line that a worker
+    redraws with carriage returns (a progress bar) is redrawn in place on a terminal, under its
+    prefix; what is written next starts below it (or draws over it: that line's final state).
     """
+
+    takes_redraws = True
 
     def __init__(self, ranks: Iterable[int] | None = (0,)) -> None:
         super().__init__()
         self.ranks = None if ranks is None else frozenset(ranks)
+        self.drawn: tuple[TextIO, str] | None = None  # an unfinished line on the terminal
 
     def emit(self, record: logging.LogRecord) -> None:
         """Write ``record``, each of its lines prefixed with where it came from."""
@@ -81,7 +86,12 @@ class LiveHandler(logging.Handler):
             return
         where = getattr(record, "hostname", "?") + ("" if local_rank is None else f":{local_rank}")
         stream = sys.stderr if getattr(record, "stream", "stderr") == "stderr" else sys.stdout
-        text = "".join(f"[{where}] {line}\n" for line in record.getMessage().split("\n"))
+        lines = record.getMessage().split("\n")
+        if getattr(record, "redraw", False):
+            text = self._redraw(stream, where, lines[-1])
+        else:
+            text = self._after_drawn(stream, where)
+            text += "".join(f"[{where}] {line}\n" for line in lines)
         try:
             stream.write(text)
         except UnicodeEncodeError:  # bytes that are not UTF-8, on a strict terminal
@@ -89,11 +99,37 @@ class LiveHandler(logging.Handler):
         except Exception:  # noqa: BLE001 -- a closed terminal must not break the run
             self.handleError(record)
 
+    def _redraw(self, stream: TextIO, where: str, line: str) -> str:
+        if not _is_terminal(stream):
+            return ""  # a file or a pipe gets the line once, finished
+        start = self._after_drawn(stream, where)
+        self.drawn = (stream, where)
+        return f"{start}\r\x1b[2K[{where}] {line}"
+
+    def _after_drawn(self, stream: TextIO, where: str) -> str:
+        """What ends the unfinished line on the terminal, if any, before more is written."""
+        drawn, self.drawn = self.drawn, None
+        if drawn is None:
+            return ""
+        if drawn == (stream, where):
+            return "\r\x1b[2K"  # its own next state, or its end: drawn over it
+        with contextlib.suppress(Exception):
+            drawn[0].write("\n")  # someone else's: below it
+            drawn[0].flush()
+        return ""
+
     def flush(self) -> None:
         """Flush both streams."""
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):  # a closed terminal must not break the run
                 stream.flush()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def log_level_from_env() -> int:
@@ -230,11 +266,16 @@ def default_handlers(
 
 
 def emit_batch(handlers: list[logging.Handler], records: list[logging.LogRecord]) -> None:
-    """Hand ``records`` to every handler (honouring its level and filters), then flush it."""
+    """Hand ``records`` to every handler (honouring its level and filters), then flush it.
+
+    Redraws of a line (a progress bar between its updates) go only to handlers that draw them
+    (the live view); files and the user's handlers get the line once, as it ended.
+    """
     for handler in handlers:
         level = handler.level
+        redraws = getattr(handler, "takes_redraws", False)
         for record in records:
-            if record.levelno >= level:
+            if record.levelno >= level and (redraws or not getattr(record, "redraw", False)):
                 handler.handle(record)
         handler.flush()
 
@@ -269,7 +310,13 @@ def readable_line(line: str) -> str:
 
 
 def _fields(base: dict[str, Any], raw: bytes) -> dict[str, Any]:
-    """A record's attributes for one line: the worker's own record's, if the line carries one."""
+    """A record's attributes for one line: the worker's own record's, if the line carries one.
+
+    A line redrawn with a carriage return (a progress bar) is what it showed last.
+    """
+    if b"\r" in raw:
+        drawn = [part for part in raw.split(b"\r") if part]
+        raw = drawn[-1] if drawn else b""
     fields = base.copy()
     if raw.startswith(_MARK_BYTES):
         try:

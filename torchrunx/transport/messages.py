@@ -282,6 +282,7 @@ class Output(Message):
     local_rank: int | None = None
     stream: str | None = None  # "stdout" | "stderr"; None: the agent's own, at ``level``
     level: str = "WARNING"
+    redraw: bool = False  # the line being redrawn with "\r" (a progress bar), as it is now
 
 
 @dataclass(frozen=True)
