@@ -5,6 +5,7 @@ from .errors import AgentFailedError, DebuggerQuitError, WorkerFailedError
 from .launcher import Launcher, LauncherView, launch
 from .result import LaunchResult
 from .runs import RunHandle
+from .transport.messages import RankStatus
 
 __version__ = "0.5.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "LaunchResult",
     "Launcher",
     "LauncherView",
+    "RankStatus",
     "RunHandle",
     "WorkerFailedError",
     "__version__",

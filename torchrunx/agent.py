@@ -29,12 +29,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 import zmq
 
 from . import stacks
 from .environment import source_env_file
 from .forkservers import Forkserver, Forkservers, receive, setup_key
-from .hosts import interface_of, local_facts
+from .hosts import count_gpus, gpu_memory_by_pid, interface_of, local_facts
 from .logs import readable_line
 from .reaper import Teardown, alive, run_processes, signal_all
 from .transport.messages import (
@@ -60,11 +61,13 @@ from .transport.messages import (
     Port,
     Raised,
     RankStack,
+    RankStatus,
     Rendezvous,
     Result,
     Run,
     RunSpec,
     Stacks,
+    Status,
     Unpicklable,
     WireError,
     WorkerSlot,
@@ -99,6 +102,10 @@ class _WorkerProcess:
     died_before_cancel: bool = False
     partial: dict[str, bytes] = field(default_factory=dict)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    forked_at: float = 0.0  # monotonic
+    last_output: float | None = None  # monotonic
+    outcome: str = ""  # "returned" or "failed", once it has one
+    process: psutil.Process | None = None  # for its memory and CPU (kept: CPU % is a delta)
 
 
 @dataclass
@@ -141,6 +148,7 @@ class Agent:
         for s in (self.launcher, self.workers, sys.stdin.fileno()):
             self.poller.register(s, zmq.POLLIN)
         self.forkservers = Forkservers(self.poller, boot.preload, learn=boot.learn)
+        self.has_gpus = count_gpus() > 0
         self.last_from_launcher = time.monotonic()
         self.next_heartbeat = 0.0
         # flow control: output the launcher has not confirmed yet; past the window we stop
@@ -210,6 +218,8 @@ class Agent:
                 self.to_worker(run, local_rank, message)
         elif isinstance(message, Cancel):
             self.cancel(run)
+        elif isinstance(message, Dump) and message.what == "status":
+            self.send_status(run, message.request)
         elif isinstance(message, Dump):
             self.send_stacks(run, message.request)
         elif message.local_rank in run.connected:  # a line for a rank's debugger
@@ -284,6 +294,7 @@ class Agent:
             run = self.runs[message.run]
             worker = run.workers[message.local_rank]
             worker.pid = message.pid
+            worker.forked_at = time.monotonic()
             self.by_pid[message.pid] = worker
             if run.cancelled:
                 signal_all([message.pid], signal.SIGKILL)
@@ -346,6 +357,7 @@ class Agent:
         for fd in list(worker.pipes):
             self.on_output(fd, _READS_AT_EXIT)  # its output first, then its outcome
         worker.has_outcome = True
+        worker.outcome = "returned" if isinstance(message, Result) else "failed"
         run, slot = worker.run, worker.slot
         # who sent it is the socket's identity, not what the message claims
         message = dataclasses.replace(
@@ -382,6 +394,7 @@ class Agent:
         if data:
             last = data[-_TAIL_BYTES:].decode(errors="replace").split("\n")
             worker.tail.extend(readable_line(line) for line in last if line)
+            worker.last_output = time.monotonic()
             slot, level = worker.slot, "INFO" if stream == "stdout" else "WARNING"
             where = Output(worker.run.id, slot.rank, slot.local_rank, stream, level)
             self.send(where, data)
@@ -472,6 +485,42 @@ class Agent:
         ranks = tuple(answers)
         quiet = tuple(sorted(asked[pid].slot.rank for pid in silent))
         self.send(Stacks(run=run.id, request=request, ranks=ranks, silent=quiet))
+
+    def send_status(self, run: _Run, request: str) -> None:
+        """How each worker of the run is, now: state, memory, CPU, GPU, last line."""
+        gpus = gpu_memory_by_pid() if self.has_gpus else None
+        ranks = tuple(self.status_of(run, w, gpus) for _, w in sorted(run.workers.items()))
+        self.send(Status(run=run.id, request=request, ranks=ranks))
+
+    def status_of(
+        self, run: _Run, worker: _WorkerProcess, gpus: dict[int, int] | None
+    ) -> RankStatus:
+        now = time.monotonic()
+        rss, cpu = 0, 0.0
+        if worker.pid is not None and not worker.exited:
+            with contextlib.suppress(psutil.Error):
+                worker.process = worker.process or psutil.Process(worker.pid)
+                rss = worker.process.memory_info().rss
+                cpu = worker.process.cpu_percent()
+        if worker.outcome or worker.exited:
+            state = worker.outcome or "failed"
+        elif worker.pid is None or worker.slot.local_rank not in run.connected:
+            state = "starting"
+        else:
+            state = "running"
+        return RankStatus(
+            rank=worker.slot.rank,
+            hostname=self.hostname,
+            local_rank=worker.slot.local_rank,
+            pid=worker.pid,
+            state=state,
+            seconds=now - worker.forked_at if worker.pid is not None else 0.0,
+            rss=rss,
+            cpu_percent=cpu,
+            gpu_memory=None if gpus is None else gpus.get(worker.pid or -1, 0),
+            since_output=None if worker.last_output is None else now - worker.last_output,
+            last_line=worker.tail[-1] if worker.tail else "",
+        )
 
     def leftovers_of(self, run: _Run) -> list[int]:
         """Every live process of this run that is not one of its workers."""

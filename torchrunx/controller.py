@@ -63,11 +63,13 @@ from .transport.messages import (
     Output,
     Port,
     Raised,
+    RankStatus,
     Rendezvous,
     Result,
     Run,
     RunSpec,
     Stacks,
+    Status,
     Unpicklable,
     VersionMismatchError,
     WireError,
@@ -143,11 +145,12 @@ class RunState:
 
 @dataclass
 class StackDump:
-    """Stacks asked of a run in flight: complete when every agent of the run has answered."""
+    """Stacks (or statuses) asked of a run in flight: complete when every agent has answered."""
 
     waiting: set[int]  # indexes into the run's agents
     stacks: dict[int, str] = field(default_factory=dict)
     silent: set[int] = field(default_factory=set)
+    statuses: dict[int, RankStatus] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
 
     def answered(self, index: int) -> None:
@@ -328,6 +331,16 @@ class Controller:
 
     def dump_stacks(self, run_id: str, timeout: float) -> dict[int, str]:
         """Every live rank's stack, now, without stopping the run (call from a user thread)."""
+        dump = self._ask(run_id, "stacks", timeout)
+        return {} if dump is None else {**dump.stacks, **dict.fromkeys(dump.silent, SILENT)}
+
+    def status(self, run_id: str, timeout: float) -> dict[int, RankStatus]:
+        """How every rank of the run is, now (call from a user thread)."""
+        dump = self._ask(run_id, "status", timeout)
+        return {} if dump is None else dict(sorted(dump.statuses.items()))
+
+    def _ask(self, run_id: str, what: str, timeout: float) -> StackDump | None:
+        """Ask every agent of the run (``what``: see :class:`Dump`); wait up to ``timeout``."""
 
         def ask() -> StackDump | None:
             run = self.runs.get(run_id)
@@ -337,16 +350,15 @@ class Controller:
             dump = run.dumps[request] = StackDump(set(range(len(run.agents))))
             for i, agent in enumerate(run.agents):
                 if agent.failure is None:
-                    self.send(agent, Dump(run=run.id, request=request))
+                    self.send(agent, Dump(run=run.id, request=request, what=what))
                 else:
                     dump.answered(i)
             return dump
 
         dump = self.call_and_wait(ask)
-        if dump is None:
-            return {}
-        dump.done.wait(timeout)
-        return {**dump.stacks, **dict.fromkeys(dump.silent, SILENT)}
+        if dump is not None:
+            dump.done.wait(timeout)
+        return dump
 
     def cancel_run(self, run_id: str, reason: str = "cancelled") -> None:
         """Tear a run down everywhere (its failure, if any, stays the first one)."""
@@ -539,7 +551,7 @@ class Controller:
             run.results[message.rank] = frames
         elif isinstance(message, (Raised, Unpicklable, Died)):
             self._on_failure(run, agent, message, frames)
-        elif isinstance(message, Stacks):
+        elif isinstance(message, (Stacks, Status)):
             self._on_stacks(run, agent, message)
         elif isinstance(message, Debug):
             self._on_debug(run, agent, message)
@@ -566,7 +578,14 @@ class Controller:
         if run.on_debug is not None:
             run.on_debug(agent, message)
 
-    def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks) -> None:
+    def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks | Status) -> None:
+        if isinstance(message, Status):
+            asked = run.dumps.get(message.request)
+            i = run.agent_index(agent)
+            if asked is not None and i is not None:
+                asked.statuses.update((r.rank, r) for r in message.ranks)
+                asked.answered(i)
+            return
         stacks = {s.rank: s.text for s in message.ranks}
         if not message.request:  # the autopsy, before the run's processes were killed
             run.evidence.stacks.update(stacks)

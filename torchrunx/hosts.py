@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "count_gpus",
+    "gpu_memory_by_pid",
     "in_slurm_job",
     "interface_of",
     "is_local",
@@ -18,6 +19,7 @@ __all__ = [
 ]
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -26,6 +28,7 @@ import subprocess
 import sys
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from .transport.messages import HostFacts
 
@@ -147,3 +150,50 @@ def local_facts(folder: str) -> HostFacts:
         python=sys.executable,
         dir=folder,
     )
+
+
+class _NvmlProcess(ctypes.Structure):
+    """``nvmlProcessInfo_t`` (v2 and later): a process on a GPU and the memory it holds."""
+
+    _fields_ = (
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    )
+
+
+_NOT_AVAILABLE = 1 << 63  # NVML's "no value" (all bits set) and anything that large
+
+
+@cache
+def _nvml() -> Any:
+    """NVIDIA's management library (what nvidia-smi uses): it never initialises CUDA."""
+    with contextlib.suppress(OSError, AttributeError):
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if lib.nvmlInit_v2() == 0:
+            return lib
+    return None
+
+
+def gpu_memory_by_pid() -> dict[int, int] | None:
+    """Bytes of GPU memory each process holds, on every GPU of this host; None without NVML."""
+    lib = _nvml()
+    if lib is None:
+        return None
+    count = ctypes.c_uint()
+    if lib.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+        return None
+    held: dict[int, int] = {}
+    for index in range(count.value):
+        device = ctypes.c_void_p()
+        if lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(device)) != 0:
+            continue
+        size = ctypes.c_uint(64)
+        procs = (_NvmlProcess * size.value)()
+        if lib.nvmlDeviceGetComputeRunningProcesses_v3(device, ctypes.byref(size), procs) != 0:
+            continue
+        for proc in procs[: size.value]:
+            used = proc.usedGpuMemory if proc.usedGpuMemory < _NOT_AVAILABLE else 0
+            held[proc.pid] = held.get(proc.pid, 0) + used
+    return held

@@ -301,6 +301,7 @@ class AgentPool:
             run.done,
             functools.partial(self.controller.dump_stacks, run.id),
             run.evidence,
+            status=functools.partial(self.controller.status, run.id),
         )
 
         def finish() -> None:

@@ -6,6 +6,7 @@ __all__ = ["RunHandle"]
 
 import concurrent.futures
 import contextlib
+import dataclasses
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .result import LaunchResult
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .outcome import Evidence
+    from .transport.messages import RankStatus
 
 FunctionR = TypeVar("FunctionR")
 
@@ -29,13 +31,15 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
     ``add_done_callback()``; ``concurrent.futures.wait`` and ``as_completed`` take it.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 -- one per thing of the run the launcher hands over
         self,
         run_id: str,
         cancel_run: Callable[[], None],
         finished: threading.Event,
         dump_stacks: Callable[[float], dict[int, str]],
         evidence: Evidence,
+        *,
+        status: Callable[[float], dict[int, RankStatus]] | None = None,
     ) -> None:
         super().__init__()
         self.run_id = run_id
@@ -44,7 +48,22 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         self._finished = finished
         self._dump_stacks = dump_stacks
         self._evidence = evidence
+        self._status = status
+        self._last_status: dict[int, RankStatus] = {}
         self._cancelling = False
+
+    def status(self, timeout: float = 5.0) -> dict[int, RankStatus]:
+        """How every rank is now, by rank: host, pid, state, memory, CPU, GPU, last output.
+
+        ``state`` is ``starting``, ``running``, ``returned`` or ``failed``; once the run has
+        ended everywhere, ``cleared`` (with what the last status said of the rest). Hosts that
+        do not answer within ``timeout`` s are left out. Cheap: one message per host.
+        """
+        if not self._finished.is_set() and self._status is not None:
+            self._last_status = self._status(timeout) or self._last_status
+            if not self._finished.is_set():
+                return dict(self._last_status)
+        return {r: dataclasses.replace(s, state="cleared") for r, s in self._last_status.items()}
 
     def stacks(self, timeout: float = 5.0) -> dict[int, str]:
         """Every live rank's Python stack (all threads), by rank, without stopping the run.

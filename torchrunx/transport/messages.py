@@ -22,6 +22,7 @@ output         agent → launcher            where a chunk of output came from; 
 died           agent → launcher            a worker that ended without an outcome
 dump           launcher → agent            dump the stacks of a run's live workers, now
 stacks         agent → launcher            the stacks of a run's live workers (and who was silent)
+status         agent → launcher            each worker's state, pid, memory, CPU, GPU, last line
 up             forkserver → agent          it is ready
 preload        agent → forkserver          modules to import before forking, and in what env
 preloaded      forkserver → agent          what it imported, and what would make forking unsafe
@@ -71,11 +72,13 @@ __all__ = [
     "Preloaded",
     "Raised",
     "RankStack",
+    "RankStatus",
     "Rendezvous",
     "Result",
     "Run",
     "RunSpec",
     "Stacks",
+    "Status",
     "Unpicklable",
     "Up",
     "VersionMismatchError",
@@ -302,11 +305,15 @@ class Died(Message):
 
 @dataclass(frozen=True)
 class Dump(Message):
-    """Dump the stacks of the run's live workers (``request`` names the answer)."""
+    """Dump the stacks of the run's live workers, or (``what="status"``) say how each is.
+
+    ``request`` names the answer (:class:`Stacks` or :class:`Status`).
+    """
 
     KIND = "dump"
     run: str
     request: str
+    what: str = "stacks"
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,33 @@ class RankStack:
     rank: int
     local_rank: int
     text: str
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """One rank of a run, as its agent sees it now (``RunHandle.status()``)."""
+
+    rank: int
+    hostname: str
+    local_rank: int
+    pid: int | None
+    state: str  # "starting", "running", "returned", "failed" or (run over) "cleared"
+    seconds: float  # since it was forked
+    rss: int  # bytes of memory
+    cpu_percent: float  # since the last status (100: one core)
+    gpu_memory: int | None  # bytes on GPUs; None where the host has no GPU (or no NVML)
+    since_output: float | None  # seconds since its last line of output; None: none yet
+    last_line: str
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """The status of the run's ranks on one host, for a :class:`Dump` with ``what="status"``."""
+
+    KIND = "status"
+    run: str
+    request: str
+    ranks: tuple[RankStatus, ...]
 
 
 @dataclass(frozen=True)
