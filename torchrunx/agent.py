@@ -58,6 +58,8 @@ from .transport.messages import (
     Imported,
     Message,
     Output,
+    Phase,
+    Phases,
     Port,
     Raised,
     RankStack,
@@ -105,6 +107,8 @@ class _WorkerProcess:
     forked_at: float = 0.0  # monotonic
     last_output: float | None = None  # monotonic
     outcome: str = ""  # "returned" or "failed", once it has one
+    forked_wall: float = 0.0  # seconds since 1970, for the run's trace
+    exited_wall: float = 0.0
     process: psutil.Process | None = None  # for its memory and CPU (kept: CPU % is a delta)
 
 
@@ -118,6 +122,7 @@ class _Run:
     teardown: Teardown | None = None  # of what the workers left, once they have all exited
     collectives: bool = False  # whether its workers have a process group to say things about
     spec: RunSpec | None = None  # as its workers have it (the env completed here)
+    fork_sent: float = 0.0  # seconds since 1970, for its trace
     forkserver_pid: int = 0  # the parent of its workers
 
 
@@ -239,7 +244,7 @@ class Agent:
             learn=self.forkservers.learn_enabled,
         )
         server = self.forkservers.for_run(run.id, setup_key(fork.spec))
-        run.spec, run.forkserver_pid = fork.spec, server.pid
+        run.spec, run.forkserver_pid, run.fork_sent = fork.spec, server.pid, time.time()
         send_message(server.sock, fork, [f.buffer for f in frames], fds)
         for fd in fds:
             os.close(fd)
@@ -294,7 +299,7 @@ class Agent:
             run = self.runs[message.run]
             worker = run.workers[message.local_rank]
             worker.pid = message.pid
-            worker.forked_at = time.monotonic()
+            worker.forked_at, worker.forked_wall = time.monotonic(), time.time()
             self.by_pid[message.pid] = worker
             if run.cancelled:
                 signal_all([message.pid], signal.SIGKILL)
@@ -304,7 +309,7 @@ class Agent:
                 self.on_exit(exited, message.status)
 
     def on_exit(self, worker: _WorkerProcess, status: int) -> None:
-        worker.exited = True
+        worker.exited, worker.exited_wall = True, time.time()
         last_dump = stacks.read_now(worker.stack_fd) if worker.stack_fd >= 0 else ""
         _close_stack_pipe(worker)
         run = worker.run
@@ -337,6 +342,10 @@ class Agent:
             self.on_outcome(worker, message, frames)
         elif isinstance(message, Debug):
             self.on_debug(worker, message)
+        elif isinstance(message, Phases):  # its rank is the socket's, not what it claims
+            rank = worker.slot.rank
+            phases = tuple(dataclasses.replace(p, rank=rank) for p in message.phases)
+            self.send(Phases(run.id, phases))
         elif isinstance(message, Imported) and run.spec is not None:
             self.forkservers.imported(message.modules, run.spec)
 
@@ -549,6 +558,8 @@ class Agent:
                 self.warn(f"processes {run.teardown.remaining} of run {run.id} did not exit")
             del self.runs[run.id]
             self.forkservers.cleared(run.id)
+            if run.spec is not None and run.spec.trace:
+                self.send(Phases(run.id, _agent_phases(run)))
             self.send(Cleared(run=run.id))
 
     def close(self) -> None:
@@ -562,6 +573,18 @@ class Agent:
         Teardown(list(self.by_pid), signal.SIGKILL, reaped=False).wait()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.ctx.destroy(linger=0)
+
+
+def _agent_phases(run: _Run) -> tuple[Phase, ...]:
+    """Each worker's fork and teardown, as this agent saw them."""
+    now = time.time()
+    phases = []
+    for w in run.workers.values():
+        if w.forked_wall:
+            phases.append(Phase(w.slot.rank, "fork", run.fork_sent, w.forked_wall))
+        if w.exited_wall:
+            phases.append(Phase(w.slot.rank, "teardown", w.exited_wall, now))
+    return tuple(phases)
 
 
 _NOISE = b"[c10d] The hostname of the client socket cannot be retrieved"

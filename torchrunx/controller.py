@@ -61,6 +61,8 @@ from .transport.messages import (
     HostFacts,
     Message,
     Output,
+    Phase,
+    Phases,
     Port,
     Raised,
     RankStatus,
@@ -102,6 +104,8 @@ class AgentHandle:
     pidfd: int = -1
     partial_err: bytes = b""
     explain_exit: Callable[[int], str | None] = lambda _code: None
+    started_at: float = field(default_factory=time.time)  # seconds since 1970, for traces
+    hello_at: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -134,6 +138,8 @@ class RunState:
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[], None] | None = None  # called on the controller thread, once
     on_debug: Callable[[AgentHandle, Debug], None] | None = None  # a rank's debugger session
+    phases: list[Phase] = field(default_factory=list)  # for its trace, if it is traced
+    received: dict[int, float] = field(default_factory=dict)  # when each rank's outcome came
 
     def agent_index(self, agent: AgentHandle) -> int | None:
         """Position of ``agent`` in this run, or None."""
@@ -512,7 +518,7 @@ class Controller:
     def _on_hello(self, agent: AgentHandle, message: Message) -> None:
         if isinstance(message, Hello) and hmac.compare_digest(message.secret, self.secret):
             agent.facts = message.facts
-            agent.last_seen = time.monotonic()
+            agent.last_seen, agent.hello_at = time.monotonic(), time.time()
             self._notify()
 
     def _on_direct_result(self, identity: bytes, message: Message, frames: list[Any]) -> None:
@@ -531,6 +537,7 @@ class Controller:
         ):
             return
         run.results[message.rank] = frames
+        run.received[message.rank] = time.time()
         with contextlib.suppress(zmq.ZMQError):  # the worker may be gone already
             self.router.send_multipart([identity, *encode(Ack())])
 
@@ -544,13 +551,14 @@ class Controller:
         run = self.runs.get(getattr(message, "run", ""))
         if run is None:
             return
-        if isinstance(message, Port):
+        if isinstance(message, (Result, Raised, Unpicklable, Died)):
+            run.received.setdefault(message.rank, time.time())
+            self._on_outcome(run, agent, message, frames)
+        elif isinstance(message, Port):
             for a in run.agents:
                 self.send(a, Rendezvous(run=run.id, master_port=message.port))
-        elif isinstance(message, Result) and not message.direct:  # a direct one is in already
-            run.results[message.rank] = frames
-        elif isinstance(message, (Raised, Unpicklable, Died)):
-            self._on_failure(run, agent, message, frames)
+        elif isinstance(message, Phases):
+            run.phases += message.phases
         elif isinstance(message, (Stacks, Status)):
             self._on_stacks(run, agent, message)
         elif isinstance(message, Debug):
@@ -560,13 +568,17 @@ class Controller:
             if i is not None:
                 self._cleared(run, i)
 
-    def _on_failure(
+    def _on_outcome(
         self,
         run: RunState,
         agent: AgentHandle,
-        message: Raised | Unpicklable | Died,
+        message: Result | Raised | Unpicklable | Died,
         frames: list[Any],
     ) -> None:
+        if isinstance(message, Result):
+            if not message.direct:  # a direct one is in already
+                run.results[message.rank] = frames
+            return
         if isinstance(message, Died) and message.stack:  # where it was as it died
             run.evidence.stacks[message.rank] = message.stack
             run.evidence.died.add(message.rank)

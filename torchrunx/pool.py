@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import console
+from . import console, trace
 from .controller import AgentHandle, Controller, RunState
 from .environment import agent_base_env
 from .errors import AgentFailedError
@@ -90,6 +91,7 @@ class AgentPool:
         self.secret = secrets.token_hex(32)
         self.controller = Controller(self.secret, config.agent_timeout, encrypt=config.encrypt)
         self.controller.start()
+        self.last_submit = 0.0  # seconds since 1970: agents started after it are a run's
         self.agents: list[AgentHandle | None] = [None] * len(self.hostnames)
         self.addresses = ["127.0.0.1"] * len(self.hostnames)  # remote: the peers of SSH sessions
         self.local_address: str | None = None  # ours, as remote hosts see it
@@ -304,9 +306,23 @@ class AgentPool:
             status=functools.partial(self.controller.status, run.id),
         )
 
+        submitted, previous, self.last_submit = time.time(), self.last_submit, time.time()
+        starts = [
+            (a.started_at, a.hello_at) if a.started_at > previous else (0.0, 0.0) for a in agents
+        ]
+
         def finish() -> None:
             for handler in handlers:
                 handler.close()
+            trace.write(
+                run.id,
+                hostnames=options.hostnames,
+                workers_per_host=run.workers_per_host,
+                phases=run.phases,
+                received=run.received,
+                span=(min([submitted] + [s for s, _ in starts if s]), time.time()),
+                agents=starts,
+            )
             handle.settle(
                 lambda: settle(
                     run.failures,
@@ -351,6 +367,7 @@ class AgentPool:
                 local_world_size=n,
                 workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
                 debug=options.debug,
+                trace=trace.folder() is not None,
             )
             for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
         ]

@@ -31,9 +31,10 @@ import socket
 import sys
 import sysconfig
 import threading
+import time
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import zmq
 
@@ -49,6 +50,8 @@ from .transport.messages import (
     Fork,
     Imported,
     Message,
+    Phase,
+    Phases,
     Port,
     Raised,
     Rendezvous,
@@ -60,6 +63,9 @@ from .transport.messages import (
 )
 from .transport.security import encrypt_client
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 M = TypeVar("M", bound=Message)
 
 _ACK_TIMEOUT_MS = 60_000
@@ -68,7 +74,8 @@ _DIRECT_RESULT_BYTES = 1 << 20
 
 def run_worker(fork: Fork, slot: WorkerSlot, payload: memoryview) -> NoReturn:
     """Run one rank and exit; called in the child right after ``fork``."""
-    global _AT_FORK  # noqa: PLW0603 -- this process's own, taken once, at its start
+    global _AT_FORK, _STARTED  # noqa: PLW0603 -- this process's own, taken once, at its start
+    _STARTED = time.time()
     _AT_FORK = len(sys.modules)
     os.setsid()
     set_parent_death_signal()
@@ -105,6 +112,7 @@ class _Rank:
             "MASTER_ADDR": spec.master_addr,
             "TORCHRUNX_RUN_ID": spec.run,
         }
+        self.clock = _Clock(self.rank, on=spec.trace)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, _ACK_TIMEOUT_MS)
@@ -112,20 +120,26 @@ class _Rank:
 
     def execute(self, payload: memoryview) -> int:
         """Set up, call the function, send back its outcome; the process's exit code."""
-        self._set_up()
-        gpu = _GpuWarmUp.start(self.local_rank) if self.spec.backend == "nccl" else None
-        self.sock.connect(self.fork.endpoint)
-        self.sock.send_multipart(encode(Connect()))
-        where = (self.spec.run, self.rank, self.local_rank)
-        channel = debugger.Channel(self._send_now, lambda: self._recv(DebugInput), where)
-        debugger.install(self.spec.debug, self.rank, self.spec.hostname, channel)
+        clock = self.clock
+        with clock.phase("start"):
+            self._set_up()
+            gpu = _GpuWarmUp.start(self.local_rank) if self.spec.backend == "nccl" else None
+            self.sock.connect(self.fork.endpoint)
+            self.sock.send_multipart(encode(Connect()))
+            where = (self.spec.run, self.rank, self.local_rank)
+            channel = debugger.Channel(self._send_now, lambda: self._recv(DebugInput), where)
+            debugger.install(self.spec.debug, self.rank, self.spec.hostname, channel)
         try:
-            store = self._rendezvous()
-            fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
+            with clock.phase("rendezvous"):
+                store = self._rendezvous()
+            with clock.phase("unpickle"):
+                fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
             if self.spec.backend is not None:
                 stacks.answer_asks()  # which collective this rank is in, when the agent asks
-                self._init_process_group(store, gpu)
-            value = fn(*args, **kwargs)
+                with clock.phase("process group"):
+                    self._init_process_group(store, gpu)
+            with clock.phase("function"):
+                value = fn(*args, **kwargs)
             self._report_imports()
             if store is not None:
                 store.set(f"torchrunx/done/{self.rank}", "1")
@@ -134,7 +148,8 @@ class _Rank:
             debugger.post_mortem(e)  # if asked for: a session where it was raised, first
             return self._send_error(e)
         try:
-            frames = serialization.dumps(value)
+            with clock.phase("pickle"):
+                frames = serialization.dumps(value)
         except Exception as e:  # noqa: BLE001 -- any pickling error is reported as the outcome
             return self._send_unpicklable(e, value)
         try:
@@ -222,6 +237,7 @@ class _Rank:
         extra: dict[str, Any] = {}
         if gpu is not None:
             gpu.join(self.spec.worker_timeout)
+            self.clock.add("CUDA context", *gpu.span)
             # each worker its own GPU, as NCCL expects: cuda:LOCAL_RANK is the current device;
             # with device_id, torch sets up NCCL's communicator now (in the background where
             # TORCH_NCCL_USE_COMM_NONBLOCKING is on), not at the first collective
@@ -251,6 +267,8 @@ class _Rank:
 
     def _send(self, message: Message, frames: list[Any]) -> None:
         """Send the outcome and wait until the agent has it: only then may this process exit."""
+        if self.clock.phases:  # the run is traced: its phases go first
+            self._send_now(Phases(self.spec.run, tuple(self.clock.phases)))
         self.sock.send_multipart(encode(message, *frames), copy=False)
         if self.sock.poll(_ACK_TIMEOUT_MS):
             self._recv(Ack)
@@ -296,6 +314,37 @@ class _Rank:
         return 0
 
 
+class _Clock:
+    """Times the phases of a rank, for the run's trace (only if it is traced)."""
+
+    def __init__(self, rank: int, *, on: bool) -> None:
+        self.rank = rank
+        self.on = on
+        self.phases: list[Phase] = []
+        self.started = _STARTED
+        self.open: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as ``name`` (the first phase starts when the process did)."""
+        self.open[name] = self.started if not self.phases and not self.open else time.time()
+        try:
+            yield
+        finally:
+            self.end(name)
+
+    def add(self, name: str, start: float, end: float) -> None:
+        """A phase timed elsewhere (on another thread)."""
+        if self.on and end >= start > 0:
+            self.phases.append(Phase(self.rank, name, start, end))
+
+    def end(self, name: str) -> None:
+        """End ``name`` now, if it is open."""
+        start = self.open.pop(name, None)
+        if self.on and start is not None:
+            self.phases.append(Phase(self.rank, name, start, time.time()))
+
+
 class _GpuWarmUp:
     """This worker's CUDA context, made on a thread while the rendezvous goes on (0.15 s+).
 
@@ -305,6 +354,7 @@ class _GpuWarmUp:
 
     def __init__(self, device: int) -> None:
         self.device = device
+        self.span = (0.0, 0.0)  # when it ran, for the run's trace
         self.thread = threading.Thread(target=self._run, name="torchrunx-cuda", daemon=True)
 
     @classmethod
@@ -321,9 +371,11 @@ class _GpuWarmUp:
     def _run(self) -> None:
         import torch  # noqa: PLC0415
 
+        start = time.time()
         with contextlib.suppress(Exception):  # the main thread meets the error itself, later
             torch.cuda.set_device(self.device)
             torch.empty(0, device=f"cuda:{self.device}")
+        self.span = (start, time.time())
 
     def join(self, timeout: float) -> None:
         """Wait for the context (bounded: past ``timeout`` the main thread makes its own)."""
@@ -343,6 +395,7 @@ _INSTALLED = tuple(
 )
 _OURS = os.path.dirname(__file__) + os.sep  # noqa: PTH120 -- a prefix test on __file__
 _AT_FORK = 0  # how many modules this process had when it was forked
+_STARTED = 0.0  # when it was forked (seconds since 1970)
 
 
 def _installed(file: object, cwd: str) -> bool:

@@ -18,6 +18,7 @@ credit         launcher → agent            bytes of output handled (flow contr
 cancel         launcher → agent            a run to tear down
 rendezvous     launcher → agent → worker   rank 0's store port
 cleared        agent → launcher            a run has no process left on the host
+phases         worker or agent → launcher  timed phases of a run, for its trace file
 output         agent → launcher            where a chunk of output came from; buffer: it
 died           agent → launcher            a worker that ended without an outcome
 dump           launcher → agent            dump the stacks of a run's live workers, now
@@ -67,6 +68,8 @@ __all__ = [
     "Imported",
     "Message",
     "Output",
+    "Phase",
+    "Phases",
     "Port",
     "Preload",
     "Preloaded",
@@ -232,6 +235,7 @@ class RunSpec:
     local_world_size: int
     workers: tuple[WorkerSlot, ...]
     debug: DebugSettings
+    trace: bool = False  # its workers and agent time their phases (:class:`Phases`)
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,25 @@ class Rendezvous(Message):
     KIND = "rendezvous"
     run: str
     master_port: int
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of a run on one rank (``rank`` -1: the host's agent), in seconds since 1970."""
+
+    rank: int
+    name: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class Phases(Message):
+    """Timed phases of a run, for its trace (``TORCHRUNX_TRACE``)."""
+
+    KIND = "phases"
+    run: str
+    phases: tuple[Phase, ...]
 
 
 @dataclass(frozen=True)
