@@ -18,6 +18,8 @@ __all__ = ["main"]
 
 import contextlib
 import dataclasses
+import fcntl
+import math
 import os
 import shutil
 import signal
@@ -86,9 +88,12 @@ TAIL_LINES = 20
 """Lines of a worker's output kept for the message of a ``WorkerFailedError``."""
 _READ_SIZE = 1 << 16
 _READS_PER_EVENT = 16  # at most 1 MiB from one pipe before the loop looks at anything else
-_READS_AT_EXIT = 1024  # a dead worker's pipe holds at most what it wrote last (64 KiB here)
+_READS_AT_EXIT = 1024  # a dead worker's pipe holds at most what it wrote last (1 MiB here)
 _OUTPUT_WINDOW = 8 << 20  # bytes of output the launcher may be behind before we stop reading
 _TAIL_BYTES = 8192
+_PIPE_SIZE = 1 << 20  # Linux's default most (/proc/sys/fs/pipe-max-size)
+_FLOOD_BYTES = 4 << 10  # read this much at once, a pipe rests (see Agent.rest)
+_REST_S = 0.002
 
 
 @dataclass
@@ -160,6 +165,7 @@ class Agent:
         # reading the workers' pipes (they block, losing nothing) but keep serving everything else
         self.unconfirmed = 0
         self.reading = True
+        self.resting: dict[int, float] = {}  # flooded pipes not polled until then (monotonic)
 
     # ---- the loop
 
@@ -176,9 +182,13 @@ class Agent:
                 self.warn(f"the launcher was silent for {self.agent_timeout} s: exiting")
                 return
             clearing = any(r.teardown is not None for r in self.runs.values())
-            for sock, _ in self.poller.poll(5 if clearing else 500):
+            timeout = 5 if clearing else 500
+            if self.resting:  # wake when the first rest ends
+                timeout = min(timeout, math.ceil((min(self.resting.values()) - now) * 1000))
+            for sock, _ in self.poller.poll(max(timeout, 0)):
                 if not self.on_readable(sock):
                     return
+            self.wake_rested()
             self.progress_clearing()
 
     def on_readable(self, sock: Any) -> bool:
@@ -252,6 +262,10 @@ class Agent:
     def open_pipes(self, run: _Run, slot: WorkerSlot) -> list[int]:
         """A worker's stdout, stderr and stack pipes: we read them; the write ends are returned."""
         (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+        for fd in (out_w, err_w):
+            # room for a flood: its writer rarely waits for us, and we read it in big bites
+            with contextlib.suppress(OSError):  # past the user's pipe quota: the default size
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
         stack_r, stack_w = _stack_pipe()
         inodes = (os.fstat(out_r).st_ino, os.fstat(err_r).st_ino)
         worker = _WorkerProcess(run, slot, {out_r: "stdout", err_r: "stderr"}, inodes, stack_r)
@@ -392,6 +406,8 @@ class Agent:
             return
         stream = worker.pipes[fd]
         data, eof = _read_available(fd, max_reads)
+        if len(data) >= _FLOOD_BYTES and max_reads == _READS_PER_EVENT and not eof:
+            self.rest(fd)
         data = worker.partial.pop(stream, b"") + data
         if not eof:
             data, newline, rest = data.rpartition(b"\n")
@@ -409,7 +425,7 @@ class Agent:
             self.send(where, data)
             self.on_credit(-len(data))
         if eof:
-            if self.reading:
+            if self.reading and self.resting.pop(fd, None) is None:
                 self.poller.unregister(fd)
             os.close(fd)
             del worker.pipes[fd]
@@ -431,13 +447,33 @@ class Agent:
             self.on_credit(-len(now))
         return line[cut:]
 
+    def rest(self, fd: int) -> None:
+        """A flood: leave the pipe alone a moment, to read it in bigger bites.
+
+        Its writer goes on into the pipe's room without waking us at every line, and the
+        launcher gets fewer, larger messages; the lines are late by at most ``_REST_S``.
+        """
+        if self.reading and fd not in self.resting:
+            self.poller.unregister(fd)
+            self.resting[fd] = time.monotonic() + _REST_S
+
+    def wake_rested(self) -> None:
+        now = time.monotonic()
+        for fd, until in list(self.resting.items()):
+            if until <= now:
+                del self.resting[fd]
+                if self.reading and fd in self.by_fd:
+                    self.poller.register(fd, zmq.POLLIN)
+
     def on_credit(self, confirmed: int) -> None:
         """Count output confirmed by the launcher (negative: sent); pause or resume reading."""
         self.unconfirmed -= confirmed
         if self.reading and self.unconfirmed > _OUTPUT_WINDOW:
             self.reading = False
             for fd in self.by_fd:
-                self.poller.unregister(fd)
+                if fd not in self.resting:
+                    self.poller.unregister(fd)
+            self.resting.clear()
         elif not self.reading and self.unconfirmed <= _OUTPUT_WINDOW // 2:
             self.reading = True
             for fd in self.by_fd:

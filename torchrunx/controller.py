@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import zmq
 
-from .logs import output_records
+from .logs import Chunk
 from .outcome import (
     SILENT,
     AgentLost,
@@ -128,7 +128,7 @@ class RunState:
     id: str
     agents: list[AgentHandle]
     workers_per_host: list[int]
-    emit: Callable[[list[logging.LogRecord]], None]
+    emit: Callable[[Chunk], None]
     result_token: str  # proves a worker's direct result belongs to this run
     results: dict[int, list[zmq.Frame]] = field(default_factory=dict)  # pickles, by rank
     failures: list[Failure] = field(default_factory=list)
@@ -614,23 +614,21 @@ class Controller:
         local_rank = output.local_rank
         name = f"torchrunx.{agent.hostname}" + ("" if local_rank is None else f".{local_rank}")
         data = frames[0].bytes if frames else b""
-        records = output_records(
+        chunk = Chunk(
             data,
             name=name,
             hostname=agent.hostname,
             local_rank=local_rank,
             rank=output.rank,
             stream=output.stream or "stderr",
-            level=logging.getLevelName(output.level),
+            levelno=logging.getLevelName(output.level),
+            redraw=output.redraw,
         )
-        if output.redraw:  # a progress bar as it is now: for the live view only
-            for record in records:
-                record.__dict__["redraw"] = True
         run = None if output.run is None else self.runs.get(output.run)
         if run is not None:
-            run.emit(records)
+            run.emit(chunk)
         else:
-            for record in records:
+            for record in chunk.records():
                 logging.getLogger(record.name).handle(record)
         if output.stream is not None:  # worker output: the agent may read that much more
             self.send(agent, Credit(bytes=len(data)))

@@ -33,6 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -98,6 +99,20 @@ class LiveHandler(logging.Handler):
             stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         except Exception:  # noqa: BLE001 -- a closed terminal must not break the run
             self.handleError(record)
+
+    def handle_chunk(self, chunk: Chunk) -> None:
+        """Write a plain chunk, each line prefixed (as :meth:`emit` would, at C speed)."""
+        if chunk.local_rank is None or (self.ranks is not None and chunk.rank not in self.ranks):
+            return
+        where = f"{chunk.hostname}:{chunk.local_rank}"
+        stream = sys.stderr if chunk.stream == "stderr" else sys.stdout
+        text = self._after_drawn(stream, where) + chunk.text(f"[{where}] ")
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:  # bytes that are not UTF-8, on a strict terminal
+            stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+        except Exception:  # noqa: BLE001 -- a closed terminal must not break the run
+            self.handleError(logging.makeLogRecord({"msg": "live output"}))
 
     def _redraw(self, stream: TextIO, where: str, line: str) -> str:
         if not _is_terminal(stream):
@@ -220,6 +235,18 @@ class RunFilesHandler(logging.Handler):
         if local_rank == 0:
             self._file(hostname, None).write(line)
 
+    def handle_chunk(self, chunk: Chunk) -> None:
+        """Append a plain chunk to its worker's file (and its agent's, for local rank 0)."""
+        if chunk.hostname not in self.hostnames:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chunk.created))
+        msecs = int((chunk.created - int(chunk.created)) * 1000)
+        level = logging.getLevelName(chunk.levelno)
+        text = chunk.text(f"{stamp},{msecs:03d} {level} {chunk.name}: ")
+        self._file(chunk.hostname, chunk.local_rank).write(text)
+        if chunk.local_rank == 0:
+            self._file(chunk.hostname, None).write(text)
+
     def flush(self) -> None:
         """Flush every file (once per batch of lines)."""
         for f in self.files.values():
@@ -265,18 +292,79 @@ def default_handlers(
     return handlers
 
 
-def emit_batch(handlers: list[logging.Handler], records: list[logging.LogRecord]) -> None:
-    """Hand ``records`` to every handler (honouring its level and filters), then flush it.
+@dataclass
+class Chunk:
+    """A chunk of output from one source, as it came: the records are made only if needed.
 
-    Redraws of a line (a progress bar between its updates) go only to handlers that draw them
-    (the live view); files and the user's handlers get the line once, as it ended.
+    Plain lines (a worker's prints, no logging record and no redraw among them) go to our own
+    handlers whole, as bytes, a few C calls for thousands of lines; a handler of the user's
+    gets records, one per line.
+    """
+
+    data: bytes
+    name: str
+    hostname: str
+    local_rank: int | None
+    rank: int | None
+    stream: str
+    levelno: int
+    redraw: bool = False
+    created: float = field(default_factory=time.time)
+    _records: list[logging.LogRecord] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """A worker's lines of text only: no record of its own, no redraw (no agent's)."""
+        return (
+            self.local_rank is not None
+            and not self.redraw
+            and _MARK_BYTES not in self.data
+            and b"\r" not in self.data
+        )
+
+    def records(self) -> list[logging.LogRecord]:
+        """One record per line (the worker's own for marked lines), made once."""
+        if self._records is None:
+            self._records = output_records(
+                self.data,
+                name=self.name,
+                hostname=self.hostname,
+                local_rank=self.local_rank,
+                rank=self.rank,
+                stream=self.stream,
+                level=self.levelno,
+                created=self.created,
+            )
+            if self.redraw:  # a progress bar as it is now: for the live view only
+                for record in self._records:
+                    record.__dict__["redraw"] = True
+        return self._records
+
+    def text(self, prefix: str) -> str:
+        """Every line, ``prefix`` first (plain chunks only)."""
+        body = self.data.decode("utf-8", "surrogateescape")
+        body = body.removesuffix("\n")
+        return prefix + body.replace("\n", "\n" + prefix) + "\n"
+
+
+def emit_batch(handlers: list[logging.Handler], chunk: Chunk) -> None:
+    """Hand ``chunk`` to every handler (honouring its level and filters), then flush it.
+
+    Our handlers (``handle_chunk``, no filters) take a plain chunk whole. Redraws of a line (a
+    progress bar between its updates) go only to handlers that draw them (the live view); files
+    and the user's handlers get the line once, as it ended.
     """
     for handler in handlers:
-        level = handler.level
-        redraws = getattr(handler, "takes_redraws", False)
-        for record in records:
-            if record.levelno >= level and (redraws or not getattr(record, "redraw", False)):
-                handler.handle(record)
+        whole = getattr(handler, "handle_chunk", None)
+        if whole is not None and not handler.filters and chunk.plain:
+            if chunk.levelno >= handler.level:
+                whole(chunk)
+        else:
+            level = handler.level
+            redraws = getattr(handler, "takes_redraws", False)
+            for record in chunk.records():
+                if record.levelno >= level and (redraws or not getattr(record, "redraw", False)):
+                    handler.handle(record)
         handler.flush()
 
 
@@ -345,13 +433,14 @@ def output_records(  # noqa: PLR0913 -- one per attribute of the records
     rank: int | None,
     stream: str,
     level: int,
+    created: float | None = None,
 ) -> list[logging.LogRecord]:
     """Records for a chunk of output: one per line, or the worker's own for marked lines.
 
     Built without ``LogRecord.__init__`` (which looks up thread and process names): at 100,000
     lines a second that is most of the cost.
     """
-    now = time.time()
+    now = time.time() if created is None else created
     base: dict[str, Any] = {
         **_TEMPLATE,
         "name": name,
