@@ -328,3 +328,50 @@ def draw_bar() -> None:
         sys.stderr.flush()
         time.sleep(0.05)
     sys.stderr.write("\n")
+
+
+TWO_BARS = """
+import sys
+import time
+
+import torch.distributed as dist
+import torchrunx
+
+
+def two_bars():
+    for i in range(30):
+        sys.stderr.write(f"\\rstep {i}/30 of rank {dist.get_rank()}")
+        sys.stderr.flush()
+        if i == 15 and dist.get_rank() == 0:
+            print("halfway", flush=True)
+        time.sleep(0.05)
+    sys.stderr.write("\\n")
+
+
+torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend="gloo", log_dir="",
+                   live_ranks="all").run(two_bars)
+print("done")
+"""
+
+
+def test_bars_of_two_ranks_each_keep_a_line_on_a_real_terminal(tmp_path: Path) -> None:
+    import pexpect
+    import pyte
+
+    script = tmp_path / "bars.py"
+    script.write_text(TWO_BARS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    child = pexpect.spawn(sys.executable, [str(script)], env=env, dimensions=(40, 120))
+    screen = pyte.Screen(120, 40)
+    stream = pyte.ByteStream(screen)
+    try:
+        child.expect(pexpect.EOF, timeout=60)  # all it wrote is in child.before
+        stream.feed(child.before)
+    finally:
+        child.close(force=True)
+    shown = [line.rstrip() for line in screen.display if line.strip()]
+    assert shown.count("[localhost:0] halfway") == 1
+    for rank in (0, 1):
+        assert shown.count(f"[localhost:{rank}] step 29/30 of rank {rank}") == 1, shown
+    assert not [line for line in shown if "step 1" in line or "step 2/" in line], shown
+    assert shown[-1] == "done"

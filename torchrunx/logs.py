@@ -65,9 +65,9 @@ class LiveHandler(logging.Handler):
     """Writes to the launcher's stdout or stderr (as the worker did), prefixed ``[host:rank]``.
 
     Shows the workers of ``ranks`` (global ranks; ``None``: all) and agents' warnings. Lines are
-    flushed once per batch (see :func:`emit_batch`), not once per line. A line that a worker
-    redraws with carriage returns (a progress bar) is redrawn in place on a terminal, under its
-    prefix; what is written next starts below it (or draws over it: that line's final state).
+    flushed once per batch (see :func:`emit_batch`), not once per line. Lines that workers
+    redraw with carriage returns (progress bars) stay at the bottom of a terminal, one line per
+    rank, each redrawn in place under its prefix; finished lines are written above them.
     """
 
     takes_redraws = True
@@ -75,7 +75,8 @@ class LiveHandler(logging.Handler):
     def __init__(self, ranks: Iterable[int] | None = (0,)) -> None:
         super().__init__()
         self.ranks = None if ranks is None else frozenset(ranks)
-        self.drawn: tuple[TextIO, str] | None = None  # an unfinished line on the terminal
+        self.bars: dict[str, str] = {}  # where -> its unfinished line, drawn at the bottom
+        self.bar_stream: TextIO | None = None  # the terminal they are drawn on
 
     def emit(self, record: logging.LogRecord) -> None:
         """Write ``record``, each of its lines prefixed with where it came from."""
@@ -89,16 +90,9 @@ class LiveHandler(logging.Handler):
         stream = sys.stderr if getattr(record, "stream", "stderr") == "stderr" else sys.stdout
         lines = record.getMessage().split("\n")
         if getattr(record, "redraw", False):
-            text = self._redraw(stream, where, lines[-1])
+            self._redraw(stream, where, lines[-1])
         else:
-            text = self._after_drawn(stream, where)
-            text += "".join(f"[{where}] {line}\n" for line in lines)
-        try:
-            stream.write(text)
-        except UnicodeEncodeError:  # bytes that are not UTF-8, on a strict terminal
-            stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-        except Exception:  # noqa: BLE001 -- a closed terminal must not break the run
-            self.handleError(record)
+            self._finished(stream, where, "".join(f"[{where}] {line}\n" for line in lines))
 
     def handle_chunk(self, chunk: Chunk) -> None:
         """Write a plain chunk, each line prefixed (as :meth:`emit` would, at C speed)."""
@@ -106,32 +100,46 @@ class LiveHandler(logging.Handler):
             return
         where = f"{chunk.hostname}:{chunk.local_rank}"
         stream = sys.stderr if chunk.stream == "stderr" else sys.stdout
-        text = self._after_drawn(stream, where) + chunk.text(f"[{where}] ")
+        self._finished(stream, where, chunk.text(f"[{where}] "))
+
+    def _finished(self, stream: TextIO, where: str, text: str) -> None:
+        """Finished lines go above the bars (``where``'s own bar ends with them)."""
+        if not self.bars:
+            self._write(stream, text)
+            return
+        bars = self.bar_stream or stream
+        self._write(bars, self._erase_bars())
+        with contextlib.suppress(Exception):  # before the lines, on whichever stream they go
+            bars.flush()
+        self.bars.pop(where, None)
+        self._write(stream, text)
+        with contextlib.suppress(Exception):
+            stream.flush()
+        self._write(bars, self._draw_bars())
+
+    def _redraw(self, stream: TextIO, where: str, line: str) -> None:
+        if not _is_terminal(stream):
+            return  # a file or a pipe gets the line once, finished
+        erase = self._erase_bars()
+        self.bars[where] = line
+        self.bar_stream = stream
+        self._write(stream, erase + self._draw_bars())
+
+    def _erase_bars(self) -> str:
+        """From the end of the last bar: clear each bar's line, up to the first one's start."""
+        return "\r\x1b[2K" + "\x1b[1A\x1b[2K" * (len(self.bars) - 1) if self.bars else ""
+
+    def _draw_bars(self) -> str:
+        """Every bar, one line each; the cursor stays at the end of the last one."""
+        return "\n".join(f"[{where}] {line}" for where, line in self.bars.items())
+
+    def _write(self, stream: TextIO, text: str) -> None:
         try:
             stream.write(text)
         except UnicodeEncodeError:  # bytes that are not UTF-8, on a strict terminal
             stream.write(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         except Exception:  # noqa: BLE001 -- a closed terminal must not break the run
             self.handleError(logging.makeLogRecord({"msg": "live output"}))
-
-    def _redraw(self, stream: TextIO, where: str, line: str) -> str:
-        if not _is_terminal(stream):
-            return ""  # a file or a pipe gets the line once, finished
-        start = self._after_drawn(stream, where)
-        self.drawn = (stream, where)
-        return f"{start}\r\x1b[2K[{where}] {line}"
-
-    def _after_drawn(self, stream: TextIO, where: str) -> str:
-        """What ends the unfinished line on the terminal, if any, before more is written."""
-        drawn, self.drawn = self.drawn, None
-        if drawn is None:
-            return ""
-        if drawn == (stream, where):
-            return "\r\x1b[2K"  # its own next state, or its end: drawn over it
-        with contextlib.suppress(Exception):
-            drawn[0].write("\n")  # someone else's: below it
-            drawn[0].flush()
-        return ""
 
     def flush(self) -> None:
         """Flush both streams."""
