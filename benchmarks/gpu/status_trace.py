@@ -1,4 +1,6 @@
-"""On a GPU machine: ``RunHandle.status()`` reports each rank's GPU memory, and the run's trace
+"""On a GPU machine: each rank's GPU memory in ``status()``, CUDA phases in the run's trace.
+
+``RunHandle.status()`` reports each rank's GPU memory, and the run's trace
 (``TORCHRUNX_TRACE``) has its CUDA context and process group phases.
 
 ``TORCHRUNX_TRACE=/tmp/traces python benchmarks/gpu/status_trace.py``: one worker per GPU
@@ -40,9 +42,8 @@ def main() -> None:
     trace = json.loads((Path(os.environ["TORCHRUNX_TRACE"]) / f"{handle.run_id}.json").read_text())
     for e in sorted(trace["traceEvents"], key=lambda e: e.get("ts", 0)):
         if e["ph"] == "X":
-            print(
-                f"  rank {e['tid']}: {e['name']:16} {e['ts'] / 1e3:8.1f} ms  +{e['dur'] / 1e3:.1f} ms"
-            )
+            start, length = e["ts"] / 1e3, e["dur"] / 1e3
+            print(f"  rank {e['tid']}: {e['name']:16} {start:8.1f} ms  +{length:.1f} ms")
 
 
 if __name__ == "__main__":
