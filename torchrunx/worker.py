@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import zmq
 
 from . import debugger, stacks
+from .hosts import count_gpus
 from .logs import record_line
 from .reaper import set_parent_death_signal
 from .transport import serialization
@@ -359,10 +360,12 @@ class _GpuWarmUp:
 
     @classmethod
     def start(cls, local_rank: int) -> _GpuWarmUp | None:
-        """Start it if this worker has a GPU of its own (``cuda:LOCAL_RANK``)."""
-        import torch  # noqa: PLC0415
+        """Start it if this worker has a GPU of its own (``cuda:LOCAL_RANK``).
 
-        if local_rank >= torch.cuda.device_count():
+        The GPUs are counted from the driver's files: asking CUDA would initialise its driver
+        on this thread, the very wait the warm-up is to take off it.
+        """
+        if local_rank >= count_gpus():
             return None
         warm = cls(local_rank)
         warm.thread.start()
