@@ -235,33 +235,29 @@ def test_debug_ranks_chooses_who_may_stop(script: Path, children: list[pexpect.s
     child.expect(pexpect.EOF)
 
 
-def test_without_a_terminal_a_breakpoint_is_skipped_with_one_warning(script: Path) -> None:
+def without_a_terminal(script: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """The script, its stdin not a terminal (as in CI or a batch job)."""
     args = [sys.executable, str(script), "plain", "1", str(script.parent), "localhost", "2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
+    return subprocess.run(
         args,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
         check=True,
     )
+
+
+def test_without_a_terminal_a_breakpoint_is_skipped_with_one_warning(script: Path) -> None:
+    out = without_a_terminal(script)
     assert "results: [0, 10]" in out.stdout
     warnings = re.findall(
         r"torchrunx: breakpoint\(\) at (\S+) skipped on rank (\d)(.*)", out.stderr
     )
     assert [(w[0].rsplit("/", 1)[-1], w[1]) for w in warnings] == [("train.py:22", "1")]
     assert "the launcher's stdin is not a terminal" in warnings[0][2]
-    silent = subprocess.run(
-        args,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "PYTHONBREAKPOINT": "0"},
-        check=True,
-    )
+    silent = without_a_terminal(script, PYTHONBREAKPOINT="0")
     assert "results: [0, 10]" in silent.stdout
     assert "skipped" not in silent.stderr
 
