@@ -108,7 +108,11 @@ class _WorkerProcess:
     has_outcome: bool = False  # its result or error has reached us
     died_before_cancel: bool = False
     partial: dict[str, bytes] = field(default_factory=dict)
-    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    # the last lines of each stream: a flood on one must not push the other's last words out
+    tails: dict[str, deque[str]] = field(
+        default_factory=lambda: {s: deque(maxlen=TAIL_LINES) for s in ("stdout", "stderr")}
+    )
+    last_line: str = ""
     forked_at: float = 0.0  # monotonic
     last_output: float | None = None  # monotonic
     outcome: str = ""  # "returned" or "failed", once it has one
@@ -400,10 +404,21 @@ class Agent:
             self.workers.send_multipart([identity, *encode(message)])
 
     def on_output(self, fd: int, max_reads: int = _READS_PER_EVENT) -> None:
-        """Forward what a worker wrote, whole lines only (a partial line waits for its end)."""
+        """Forward what a worker wrote, whole lines only (a partial line waits for its end).
+
+        What its other pipe holds while resting was written before: it goes first, so that a
+        line on stderr after a flood on stdout comes after the flood.
+        """
         worker = self.by_fd.get(fd)
         if worker is None:
             return
+        for other in list(worker.pipes):
+            if other != fd and other in self.resting:
+                self.forward(other, worker, _READS_AT_EXIT)
+        self.forward(fd, worker, max_reads)
+
+    def forward(self, fd: int, worker: _WorkerProcess, max_reads: int) -> None:
+        """Read one of ``worker``'s pipes and send on its whole lines."""
         stream = worker.pipes[fd]
         data, eof = _read_available(fd, max_reads)
         if len(data) >= _FLOOD_BYTES and max_reads == _READS_PER_EVENT and not eof:
@@ -418,7 +433,9 @@ class Agent:
             data = b"".join(x for x in data.splitlines(keepends=True) if _NOISE not in x)
         if data:
             last = data[-_TAIL_BYTES:].decode(errors="replace").split("\n")
-            worker.tail.extend(readable_line(line) for line in last if line)
+            lines = [readable_line(line) for line in last if line]
+            worker.tails[stream].extend(lines)
+            worker.last_line = lines[-1] if lines else worker.last_line
             worker.last_output = time.monotonic()
             slot, level = worker.slot, "INFO" if stream == "stdout" else "WARNING"
             where = Output(worker.run.id, slot.rank, slot.local_rank, stream, level)
@@ -564,7 +581,7 @@ class Agent:
             cpu_percent=cpu,
             gpu_memory=None if gpus is None else gpus.get(worker.pid or -1, 0),
             since_output=None if worker.last_output is None else now - worker.last_output,
-            last_line=worker.tail[-1] if worker.tail else "",
+            last_line=worker.last_line,
         )
 
     def leftovers_of(self, run: _Run) -> list[int]:
@@ -673,13 +690,17 @@ def _death(worker: _WorkerProcess, status: int, last_dump: str) -> Died:
         name = signal.Signals(sig).name if sig in signal.valid_signals() else str(sig)
     else:
         exitcode = os.WEXITSTATUS(status)
-    partial = (p.decode(errors="replace") for p in worker.partial.values())
+    tail: list[str] = []
+    for stream in ("stdout", "stderr"):  # stderr last: where a death usually says why
+        partial = worker.partial.get(stream, b"").decode(errors="replace")
+        lines = [line for line in (*worker.tails[stream], partial) if line]
+        tail += lines[-(TAIL_LINES // 2) :]
     return Died(
         run=worker.run.id,
         rank=worker.slot.rank,
         local_rank=worker.slot.local_rank,
         pid=worker.pid or 0,
-        tail=(*worker.tail, *partial),
+        tail=tuple(tail),
         exitcode=exitcode,
         signal=name,
         stack=last_dump if name is not None and last_dump else None,
