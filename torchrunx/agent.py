@@ -36,7 +36,7 @@ import zmq
 
 from . import stacks
 from .environment import source_env_file
-from .forkservers import Forkserver, Forkservers, receive, setup_key
+from .forkservers import Forkserver, Forkservers, setup_key
 from .hosts import count_gpus, gpu_memory_by_pid, interface_of, local_facts
 from .logs import readable_line
 from .reaper import Teardown, alive, run_processes, signal_all
@@ -80,7 +80,7 @@ from .transport.messages import (
     parse,
 )
 from .transport.security import encrypt_client
-from .transport.unix import send_message
+from .transport.unix import recv_message, send_message
 
 HEARTBEAT_INTERVAL_S = 1.0
 """How often the agent tells the launcher it is alive."""
@@ -105,7 +105,6 @@ class _WorkerProcess:
     stack_fd: int = -1  # read end of its stack pipe (see stacks.py)
     pid: int | None = None
     exited: bool = False
-    has_outcome: bool = False  # its result or error has reached us
     died_before_cancel: bool = False
     partial: dict[str, bytes] = field(default_factory=dict)
     # the last lines of each stream: a flood on one must not push the other's last words out
@@ -113,12 +112,16 @@ class _WorkerProcess:
         default_factory=lambda: {s: deque(maxlen=TAIL_LINES) for s in ("stdout", "stderr")}
     )
     last_line: str = ""
-    forked_at: float = 0.0  # monotonic
     last_output: float | None = None  # monotonic
-    outcome: str = ""  # "returned" or "failed", once it has one
-    forked_wall: float = 0.0  # seconds since 1970, for the run's trace
+    outcome: str = ""  # "returned" or "failed", once its result or error has reached us
+    forked_wall: float = 0.0  # seconds since 1970 (its age; the run's trace)
     exited_wall: float = 0.0
     process: psutil.Process | None = None  # for its memory and CPU (kept: CPU % is a delta)
+
+    @property
+    def has_outcome(self) -> bool:
+        """Its result or error has reached us."""
+        return bool(self.outcome)
 
 
 @dataclass
@@ -129,8 +132,8 @@ class _Run:
     connected: set[int] = field(default_factory=set)
     cancelled: bool = False
     teardown: Teardown | None = None  # of what the workers left, once they have all exited
-    collectives: bool = False  # whether its workers have a process group to say things about
     spec: RunSpec | None = None  # as its workers have it (the env completed here)
+    key: str = ""  # its setup (see forkservers.setup_key)
     fork_sent: float = 0.0  # seconds since 1970, for its trace
     forkserver_pid: int = 0  # the parent of its workers
 
@@ -245,7 +248,7 @@ class Agent:
             self.to_worker(run, message.local_rank, message)
 
     def start_run(self, spec: RunSpec, frames: list[Any]) -> None:
-        run = _Run(spec.run, {}, collectives=spec.backend is not None)
+        run = _Run(spec.run, {})
         self.runs[run.id] = run
         fds = []
         for slot in spec.workers:
@@ -257,8 +260,9 @@ class Agent:
             payload_sizes=tuple(len(f.buffer) for f in frames),
             learn=self.forkservers.learn_enabled,
         )
-        server = self.forkservers.for_run(run.id, setup_key(fork.spec))
-        run.spec, run.forkserver_pid, run.fork_sent = fork.spec, server.pid, time.time()
+        run.spec, run.key = fork.spec, setup_key(fork.spec)
+        server = self.forkservers.for_run(run.id, run.key)
+        run.forkserver_pid, run.fork_sent = server.pid, time.time()
         send_message(server.sock, fork, [f.buffer for f in frames], fds)
         for fd in fds:
             os.close(fd)
@@ -303,7 +307,7 @@ class Agent:
 
     def on_forkserver(self, server: Forkserver) -> None:
         try:
-            message = receive(server)
+            message, _, _ = recv_message(server.sock)
         except (EOFError, ConnectionError):
             code = server.process.poll()
             if not self.forkservers.lost(server):
@@ -317,7 +321,7 @@ class Agent:
             run = self.runs[message.run]
             worker = run.workers[message.local_rank]
             worker.pid = message.pid
-            worker.forked_at, worker.forked_wall = time.monotonic(), time.time()
+            worker.forked_wall = time.time()
             self.by_pid[message.pid] = worker
             if run.cancelled:
                 signal_all([message.pid], signal.SIGKILL)
@@ -365,7 +369,7 @@ class Agent:
             phases = tuple(dataclasses.replace(p, rank=rank) for p in message.phases)
             self.send(Phases(run.id, phases))
         elif isinstance(message, Imported) and run.spec is not None:
-            self.forkservers.imported(message.modules, run.spec)
+            self.forkservers.imported(message.modules, run.spec, run.key)
 
     def on_debug(self, worker: _WorkerProcess, message: Debug) -> None:
         run, slot = worker.run, worker.slot
@@ -383,7 +387,6 @@ class Agent:
     ) -> None:
         for fd in list(worker.pipes):
             self.on_output(fd, _READS_AT_EXIT)  # its output first, then its outcome
-        worker.has_outcome = True
         worker.outcome = "returned" if isinstance(message, Result) else "failed"
         run, slot = worker.run, worker.slot
         # who sent it is the socket's identity, not what the message claims
@@ -437,10 +440,7 @@ class Agent:
             worker.tails[stream].extend(lines)
             worker.last_line = lines[-1] if lines else worker.last_line
             worker.last_output = time.monotonic()
-            slot, level = worker.slot, "INFO" if stream == "stdout" else "WARNING"
-            where = Output(worker.run.id, slot.rank, slot.local_rank, stream, level)
-            self.send(where, data)
-            self.on_credit(-len(data))
+            self.send_output(worker, stream, data)
         if eof:
             if self.reading and self.resting.pop(fd, None) is None:
                 self.poller.unregister(fd)
@@ -456,13 +456,18 @@ class Agent:
         cut = line.rfind(b"\r")
         if cut < 0:
             return line
-        now = line[cut + 1 :]
-        if now:
-            slot = worker.slot
-            where = Output(worker.run.id, slot.rank, slot.local_rank, stream, "INFO", redraw=True)
-            self.send(where, now)
-            self.on_credit(-len(now))
+        if cut + 1 < len(line):
+            self.send_output(worker, stream, line[cut + 1 :], redraw=True)
         return line[cut:]
+
+    def send_output(
+        self, worker: _WorkerProcess, stream: str, data: bytes, *, redraw: bool = False
+    ) -> None:
+        """Send a worker's output on; it counts against the launcher's window."""
+        slot, level = worker.slot, "INFO" if stream == "stdout" else "WARNING"
+        where = Output(worker.run.id, slot.rank, slot.local_rank, stream, level, redraw=redraw)
+        self.send(where, data)
+        self.on_credit(-len(data))
 
     def rest(self, fd: int) -> None:
         """A flood: leave the pipe alone a moment, to read it in bigger bites.
@@ -533,7 +538,8 @@ class Agent:
             if w.pid is not None and w.slot.local_rank in run.connected and w.stack_fd >= 0
         }
         dumps, silent = stacks.collect(
-            {pid: w.stack_fd for pid, w in asked.items()}, ask=run.collectives
+            {pid: w.stack_fd for pid, w in asked.items()},
+            ask=run.spec is not None and run.spec.backend is not None,  # a process group's
         )
         answers = [
             RankStack(asked[pid].slot.rank, asked[pid].slot.local_rank, text)
@@ -557,7 +563,6 @@ class Agent:
     def status_of(
         self, run: _Run, worker: _WorkerProcess, gpus: dict[int, int] | None
     ) -> RankStatus:
-        now = time.monotonic()
         rss, cpu = 0, 0.0
         if worker.pid is not None and not worker.exited:
             with contextlib.suppress(psutil.Error):
@@ -576,11 +581,13 @@ class Agent:
             local_rank=worker.slot.local_rank,
             pid=worker.pid,
             state=state,
-            seconds=now - worker.forked_at if worker.pid is not None else 0.0,
+            seconds=time.time() - worker.forked_wall if worker.pid is not None else 0.0,
             rss=rss,
             cpu_percent=cpu,
             gpu_memory=None if gpus is None else gpus.get(worker.pid or -1, 0),
-            since_output=None if worker.last_output is None else now - worker.last_output,
+            since_output=None
+            if worker.last_output is None
+            else time.monotonic() - worker.last_output,
             last_line=worker.last_line,
         )
 

@@ -560,7 +560,7 @@ class Controller:
         elif isinstance(message, Phases):
             run.phases += message.phases
         elif isinstance(message, (Stacks, Status)):
-            self._on_stacks(run, agent, message)
+            self._on_answer(run, agent, message)
         elif isinstance(message, Debug):
             self._on_debug(run, agent, message)
         elif isinstance(message, Cleared):
@@ -590,14 +590,21 @@ class Controller:
         if run.on_debug is not None:
             run.on_debug(agent, message)
 
-    def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks | Status) -> None:
+    def _on_answer(self, run: RunState, agent: AgentHandle, message: Stacks | Status) -> None:
+        """An agent's stacks (asked for, or the autopsy) or status."""
         if isinstance(message, Status):
-            asked = run.dumps.get(message.request)
-            i = run.agent_index(agent)
-            if asked is not None and i is not None:
-                asked.statuses.update((r.rank, r) for r in message.ranks)
-                asked.answered(i)
-            return
+            self._on_status(run, agent, message)
+        else:
+            self._on_stacks(run, agent, message)
+
+    def _on_status(self, run: RunState, agent: AgentHandle, message: Status) -> None:
+        asked = run.dumps.get(message.request)
+        i = run.agent_index(agent)
+        if asked is not None and i is not None:
+            asked.statuses.update((r.rank, r) for r in message.ranks)
+            asked.answered(i)
+
+    def _on_stacks(self, run: RunState, agent: AgentHandle, message: Stacks) -> None:
         stacks = {s.rank: s.text for s in message.ranks}
         if not message.request:  # the autopsy, before the run's processes were killed
             run.evidence.stacks.update(stacks)

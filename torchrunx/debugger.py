@@ -27,6 +27,7 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any, cast
 
+from . import stacks
 from .transport.messages import Debug, DebugInput, DebugSettings
 
 if TYPE_CHECKING:
@@ -114,9 +115,8 @@ class _RankPdb(pdb.Pdb):
     ) -> tuple[list[tuple[FrameType, int]], int]:
         """The stack ``w`` shows and ``u`` climbs: without the worker's frames around it."""
         stack, index = super().get_stack(f, t)
-        here = os.path.dirname(__file__)  # noqa: PTH120 -- a prefix test on co_filename
         outer = 0
-        while outer < min(index, len(stack) - 1) and _ours(stack[outer][0], here):
+        while outer < min(index, len(stack) - 1) and _ours(stack[outer][0]):
             outer += 1
         return stack[outer:], index - outer
 
@@ -221,16 +221,14 @@ def _place(frame: FrameType) -> str:
 
 def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
     """The traceback from the user's function on: our frames above it are nothing to debug."""
-    here = os.path.dirname(__file__)  # noqa: PTH120 -- a prefix test on co_filename
-    while tb is not None and tb.tb_next is not None and _ours(tb.tb_frame, here):
+    while tb is not None and tb.tb_next is not None and _ours(tb.tb_frame):
         tb = tb.tb_next
     return tb
 
 
-def _ours(frame: FrameType, here: str) -> bool:
-    """A frame of this package, or of how Python started it (``runpy``)."""
-    name = frame.f_code.co_filename
-    return name.startswith((here, "<frozen runpy"))
+def _ours(frame: FrameType) -> bool:
+    """A frame of this package (the worker around the function), or of ``runpy``."""
+    return stacks.is_ours(frame.f_code.co_filename)
 
 
 _debugger: _Debugger | None = None

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from .transport.messages import Message, Preload, Preloaded, RunSpec
-from .transport.unix import recv_message, send_message
+from .transport.unix import send_message
 
 WARM = ("torch._dynamo", "torch.nn.parallel")
 """What many functions import first thing (``DistributedDataParallel`` pulls in ``torch._dynamo``:
@@ -115,12 +115,11 @@ class Forkservers:
             if server.retiring and not server.runs:
                 self._stop(server)
 
-    def imported(self, modules: tuple[str, ...], spec: RunSpec) -> None:
-        """A run of ``spec`` imported ``modules``: learn them, unless learning is off."""
+    def imported(self, modules: tuple[str, ...], spec: RunSpec, key: str) -> None:
+        """A run of ``spec`` (``key``: its :func:`setup_key`) imported ``modules``: learn them."""
         if not self.learn_enabled:
             return
         self.wanted.update(dict.fromkeys(m for m in modules if m not in self.never))
-        key = setup_key(spec)
         learned = self.learned
         if learned is not None and not learned.ready:
             return  # one at a time: the next run's report starts the next one
@@ -186,9 +185,3 @@ class Forkservers:
         for server in list(self.all):
             server.process.wait()
             self._forget(server)
-
-
-def receive(server: Forkserver) -> Message:
-    """The next message of ``server`` (``EOFError``, ``ConnectionError`` when it is gone)."""
-    message, _, _ = recv_message(server.sock)
-    return message

@@ -306,8 +306,7 @@ def _handlers(
     if factory is None:
         return []
     if factory == "auto":
-        r = live_ranks
-        live = None if r == "all" else [r] if isinstance(r, int) else list(r)
+        live = None if live_ranks == "all" else _ranks(live_ranks)
         return default_handlers(hostnames, workers, log_dir, live)
     handlers = factory()
     if not isinstance(handlers, list) or not all(isinstance(h, logging.Handler) for h in handlers):

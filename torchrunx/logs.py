@@ -80,14 +80,16 @@ class LiveHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         """Write ``record``, each of its lines prefixed with where it came from."""
-        local_rank = getattr(record, "local_rank", None)
-        if local_rank is None:
-            if record.levelno < logging.WARNING:
-                return
-        elif self.ranks is not None and getattr(record, "rank", None) not in self.ranks:
+        target = self._target(
+            getattr(record, "hostname", "?"),
+            getattr(record, "local_rank", None),
+            getattr(record, "rank", None),
+            getattr(record, "stream", "stderr"),
+            record.levelno,
+        )
+        if target is None:
             return
-        where = getattr(record, "hostname", "?") + ("" if local_rank is None else f":{local_rank}")
-        stream = sys.stderr if getattr(record, "stream", "stderr") == "stderr" else sys.stdout
+        stream, where = target
         lines = record.getMessage().split("\n")
         if getattr(record, "redraw", False):
             self._redraw(stream, where, lines[-1])
@@ -96,11 +98,23 @@ class LiveHandler(logging.Handler):
 
     def handle_chunk(self, chunk: Chunk) -> None:
         """Write a plain chunk, each line prefixed (as :meth:`emit` would, at C speed)."""
-        if chunk.local_rank is None or (self.ranks is not None and chunk.rank not in self.ranks):
-            return
-        where = f"{chunk.hostname}:{chunk.local_rank}"
-        stream = sys.stderr if chunk.stream == "stderr" else sys.stdout
-        self._finished(stream, where, chunk.text(f"[{where}] "))
+        c = chunk
+        target = self._target(c.hostname, c.local_rank, c.rank, c.stream, c.levelno)
+        if target is not None:
+            stream, where = target
+            self._finished(stream, where, chunk.text(f"[{where}] "))
+
+    def _target(
+        self, hostname: str, local_rank: int | None, rank: int | None, stream: str, level: int
+    ) -> tuple[TextIO, str] | None:
+        """Where output goes, and its prefix; None if it is not shown (not a live rank's)."""
+        if local_rank is None:
+            if level < logging.WARNING:
+                return None
+        elif self.ranks is not None and rank not in self.ranks:
+            return None
+        where = hostname + ("" if local_rank is None else f":{local_rank}")
+        return (sys.stderr if stream == "stderr" else sys.stdout), where
 
     def _finished(self, stream: TextIO, where: str, text: str) -> None:
         """Finished lines go above the bars (``where``'s own bar ends with them)."""

@@ -306,7 +306,8 @@ class AgentPool:
             status=functools.partial(self.controller.status, run.id),
         )
 
-        submitted, previous, self.last_submit = time.time(), self.last_submit, time.time()
+        submitted = time.time()
+        previous, self.last_submit = self.last_submit, submitted
         starts = [
             (a.started_at, a.hello_at) if a.started_at > previous else (0.0, 0.0) for a in agents
         ]
@@ -348,6 +349,7 @@ class AgentPool:
         workers = run.workers_per_host
         offsets = [0, *itertools.accumulate(workers)]
         backend = _backend(options.backend, run.agents)
+        traced = trace.folder() is not None
         return [
             RunSpec(
                 run=run.id,
@@ -367,7 +369,7 @@ class AgentPool:
                 local_world_size=n,
                 workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
                 debug=options.debug,
-                trace=trace.folder() is not None,
+                trace=traced,
             )
             for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
         ]

@@ -35,6 +35,8 @@ __all__ = [
     "collect",
     "enable_dumps",
     "innermost",
+    "is_installed",
+    "is_ours",
     "read_now",
     "report",
 ]
@@ -274,6 +276,16 @@ def main_thread(dump: str) -> list[Frame]:
         if any(f.path.startswith(_HERE) and f.function == "run_worker" for f in frames):
             return [f for f in frames if not f.path.startswith(_HERE)]
     return every[0] if every else []
+
+
+def is_ours(path: str) -> bool:
+    """A file of this package, or of how Python starts a module (``<frozen runpy>``)."""
+    return path.startswith((_HERE + os.sep, "<frozen runpy"))
+
+
+def is_installed(path: str) -> bool:
+    """A file of the standard library or of an installed package (this one's too)."""
+    return path.startswith(_LIBRARIES)
 
 
 def _is_users(frame: Frame) -> bool:

@@ -29,7 +29,6 @@ import logging
 import os
 import socket
 import sys
-import sysconfig
 import threading
 import time
 import traceback
@@ -342,8 +341,8 @@ class _Clock:
     def end(self, name: str) -> None:
         """End ``name`` now, if it is open."""
         start = self.open.pop(name, None)
-        if self.on and start is not None:
-            self.phases.append(Phase(self.rank, name, start, time.time()))
+        if start is not None:
+            self.add(name, start, time.time())
 
 
 class _GpuWarmUp:
@@ -393,17 +392,17 @@ def enter(env: dict[str, str], cwd: str, sys_path: tuple[str, ...]) -> None:
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
 
 
-_INSTALLED = tuple(
-    {sysconfig.get_paths()[k] + os.sep for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-)
-_OURS = os.path.dirname(__file__) + os.sep  # noqa: PTH120 -- a prefix test on __file__
 _AT_FORK = 0  # how many modules this process had when it was forked
 _STARTED = 0.0  # when it was forked (seconds since 1970)
 
 
 def _installed(file: object, cwd: str) -> bool:
+    """A module file to learn: installed, and neither ours nor the user's working directory's."""
     return (
-        isinstance(file, str) and file.startswith(_INSTALLED) and not file.startswith((cwd, _OURS))
+        isinstance(file, str)
+        and stacks.is_installed(file)
+        and not stacks.is_ours(file)
+        and not file.startswith(cwd)
     )
 
 
