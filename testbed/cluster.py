@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,6 +216,14 @@ def reap_stale_clusters() -> list[int]:
 # ---- the cluster ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class NodeSetup:
+    """What differs from node defaults: see :meth:`Cluster.up`."""
+
+    private: tuple[Path, ...] = ()
+    max_startups: str = "128:30:256"
+
+
 class Cluster:
     """N fake hosts on this machine; see the module docstring. Make one with :meth:`up`.
 
@@ -232,7 +241,14 @@ class Cluster:
         up_seconds: how long :meth:`up` took.
     """
 
-    def __init__(self, slot: int, n: int, state_dir: Path, tools: dict[str, str]) -> None:
+    def __init__(
+        self,
+        slot: int,
+        n: int,
+        state_dir: Path,
+        tools: dict[str, str],
+        setup: NodeSetup | None = None,
+    ) -> None:
         p = f"{PREFIX}{slot}"
         self.slot = slot
         self.hostnames = [f"node{i + 1}" for i in range(n)]
@@ -248,6 +264,7 @@ class Cluster:
         self.key = state_dir / "id_ed25519"
         self.hosts_file = state_dir / "hosts"
         self.up_seconds = 0.0
+        self.setup = setup or NodeSetup()
         self._tools = tools
         self._listeners: dict[int, int] = {}  # node index -> sshd listener pid
         self._partitioned: set[int] = set()
@@ -256,8 +273,23 @@ class Cluster:
     # ---- life cycle ----
 
     @classmethod
-    def up(cls, n: int, state_dir: Path | None = None) -> Self:
+    def up(
+        cls,
+        n: int,
+        state_dir: Path | None = None,
+        private: Sequence[Path] = (),
+        max_startups: str = "128:30:256",
+    ) -> Self:
         """Start ``n`` nodes and wait until every sshd accepts connections.
+
+        Args:
+            n: how many nodes.
+            state_dir: where keys, configs and logs go (default: a new temporary folder).
+            private: folders that each node sees as its own, empty at the start (a tmpfs in the
+                node's mount namespace): the launcher's files there do not exist on the nodes,
+                and what one node writes there the others do not see. Each must exist.
+            max_startups: the sshds' ``MaxStartups`` (``"1"``: a second handshake at once is
+                dropped, as a busy bastion does).
 
         Raises:
             ClusterUnavailableError: this machine cannot host a cluster (skip, don't fail).
@@ -265,6 +297,10 @@ class Cluster:
         """
         if not 1 <= n <= MAX_NODES:
             msg = f"n must be 1..{MAX_NODES}, not {n}"
+            raise ValueError(msg)
+        missing = [str(p) for p in private if not Path(p).is_dir()]
+        if missing:
+            msg = f"private folders must exist (they are mount points on the nodes): {missing}"
             raise ValueError(msg)
         started = time.monotonic()
         tools = ensure_prerequisites()
@@ -278,7 +314,7 @@ class Cluster:
         except BaseException:
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
-        cluster = cls(slot, n, state_dir, tools)
+        cluster = cls(slot, n, state_dir, tools, NodeSetup(tuple(private), max_startups))
         try:
             cluster._bring_up()
         except BaseException:
@@ -541,7 +577,7 @@ PermitUserEnvironment no
 X11Forwarding no
 PrintMotd no
 PrintLastLog no
-MaxStartups 128:30:256
+MaxStartups {self.setup.max_startups}
 MaxSessions 64
 Subsystem sftp internal-sftp
 LogLevel INFO
@@ -596,6 +632,12 @@ LogLevel INFO
             f"exec {q(self._tools['sshd'])} -f {config} -E {log}"
         )
         script = f"exec {q(self._tools['unshare'])} --uts /bin/sh -c {q(sshd)}"
+        # `ip netns exec` gave the node a mount namespace of its own (slave to ours): a tmpfs
+        # there hides our folder from the node and is the node's alone
+        mounts = "".join(
+            f"mount -t tmpfs -o mode=0755 trx {q(str(p))}\n" for p in self.setup.private
+        )
+        script = mounts + script
         if configure_network:
             ipv6 = "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"
             ip = q(self._tools["ip"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
@@ -85,16 +85,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[int], Cluster]]:
-    """`make(n)` starts a cluster of n fake hosts; all are torn down at the end of the session.
+def cluster_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., Cluster]]:
+    """`make(n, **options)` starts a cluster of n fake hosts (options: of `Cluster.up`); all are
+    torn down at the end of the session.
 
     Skips the test where this machine cannot host one (not root, no network namespaces).
     """
     made: list[Cluster] = []
 
-    def make(n: int) -> Cluster:
+    def make(n: int, **options: Any) -> Cluster:
         try:
-            cl = Cluster.up(n, state_dir=tmp_path_factory.mktemp("cluster"))
+            cl = Cluster.up(n, state_dir=tmp_path_factory.mktemp("cluster"), **options)
         except ClusterUnavailableError as e:
             pytest.skip(f"no multi-host cluster on this machine: {e}")
         made.append(cl)
@@ -106,7 +109,7 @@ def cluster_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 
 
 @pytest.fixture(scope="session")
-def shared_cluster(cluster_factory: Callable[[int], Cluster]) -> Cluster:
+def shared_cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
     """Four fake hosts for the whole session (for module-scoped fixtures; no per-test cleanup)."""
     return cluster_factory(SHARED_CLUSTER_NODES)
 
@@ -125,7 +128,7 @@ def cluster(shared_cluster: Cluster) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="session")
 def slurm_factory(
-    cluster_factory: Callable[[int], Cluster], tmp_path_factory: pytest.TempPathFactory
+    cluster_factory: Callable[..., Cluster], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[[int], SlurmCluster]]:
     """`make(n)` starts SLURM on a new cluster of n fake hosts; all are stopped at session end.
 

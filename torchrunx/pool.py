@@ -50,6 +50,9 @@ from .transport.messages import (
 )
 from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
 
+SSH_WINDOW = 64
+"""At most this many SSH handshakes at once; the others wait for a slot."""
+
 HandlersFor = Callable[[list[str], list[int]], list[logging.Handler]]
 """A run's log handlers, given its hostnames and workers per host."""
 
@@ -140,7 +143,10 @@ class AgentPool:
         failures: list[tuple[str, str]] = []
         if remote:
             start = self._start_srun if self._uses_srun() else self._start_ssh
-            with concurrent.futures.ThreadPoolExecutor(len(remote)) as pool:
+            _raise_open_files_limit()  # each remote host holds several descriptors
+            # a window: one bastion's sshd drops handshakes past its MaxStartups (default 10:30:100)
+            window = min(len(remote), SSH_WINDOW)
+            with concurrent.futures.ThreadPoolExecutor(window) as pool:
                 futures = {i: pool.submit(start, i, env) for i in remote}
             for i, future in futures.items():
                 error = future.exception()
@@ -400,6 +406,20 @@ def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:
             "pass ranks of the run, or 'all'"
         )
         raise ValueError(msg)
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one.
+
+    An SSH connection, its channels' pipes and a control-plane socket per host reach the common
+    soft limit of 1024 at a few hundred hosts.
+    """
+    import resource  # noqa: PLC0415 -- POSIX only, and only launchers with remote hosts need it
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):  # some systems refuse INFINITY
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _json_line(boot: Boot) -> bytes:

@@ -13,11 +13,14 @@ __all__ = ["RemoteAgentProcess", "SSHError", "agent_command", "open_ssh"]
 
 import contextlib
 import getpass
+import logging
 import os
+import random
 import shlex
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +29,13 @@ from torchrunx.hosts import route_to
 if TYPE_CHECKING:
     import paramiko
 
+# paramiko logs each failed handshake with its traceback: the error we raise says it once, and
+# the handshakes we retry are no error at all
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
+
 _DEFAULT_CONNECT_TIMEOUT_S = 10.0
+_FIRST_RETRY_S = 0.1  # then doubled, with jitter, up to _LAST_RETRY_S: a busy sshd recovers fast
+_LAST_RETRY_S = 2.0
 _NO_DIRECTORY = 97
 _NO_PYTHON = 98
 
@@ -90,7 +99,40 @@ def _lookup(hostname: str, ssh_config_file: str | os.PathLike[str] | None) -> di
 def open_ssh(
     hostname: str, ssh_config_file: str | os.PathLike[str] | None, timeout: float
 ) -> SSHConnection:
-    """Connect and log in to ``hostname`` as its ssh config says; bounded by ``timeout``."""
+    """Connect and log in to ``hostname`` as its ssh config says; bounded by ``timeout``.
+
+    A handshake that the server drops before it starts (what sshd does past its ``MaxStartups``,
+    when many launchers or many hosts behind one bastion connect at once) is tried again, with
+    back-off, until ``timeout``; any other failure is final at once.
+    """
+    deadline = time.monotonic() + timeout
+    pause = _FIRST_RETRY_S
+    while True:
+        dropped = _try_open(hostname, ssh_config_file, deadline - time.monotonic())
+        if isinstance(dropped, SSHConnection):
+            return dropped
+        if deadline - time.monotonic() <= pause:
+            raise SSHError(str(dropped)) from dropped.__cause__
+        time.sleep(pause * random.uniform(0.5, 1.5))  # jitter: retries of many hosts spread out
+        pause = min(2 * pause, _LAST_RETRY_S)
+
+
+def _try_open(
+    hostname: str, ssh_config_file: str | os.PathLike[str] | None, timeout: float
+) -> SSHConnection | _DroppedError:
+    try:
+        return _open_once(hostname, ssh_config_file, timeout)
+    except _DroppedError as e:
+        return e
+
+
+class _DroppedError(SSHError):
+    """The server closed the connection before the SSH handshake: busy, worth another try."""
+
+
+def _open_once(
+    hostname: str, ssh_config_file: str | os.PathLike[str] | None, timeout: float
+) -> SSHConnection:
     import paramiko  # noqa: PLC0415
 
     options = _lookup(hostname, ssh_config_file)
@@ -127,7 +169,8 @@ def open_ssh(
         client.close()
         if via is not None:
             via.close()
-        raise SSHError(_refusal(hostname, target, port, user, e)) from e
+        error = _DroppedError if _dropped(e) else SSHError
+        raise error(_refusal(hostname, target, port, user, e)) from e
     transport = client.get_transport()
     assert transport is not None  # noqa: S101 -- connect() succeeded
     if isinstance(transport.sock, socket.socket):
@@ -153,6 +196,18 @@ def _refusal(hostname: str, target: str, port: int, user: str, error: BaseExcept
             )
         return f"{hostname}: SSH to {target}:{port} failed: {error}"
     return f"{hostname}: cannot connect to {target}:{port}: {_reason(error)}"
+
+
+def _dropped(error: BaseException) -> bool:
+    """Whether the server hung up before its banner or key exchange (busy), not refused us."""
+    import paramiko  # noqa: PLC0415
+
+    if isinstance(error, ConnectionResetError | EOFError | BrokenPipeError):
+        return True
+    words = str(error)
+    return isinstance(error, paramiko.SSHException) and (
+        "protocol banner" in words or "Connection reset" in words or "EOF during" in words
+    )
 
 
 def _reason(error: BaseException) -> str:
