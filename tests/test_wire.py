@@ -95,6 +95,13 @@ EXAMPLES: list[Message] = [
     messages.Ack(),
     messages.Debug("r1", 2, 1, "(Pdb) ", "prompt", why="breakpoint() at train.py:9"),
     messages.DebugInput("r1", 1, None, why="Ctrl-C at the prompt"),
+    messages.SyncOffer(
+        messages.PROTOCOL_VERSION,
+        "project-0123456789ab",
+        (messages.SyncFile("train.py", "ab" * 32, 120, executable=False),),
+    ),
+    messages.SyncWant(("ab" * 32,)),
+    messages.SyncDone("/home/me/.cache/torchrunx/copies/project-0123456789ab", 120, 1),
 ]
 
 

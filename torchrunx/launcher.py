@@ -109,6 +109,16 @@ class Launcher:
     learn_preload: bool = True
     """Also preload what earlier runs imported from installed packages, in the background, for
     later runs with the same environment (see "Sweeps" in the README)."""
+    sync_dir: bool | str | Path = False
+    """Copy a folder to the hosts reached over SSH, for hosts that do not share this one's
+    filesystem: ``True`` for the working directory, or a folder. Agents and workers run in the
+    host's copy, with it first on ``sys.path``; before each run, only what changed is sent."""
+    sync_exclude: tuple[str, ...] = ()
+    """What of ``sync_dir`` stays here, as gitignore patterns, beside the defaults (``.git``,
+    virtual environments, ``__pycache__``, the log folder, ...; see ``torchrunx.sync``)."""
+    python: str | dict[str, str] | None = None
+    """The Python that runs agents and workers on hosts reached over SSH (or srun): one path for
+    every host, or one per hostname. ``None``: the launcher's own ``sys.executable``."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
@@ -139,6 +149,9 @@ class Launcher:
             agent_start=self.agent_start,
             preload=tuple(self.preload),
             learn_preload=self.learn_preload,
+            sync_dir=_sync_dir(self.sync_dir),
+            sync_exclude=tuple(self.sync_exclude) + _log_folder_in(self.sync_dir, self.log_dir),
+            pythons=_pythons(self.python, hostnames),
         )
         if self._pool is not None and self._pool.config != config:
             self.close()
@@ -392,6 +405,71 @@ def _validate(launcher: Launcher) -> None:
             msg = f"{name}={getattr(launcher, name)!r}: use True or False"
             raise TypeError(msg)
     _check_preload(launcher.preload)
+    _check_sync(launcher.sync_dir, launcher.sync_exclude)
+    _check_python(launcher.python)
+
+
+def _check_sync(sync_dir: object, exclude: object) -> None:
+    if not isinstance(sync_dir, (bool, str, os.PathLike)) or (
+        not isinstance(sync_dir, bool) and not Path(sync_dir).is_dir()
+    ):
+        msg = f"sync_dir={sync_dir!r}: use True (the working directory), False, or a folder"
+        raise ValueError(msg)
+    if not isinstance(exclude, (list, tuple)) or not all(isinstance(x, str) for x in exclude):
+        msg = (
+            f'sync_exclude={exclude!r}: use a list of gitignore patterns, e.g. ["data/", "*.ckpt"]'
+        )
+        raise ValueError(msg)
+
+
+def _check_python(python: object) -> None:
+    one = isinstance(python, str) and python.strip() != ""
+    each = isinstance(python, dict) and all(
+        isinstance(h, str) and isinstance(p, str) and p.strip() for h, p in python.items()
+    )
+    if python is not None and not (one or each):
+        msg = (
+            f"python={python!r}: use the path of a Python on the hosts, or one per hostname "
+            '(e.g. {"node1": "/opt/venv/bin/python"}), or None for the launcher\'s own'
+        )
+        raise ValueError(msg)
+
+
+def _sync_dir(sync_dir: bool | str | Path) -> str | None:
+    """The folder to copy, resolved; None: none."""
+    if sync_dir is False:
+        return None
+    return str(Path.cwd() if sync_dir is True else Path(sync_dir).resolve())
+
+
+def _log_folder_in(sync_dir: bool | str | Path, log_dir: str | Path | None) -> tuple[str, ...]:
+    """The log folder, as a pattern anchored in the copied folder, if it is in there."""
+    root = _sync_dir(sync_dir)
+    if root is None:
+        return ()
+    logs = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs") if log_dir is None else log_dir
+    if str(logs) == "":
+        return ()
+    try:
+        rel = Path(logs).resolve().relative_to(root)
+    except ValueError:
+        return ()
+    return (f"/{rel.as_posix()}/",) if rel.parts else ()
+
+
+def _pythons(
+    python: str | dict[str, str] | None, hostnames: list[str]
+) -> tuple[tuple[str, str], ...]:
+    """Each host's chosen Python; a name the launcher does not run on is a mistake: say so."""
+    if python is None:
+        return ()
+    if isinstance(python, str):
+        return tuple((h, python) for h in hostnames)
+    unknown = sorted(set(python) - set(hostnames))
+    if unknown:
+        msg = f"python names hosts {unknown} that are not among the launcher's {hostnames}"
+        raise ValueError(msg)
+    return tuple(python.items())
 
 
 def _check_ranks(launcher: Launcher) -> None:

@@ -37,6 +37,7 @@ from .hosts import in_slurm_job, is_local, route_to
 from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import settle
 from .runs import RunHandle
+from .sync import Folder, Snapshot, SyncError, copy_over_ssh
 from .transport import serialization
 from .transport.messages import (
     PROTOCOL_VERSION,
@@ -48,7 +49,13 @@ from .transport.messages import (
     WorkerSlot,
     to_json,
 )
-from .transport.ssh import RemoteAgentProcess, agent_command, explain_exit, open_ssh
+from .transport.ssh import (
+    RemoteAgentProcess,
+    SSHConnection,
+    agent_command,
+    explain_exit,
+    open_ssh,
+)
 
 SSH_WINDOW = 64
 """At most this many SSH handshakes at once; the others wait for a slot."""
@@ -69,6 +76,9 @@ class AgentsConfig:
     agent_start: Literal["auto", "ssh", "srun"]
     preload: tuple[str, ...] = ()
     learn_preload: bool = True
+    sync_dir: str | None = None  # a folder copied to every remote host (resolved)
+    sync_exclude: tuple[str, ...] = ()
+    pythons: tuple[tuple[str, str], ...] = ()  # (hostname, its interpreter), where not ours
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,13 @@ class AgentPool:
         self.local_address: str | None = None  # ours, as remote hosts see it
         self.handles: weakref.WeakSet[RunHandle[Any]] = weakref.WeakSet()  # runs in flight
         self.lock = threading.Lock()
+        self.folder = (
+            None if config.sync_dir is None else Folder(Path(config.sync_dir), config.sync_exclude)
+        )
+        self.copies: list[str | None] = [None] * len(self.hostnames)  # each host's copy of it
+        self.synced = [""] * len(self.hostnames)  # the digest of the snapshot each copy holds
+        self.snapshot: Snapshot | None = None  # the latest
+        self.sync_lock = threading.Lock()
         self._finalizer = weakref.finalize(owner, _close_pool, self.controller, self.agents)
 
     # ---- agents
@@ -117,6 +134,8 @@ class AgentPool:
                 if old is not None:
                     _stop_agent(old)
                     self.agents[i] = None
+            if self.folder is not None and missing:
+                self.snapshot = self.folder.snapshot()
             failures = self._start(missing, agent_base_env(env))
             agents = [a for a in self.agents if a is not None]
         if not failures:
@@ -142,6 +161,12 @@ class AgentPool:
         remote = [i for i in indexes if not is_local(self.hostnames[i])]
         failures: list[tuple[str, str]] = []
         if remote:
+            if self.folder is not None and self._uses_srun():
+                msg = (
+                    "sync_dir copies the folder over SSH, but these agents start by srun, on "
+                    "the allocation's shared filesystem: leave sync_dir off, or agent_start='ssh'"
+                )
+                raise ValueError(msg)
             start = self._start_srun if self._uses_srun() else self._start_ssh
             _raise_open_files_limit()  # each remote host holds several descriptors
             # a window: one bastion's sshd drops handshakes past its MaxStartups (default 10:30:100)
@@ -178,9 +203,12 @@ class AgentPool:
         connection = open_ssh(hostname, self.config.ssh_config_file, self.config.agent_timeout)
         self.addresses[index] = connection.remote_address
         self.local_address = self.local_address or connection.local_address
+        python, chosen = self._python(hostname)
         try:
             address = self.controller.address_on(connection.local_address)
-            python, cwd = sys.executable, str(Path.cwd())
+            if self.folder is not None:
+                self._copy_to(index, connection)
+            cwd = self._cwd_on(index)
             process = RemoteAgentProcess(connection, agent_command(python, cwd))
         except BaseException:
             connection.close()
@@ -189,10 +217,78 @@ class AgentPool:
             hostname,
             process,
             "ssh",
-            explain_exit=lambda code: explain_exit(hostname, code, python, cwd),
+            explain_exit=lambda code: explain_exit(hostname, code, python, cwd, chosen=chosen),
         )
         self._boot(agent, address)
         return agent
+
+    def _python(self, hostname: str) -> tuple[str, bool]:
+        """The interpreter of ``hostname``'s agent, and whether the user chose it."""
+        chosen = dict(self.config.pythons).get(hostname)
+        return (sys.executable, False) if chosen is None else (chosen, True)
+
+    # ---- a folder copied to the hosts
+
+    def _copy_to(self, index: int, connection: SSHConnection) -> None:
+        """Bring host ``index``'s copy of the folder to the latest snapshot (if it is not)."""
+        snapshot = self.snapshot
+        assert snapshot is not None  # noqa: S101 -- taken before agents start or runs sync
+        if self.synced[index] == snapshot.digest:
+            return
+        hostname = self.hostnames[index]
+        python, _ = self._python(hostname)
+        try:
+            done = copy_over_ssh(connection, hostname, python, snapshot, self.config.agent_timeout)
+        except SyncError as e:
+            raise AgentFailedError(str(e), hostname=hostname) from e
+        self.copies[index], self.synced[index] = done.path, snapshot.digest
+
+    def sync(self, indexes: list[int]) -> None:
+        """Before a run: the folder's changes since the last one reach its hosts' copies.
+
+        Unchanged, this costs one walk of the folder (file sizes and times, no reads).
+        """
+        if self.folder is None:
+            return
+        with self.sync_lock:
+            self.snapshot = snapshot = self.folder.snapshot()
+            stale = [
+                i
+                for i in indexes
+                if self.copies[i] is not None and self.synced[i] != snapshot.digest
+            ]
+            if not stale:
+                return
+            with concurrent.futures.ThreadPoolExecutor(min(len(stale), SSH_WINDOW)) as pool:
+                futures = [pool.submit(self._copy_to, i, self._connection(i)) for i in stale]
+            errors = [f.exception() for f in futures]
+        failures = [
+            (self.hostnames[i], str(e)) for i, e in zip(stale, errors, strict=True) if e is not None
+        ]
+        if failures:
+            raise _start_failed(failures)
+
+    def _connection(self, index: int) -> SSHConnection:
+        agent = self.agents[index]
+        if agent is None or not isinstance(agent.process, RemoteAgentProcess):
+            msg = f"{self.hostnames[index]} has no agent over SSH to copy the folder through"
+            raise AgentFailedError(msg, hostname=self.hostnames[index])
+        return agent.process.connection
+
+    def _cwd_on(self, index: int) -> str:
+        """The run's working directory on host ``index``: ours, or its place in the copy."""
+        here, copy = str(Path.cwd()), self.copies[index]
+        if copy is None or self.folder is None:
+            return here
+        return self.folder.place(copy, here) or copy
+
+    def _sys_path_on(self, index: int) -> tuple[str, ...]:
+        """Our ``sys.path`` as host ``index`` has it: the copy first, our folders in it mapped."""
+        copy = self.copies[index]
+        if copy is None or self.folder is None:
+            return tuple(sys.path)
+        mapped = [(self.folder.place(copy, p) or p) if p else p for p in sys.path]
+        return tuple(dict.fromkeys([copy, *mapped]))
 
     def _start_srun(self, index: int, env: dict[str, str]) -> AgentHandle:
         """An agent as a job step on one node of the allocation; srun forwards its stdin."""
@@ -217,8 +313,9 @@ class AgentPool:
         started_by: Literal["local", "srun"],
     ) -> AgentHandle:
         """An agent as our child process (``prefix``, e.g. srun, may run it elsewhere)."""
+        python = self._python(hostname)[0] if prefix else sys.executable
         process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "torchrunx"],
+            [*prefix, python, "-m", "torchrunx"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -284,6 +381,7 @@ class AgentPool:
     ) -> RunHandle[Any]:
         """Start a run on ``options``' hosts; don't wait."""
         indexes = [self.hostnames.index(h) for h in options.hostnames]
+        self.sync(indexes)
         agents = [a for a in (self.agents[i] for i in indexes) if a is not None]
         workers = _workers_per_host(options.workers_per_host, agents)
         _check_debug_ranks(options.debug, sum(workers))
@@ -363,8 +461,8 @@ class AgentPool:
                 backend=backend,
                 master_addr=self.host_address(indexes[0]),
                 env=options.env,
-                cwd=str(Path.cwd()),
-                sys_path=tuple(sys.path),
+                cwd=self._cwd_on(i),
+                sys_path=self._sys_path_on(i),
                 worker_timeout=options.worker_timeout,
                 result_token=run.result_token,
                 log_level=log_level_from_env(),

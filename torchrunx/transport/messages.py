@@ -40,7 +40,13 @@ unpicklable    worker → agent → launcher   a return value that cannot be pic
 ack            agent or launcher → worker  the outcome has arrived: the worker may exit
 debug          worker → agent → launcher   a rank's debugger session: pdb's output, its state
 debug-input    launcher → agent → worker   a line typed at that session's prompt (or its end)
+sync-offer     launcher → host (SSH)       a folder's files: path, SHA-256, size, mode
+sync-want      host → launcher             the contents it lacks; they follow, as chunks
+sync-done      host → launcher             where its copy of the folder is, what was written
 =============  ==========================  ====================================================
+
+The ``sync-*`` messages travel as JSON lines over an SSH channel of their own, before the agent
+starts and again before a run whose folder changed (:mod:`torchrunx.sync`).
 """
 
 from __future__ import annotations
@@ -82,6 +88,10 @@ __all__ = [
     "RunSpec",
     "Stacks",
     "Status",
+    "SyncDone",
+    "SyncFile",
+    "SyncOffer",
+    "SyncWant",
     "Unpicklable",
     "Up",
     "VersionMismatchError",
@@ -571,6 +581,47 @@ class DebugInput(Message):
     local_rank: int
     line: str | None
     why: str = ""  # how the input ended: "Ctrl-C at the prompt"
+
+
+# ---- a folder copied to a host (as JSON lines, not over ZeroMQ)
+
+
+@dataclass(frozen=True)
+class SyncFile:
+    """A file of the folder: its path (relative, ``/``-separated) and content."""
+
+    path: str
+    sha256: str
+    size: int
+    executable: bool
+
+
+@dataclass(frozen=True)
+class SyncOffer(Message):
+    """The folder as it is now; the host answers with what it lacks."""
+
+    KIND = "sync-offer"
+    version: int
+    name: str  # of the host's copy, in its cache: one per launcher machine and folder
+    files: tuple[SyncFile, ...]
+
+
+@dataclass(frozen=True)
+class SyncWant(Message):
+    """The contents (SHA-256) the host has nowhere in its copy: each follows, in this order."""
+
+    KIND = "sync-want"
+    contents: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SyncDone(Message):
+    """The host's copy matches the offer."""
+
+    KIND = "sync-done"
+    path: str  # the copy's folder on the host
+    received: int  # bytes of content that came over the wire
+    written: int  # files (re)written
 
 
 # ---- encoding

@@ -9,7 +9,7 @@ launcher dies, sshd closes it and the agent reaps everything and exits.
 
 from __future__ import annotations
 
-__all__ = ["RemoteAgentProcess", "SSHError", "agent_command", "open_ssh"]
+__all__ = ["RemoteAgentProcess", "RemoteCommand", "SSHError", "agent_command", "open_ssh"]
 
 import contextlib
 import getpass
@@ -274,29 +274,79 @@ def _proxied_addresses(target: str, via: SSHConnection | None) -> tuple[str, str
     return (via.local_address if via is not None else local), remote
 
 
-def agent_command(python: str, cwd: str) -> str:
-    """POSIX sh that starts the agent in ``cwd``, or says precisely what is missing."""
+def agent_command(python: str, cwd: str, module: str = "torchrunx") -> str:
+    """POSIX sh that runs ``python -m module`` in ``cwd``, or says precisely what is missing."""
     q_python, q_cwd = shlex.quote(python), shlex.quote(cwd)
     return (
         f"cd {q_cwd} 2>/dev/null || exit {_NO_DIRECTORY}; "
-        f"test -x {q_python} || exit {_NO_PYTHON}; "
-        f"exec {q_python} -m torchrunx"
+        f"command -v {q_python} >/dev/null 2>&1 || exit {_NO_PYTHON}; "
+        f"exec {q_python} -m {module}"
     )
 
 
-def explain_exit(hostname: str, code: int, python: str, cwd: str) -> str | None:
-    """What the exit code of :func:`agent_command` means, for the codes it defines."""
+def explain_exit(
+    hostname: str, code: int, python: str, cwd: str, *, chosen: bool = False
+) -> str | None:
+    """What the exit code of :func:`agent_command` means, for the codes it defines.
+
+    ``chosen``: ``python`` is the user's choice for that host, not the launcher's own.
+    """
     if code == _NO_DIRECTORY:
         return (
             f"the launcher's working directory {cwd} does not exist on {hostname}: agents start "
-            "in it, so it must be on a filesystem shared by every host"
+            "in it, so it must be on a filesystem shared by every host, or copied there "
+            "(Launcher(sync_dir=True))"
         )
+    if code == _NO_PYTHON and chosen:
+        return f"the Python {python} (Launcher.python) is not on {hostname}"
     if code == _NO_PYTHON:
         return (
             f"the launcher's Python {python} is not on {hostname}: agents run the same "
-            "interpreter, so its environment must be on a filesystem shared by every host"
+            "interpreter unless Launcher(python=...) names another, so its environment must be "
+            "on a filesystem shared by every host"
         )
     return None
+
+
+class RemoteCommand:
+    """A command in a channel of its own on an open connection: its stdin and stdout as a stream.
+
+    Every read is bounded by ``timeout``; closing it waits (bounded) for the exit status.
+    """
+
+    def __init__(self, connection: SSHConnection, command: str, timeout: float) -> None:
+        transport = connection.client.get_transport()
+        if transport is None or not transport.is_active():
+            msg = "the SSH connection is closed"
+            raise SSHError(msg)
+        self.timeout = timeout
+        self.channel = transport.open_session(timeout=timeout)
+        self.channel.settimeout(timeout)
+        self.channel.exec_command(command)
+        self.stdout = self.channel.makefile("rb")
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` whole to the command's stdin."""
+        self.channel.sendall(data)
+
+    def readline(self) -> bytes:
+        """The next line of its stdout; ``b""`` at its end."""
+        return bytes(self.stdout.readline())
+
+    def finish(self) -> tuple[int, str]:
+        """Close its stdin; its exit status (-1: none came in time) and what it wrote to stderr."""
+        with contextlib.suppress(OSError):
+            self.channel.shutdown_write()
+        deadline = time.monotonic() + self.timeout
+        while not self.channel.exit_status_ready() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        status = self.channel.recv_exit_status() if self.channel.exit_status_ready() else -1
+        err = b""
+        with contextlib.suppress(OSError):
+            while self.channel.recv_stderr_ready():
+                err += self.channel.recv_stderr(65536)
+        self.channel.close()
+        return status, err.decode(errors="replace").strip()
 
 
 class _ChannelStdin:
