@@ -50,12 +50,15 @@ from .transport.messages import (
     to_json,
 )
 from .transport.ssh import (
+    Interpreter,
     RemoteAgentProcess,
     SSHConnection,
     agent_command,
     explain_exit,
     open_ssh,
 )
+
+_sync_log = logging.getLogger("torchrunx.sync")
 
 SSH_WINDOW = 64
 """At most this many SSH handshakes at once; the others wait for a slot."""
@@ -203,13 +206,13 @@ class AgentPool:
         connection = open_ssh(hostname, self.config.ssh_config_file, self.config.agent_timeout)
         self.addresses[index] = connection.remote_address
         self.local_address = self.local_address or connection.local_address
-        python, chosen = self._python(hostname)
+        python = self._python(hostname)
         try:
             address = self.controller.address_on(connection.local_address)
             if self.folder is not None:
                 self._copy_to(index, connection)
             cwd = self._cwd_on(index)
-            process = RemoteAgentProcess(connection, agent_command(python, cwd))
+            process = RemoteAgentProcess(connection, agent_command(python.path, cwd))
         except BaseException:
             connection.close()
             raise
@@ -217,15 +220,15 @@ class AgentPool:
             hostname,
             process,
             "ssh",
-            explain_exit=lambda code: explain_exit(hostname, code, python, cwd, chosen=chosen),
+            explain_exit=lambda code: explain_exit(hostname, code, python, cwd),
         )
         self._boot(agent, address)
         return agent
 
-    def _python(self, hostname: str) -> tuple[str, bool]:
-        """The interpreter of ``hostname``'s agent, and whether the user chose it."""
+    def _python(self, hostname: str) -> Interpreter:
+        """The interpreter of ``hostname``'s agent."""
         chosen = dict(self.config.pythons).get(hostname)
-        return (sys.executable, False) if chosen is None else (chosen, True)
+        return Interpreter(sys.executable) if chosen is None else Interpreter(chosen, chosen=True)
 
     # ---- a folder copied to the hosts
 
@@ -236,12 +239,20 @@ class AgentPool:
         if self.synced[index] == snapshot.digest:
             return
         hostname = self.hostnames[index]
-        python, _ = self._python(hostname)
+        python = self._python(hostname)
         try:
             done = copy_over_ssh(connection, hostname, python, snapshot, self.config.agent_timeout)
         except SyncError as e:
             raise AgentFailedError(str(e), hostname=hostname) from e
         self.copies[index], self.synced[index] = done.path, snapshot.digest
+        _sync_log.info(
+            "sync_dir: %s now has %s: %d files written, %d bytes sent",
+            hostname,
+            done.path,
+            done.written,
+            done.received,
+            extra={"hostname": hostname, "received": done.received, "written": done.written},
+        )
 
     def sync(self, indexes: list[int]) -> None:
         """Before a run: the folder's changes since the last one reach its hosts' copies.
@@ -313,7 +324,7 @@ class AgentPool:
         started_by: Literal["local", "srun"],
     ) -> AgentHandle:
         """An agent as our child process (``prefix``, e.g. srun, may run it elsewhere)."""
-        python = self._python(hostname)[0] if prefix else sys.executable
+        python = self._python(hostname).path if prefix else sys.executable
         process = subprocess.Popen(
             [*prefix, python, "-m", "torchrunx"],
             stdin=subprocess.PIPE,

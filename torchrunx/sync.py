@@ -47,7 +47,7 @@ from .transport.messages import (
     parse,
     to_json,
 )
-from .transport.ssh import RemoteCommand, SSHError, agent_command, explain_exit
+from .transport.ssh import Interpreter, RemoteCommand, SSHError, agent_command, explain_exit
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -204,12 +204,13 @@ def push(snapshot: Snapshot, stream: Stream) -> SyncDone:
 def copy_over_ssh(
     connection: SSHConnection,
     hostname: str,
-    python: str,
+    python: Interpreter,
     snapshot: Snapshot,
     timeout: float,
 ) -> SyncDone:
     """:func:`push` to ``python -m torchrunx.sync`` in a channel of its own on ``connection``."""
-    remote = RemoteCommand(connection, agent_command(python, ".", "torchrunx.sync"), timeout)
+    command = agent_command(python.path, ".", "torchrunx.sync")
+    remote = RemoteCommand(connection, command, timeout)
     try:
         done = push(snapshot, remote)
     except (SyncError, WireError, SSHError, OSError, EOFError) as e:
@@ -221,13 +222,13 @@ def copy_over_ssh(
     return done
 
 
-def _failed(hostname: str, python: str, status: int, err: str) -> str:
+def _failed(hostname: str, python: Interpreter, status: int, err: str) -> str:
     """Why copying the folder to ``hostname`` failed, in words."""
     why = explain_exit(hostname, status, python, ".")
     if why is not None:
         return why
     if "No module named torchrunx" in err:
-        return f"{python} on {hostname} has no torchrunx: install it there ({err})"
+        return f"{python.path} on {hostname} has no torchrunx: install it there ({err})"
     return f"copying the folder to {hostname} failed: {err or f'exit status {status}'}"
 
 

@@ -389,7 +389,8 @@ def enter(env: dict[str, str], cwd: str, sys_path: tuple[str, ...]) -> None:
     os.environ.update(env)
     with contextlib.suppress(OSError):
         os.chdir(cwd)
-    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    # the launcher's order first (a host's copy of sync_dir leads), then what this process had
+    sys.path[:] = dict.fromkeys([*sys_path, *sys.path])
 
 
 _AT_FORK = 0  # how many modules this process had when it was forked

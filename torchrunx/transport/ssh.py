@@ -9,7 +9,14 @@ launcher dies, sshd closes it and the agent reaps everything and exits.
 
 from __future__ import annotations
 
-__all__ = ["RemoteAgentProcess", "RemoteCommand", "SSHError", "agent_command", "open_ssh"]
+__all__ = [
+    "Interpreter",
+    "RemoteAgentProcess",
+    "RemoteCommand",
+    "SSHError",
+    "agent_command",
+    "open_ssh",
+]
 
 import contextlib
 import getpass
@@ -21,6 +28,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -284,20 +292,24 @@ def agent_command(python: str, cwd: str, module: str = "torchrunx") -> str:
     )
 
 
-def explain_exit(
-    hostname: str, code: int, python: str, cwd: str, *, chosen: bool = False
-) -> str | None:
-    """What the exit code of :func:`agent_command` means, for the codes it defines.
+@dataclass(frozen=True)
+class Interpreter:
+    """The Python of a host's agent: the launcher's own, or the user's (``Launcher.python``)."""
 
-    ``chosen``: ``python`` is the user's choice for that host, not the launcher's own.
-    """
+    path: str
+    chosen: bool = False
+
+
+def explain_exit(hostname: str, code: int, interpreter: Interpreter, cwd: str) -> str | None:
+    """What the exit code of :func:`agent_command` means, for the codes it defines."""
+    python = interpreter.path
     if code == _NO_DIRECTORY:
         return (
             f"the launcher's working directory {cwd} does not exist on {hostname}: agents start "
             "in it, so it must be on a filesystem shared by every host, or copied there "
             "(Launcher(sync_dir=True))"
         )
-    if code == _NO_PYTHON and chosen:
+    if code == _NO_PYTHON and interpreter.chosen:
         return f"the Python {python} (Launcher.python) is not on {hostname}"
     if code == _NO_PYTHON:
         return (
