@@ -68,6 +68,7 @@ M = TypeVar("M", bound=Message)
 
 CHUNK = 1 << 20
 _CHUNK_HEAD = struct.Struct(">IB")  # length (0: the content's end), compressed
+_END = _CHUNK_HEAD.pack(0, 0)
 _WORTH_IT = 0.9  # compress a content if its first chunk shrinks below this ratio
 _LOCK_WAIT_S = 600.0  # another launcher updating the same copy
 
@@ -118,7 +119,8 @@ class Folder:
             [*DEFAULT_EXCLUDE, *exclude]
         )
         self._hashes: dict[str, tuple[tuple[int, int, int], str]] = {}  # path -> (stat, sha)
-        self._compressible: dict[str, bool] = {}
+        self._compressible: dict[str, bool] = {}  # sha -> whether compressing it pays
+        self._encoded: dict[str, bytes] = {}  # sha -> a small content's frames, made once
 
     def snapshot(self) -> Snapshot:
         """The folder now; files unchanged since the last snapshot are not read again."""
@@ -130,7 +132,9 @@ class Folder:
             files.append(SyncFile(rel, sha, st.st_size, executable=bool(st.st_mode & 0o100)))
             sources.setdefault(sha, path)
         text = json.dumps([to_json(f) for f in files], separators=(",", ":"))
-        return Snapshot(self, tuple(files), sources, hashlib.sha256(text.encode()).hexdigest())
+        snapshot = Snapshot(self, tuple(files), sources, hashlib.sha256(text.encode()).hexdigest())
+        self.forget_all_but(snapshot)
+        return snapshot
 
     def _walk(self) -> Iterator[tuple[str, os.stat_result]]:
         """Files to copy, as (path relative to the root, stat); symlinks to folders not followed."""
@@ -164,13 +168,44 @@ class Folder:
             return None
         return str(Path(copy, rel)) if rel.parts else copy
 
-    def compressible(self, sha: str, first: bytes) -> bool:
-        """Whether a content is worth compressing, judged once by its first chunk."""
-        known = self._compressible.get(sha)
-        if known is None:
-            known = len(zlib.compress(first, 1)) < _WORTH_IT * len(first)
-            self._compressible[sha] = known
-        return known
+    def frames(self, sha: str, source: Path) -> Iterator[bytes]:
+        """A content as it travels: chunks, each compressed if that pays, then an empty one.
+
+        A content of one chunk (source files) is encoded once and kept: every host that lacks
+        it gets the same bytes.
+        """
+        kept = self._encoded.get(sha)
+        if kept is None:
+            with source.open("rb") as f:
+                first, chunk = f.read(CHUNK), f.read(CHUNK)
+                if chunk:  # a large content: chunk by chunk, never all of it in memory
+                    yield self._pack(sha, first)
+                    while chunk:
+                        yield self._pack(sha, chunk)
+                        chunk = f.read(CHUNK)
+                    yield _END
+                    return
+            kept = self._encoded[sha] = (self._pack(sha, first) if first else b"") + _END
+        yield kept
+
+    def _pack(self, sha: str, chunk: bytes) -> bytes:
+        """One chunk's frame; whether compressing the content pays is judged by its first."""
+        squeeze = self._compressible.get(sha)
+        if squeeze is False:
+            return _encode(chunk, compressed=False)
+        packed = zlib.compress(chunk, 1)
+        if squeeze is None:
+            squeeze = self._compressible[sha] = len(packed) < _WORTH_IT * len(chunk)
+        return _encode(packed, compressed=True) if squeeze else _encode(chunk, compressed=False)
+
+    def forget_all_but(self, snapshot: Snapshot) -> None:
+        """Drop what is kept of contents the folder no longer has."""
+        for sha in set(self._encoded) - set(snapshot.sources):
+            del self._encoded[sha]
+
+
+def _encode(data: bytes, *, compressed: bool) -> bytes:
+    return _CHUNK_HEAD.pack(len(data), compressed) + data
 
 
 def _is_environment(entry: os.DirEntry[str]) -> bool:
@@ -192,13 +227,40 @@ def push(snapshot: Snapshot, stream: Stream) -> SyncDone:
     """Bring the host at the other end of ``stream`` to ``snapshot``; what it says when done."""
     stream.write(_line(SyncOffer(PROTOCOL_VERSION, snapshot.folder.name, snapshot.files)))
     want = _read(stream, SyncWant)
+    out = _Batched(stream)
     for sha in want.contents:
         source = snapshot.sources.get(sha)
         if source is None:
             msg = f"the host asked for a content the folder does not have ({sha})"
             raise SyncError(msg)
-        _send_content(snapshot.folder, sha, source, stream)
+        for frame in snapshot.folder.frames(sha, source):
+            out.write(frame)
+    out.flush()
     return _read(stream, SyncDone)
+
+
+class _Batched:
+    """Writes gathered into about :data:`CHUNK` bytes each.
+
+    Thousands of small files then cost a few large channel writes, not thousands of small ones.
+    """
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            self.stream.write(b"".join(self.parts))
+            self.parts.clear()
+            self.size = 0
 
 
 def copy_over_ssh(
@@ -230,17 +292,6 @@ def _failed(hostname: str, python: Interpreter, status: int, err: str) -> str:
     if "No module named torchrunx" in err:
         return f"{python.path} on {hostname} has no torchrunx: install it there ({err})"
     return f"copying the folder to {hostname} failed: {err or f'exit status {status}'}"
-
-
-def _send_content(folder: Folder, sha: str, source: Path, stream: Stream) -> None:
-    with source.open("rb") as f:
-        chunk = f.read(CHUNK)
-        squeeze = bool(chunk) and folder.compressible(sha, chunk)
-        while chunk:
-            data = zlib.compress(chunk, 1) if squeeze else chunk
-            stream.write(_CHUNK_HEAD.pack(len(data), squeeze) + data)
-            chunk = f.read(CHUNK)
-    stream.write(_CHUNK_HEAD.pack(0, 0))
 
 
 def _line(message: Message) -> bytes:
