@@ -257,3 +257,15 @@ def test_bad_fields_are_refused_early(tmp_path: Path) -> None:
 def test_on_the_launchers_own_host_the_folder_is_used_in_place(project: Path) -> None:
     with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, sync_dir=True) as lau:
         assert lau.run(entry(project), 0).rank(0)["cwd"] == str(project)
+
+
+def test_a_sub_folder_of_the_project_is_copied_alone(isolated: Cluster, project: Path) -> None:
+    package = next(project.glob("pkg_*"))
+
+    def where() -> tuple[str, list[str]]:
+        return str(Path.cwd()), sorted(p.name for p in Path().iterdir())
+
+    with launcher_on(isolated, sync_dir=package) as launcher:
+        cwd, names = launcher.run(where).rank(0)
+    assert Path(cwd).name.startswith(f"{package.name}-")  # the copy's root: ours is outside it
+    assert names == ["__init__.py", "config.py", "train.py"]

@@ -139,6 +139,8 @@ class AgentPool:
                     self.agents[i] = None
             if self.folder is not None and missing:
                 self.snapshot = self.folder.snapshot()
+                for i in missing:  # a new agent, maybe a new host under that name: ask it
+                    self.synced[i] = ""
             failures = self._start(missing, agent_base_env(env))
             agents = [a for a in self.agents if a is not None]
         if not failures:
