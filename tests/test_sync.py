@@ -128,6 +128,19 @@ def test_a_project_of_several_modules_runs_in_the_hosts_copies(
         assert got["first_on_path"] == got["cwd"]
 
 
+def test_a_traceback_names_the_users_files_not_the_hosts_copies(
+    isolated: Cluster, project: Path
+) -> None:
+    package = next(project.glob("pkg_*"))
+    write(package / "broken.py", "def fail():\n    return 1 / 0\n")
+    fail = getattr(importlib.import_module(f"{package.name}.broken"), "fail")  # noqa: B009
+    with launcher_on(isolated) as launcher, pytest.raises(ZeroDivisionError) as raised:
+        launcher.run(fail)
+    remote = str(raised.value.__cause__)
+    assert f'File "{package}/broken.py", line 2, in fail' in remote
+    assert ".cache/torchrunx/copies" not in remote
+
+
 def test_an_edit_between_runs_arrives_and_only_it_travels(
     isolated: Cluster, project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -487,6 +487,8 @@ class AgentPool:
                 workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
                 debug=options.debug,
                 trace=traced,
+                copy=self.copies[i] or "",
+                copied_from=self.folder.root.as_posix() if self.folder and self.copies[i] else "",
             )
             for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
         ]

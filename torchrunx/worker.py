@@ -66,6 +66,8 @@ from .transport.security import encrypt_client
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from .transport.messages import RunSpec
+
 M = TypeVar("M", bound=Message)
 
 _ACK_TIMEOUT_MS = 60_000
@@ -295,7 +297,7 @@ class _Rank:
         self._send(Result(*where, direct=True), [])
 
     def _send_error(self, e: BaseException) -> int:
-        what = _described(e)
+        what = _described(e, self.spec)
         e.__traceback__ = None  # frames would drag every local variable into the pickle
         unpicklable = None
         try:
@@ -310,7 +312,8 @@ class _Rank:
 
     def _send_unpicklable(self, e: BaseException, value: object) -> int:
         where = (self.spec.run, self.rank, self.local_rank)
-        self._send(Unpicklable(*where, type(value).__qualname__, *_described(e)), [])
+        what = _described(e, self.spec)
+        self._send(Unpicklable(*where, type(value).__qualname__, *what), [])
         return 0
 
 
@@ -407,20 +410,21 @@ def _installed(file: object, cwd: str) -> bool:
     )
 
 
-def _described(e: BaseException) -> tuple[str, str, str]:
+def _described(e: BaseException, spec: RunSpec) -> tuple[str, str, str]:
     """An exception as text: its type's full name, its message, its formatted traceback.
 
     The traceback starts in the user's function: the frames of this module above it say nothing
-    the user can act on (unless the error is ours, and then they are all there is).
+    the user can act on (unless the error is ours, and then they are all there is). Files of
+    this host's copy of ``sync_dir`` are named as the launcher's: the traceback then points at
+    the files the user edits, which hold the same contents.
     """
     tb = e.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    return (
-        f"{type(e).__module__}.{type(e).__qualname__}",
-        _safe_str(e),
-        "".join(traceback.format_exception(type(e), e, tb or e.__traceback__)),
-    )
+    text = "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
+    if spec.copy:
+        text = text.replace(f'File "{spec.copy}/', f'File "{spec.copied_from}/')
+    return f"{type(e).__module__}.{type(e).__qualname__}", _safe_str(e), text
 
 
 class _RecordsToStderr(logging.Handler):

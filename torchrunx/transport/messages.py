@@ -246,6 +246,8 @@ class RunSpec:
     workers: tuple[WorkerSlot, ...]
     debug: DebugSettings
     trace: bool = False  # its workers and agent time their phases (:class:`Phases`)
+    copy: str = ""  # this host's copy of sync_dir, if it has one ...
+    copied_from: str = ""  # ... and that folder on the launcher's machine
 
 
 @dataclass(frozen=True)
