@@ -99,11 +99,6 @@ class Snapshot:
     sources: dict[str, Path]  # SHA-256 -> a file of ours with that content
     digest: str
 
-    @property
-    def size(self) -> int:
-        """Bytes of all files."""
-        return sum(f.size for f in self.files)
-
 
 class Folder:
     """A folder to copy (``root``), what stays out of it, and the name of its hosts' copies."""
