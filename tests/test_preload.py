@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import torchrunx
+from torchrunx import forkserver
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -120,3 +121,29 @@ def test_explicit_preload_is_there_from_the_first_run() -> None:
 def test_a_bad_preload_is_a_clear_error(bad: object) -> None:
     with pytest.raises(ValueError, match=r"preload=.*: use a list of module names"):
         torchrunx.Launcher(preload=bad)  # type: ignore[arg-type]
+
+
+def openmp_wait_settings() -> dict[str, str]:
+    """The OpenMP wait settings a worker's environment holds."""
+    return {k: v for k, v in os.environ.items() if k in forkserver.OPENMP_WAIT_VARS}
+
+
+def test_workers_see_no_openmp_setting_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in forkserver.OPENMP_WAIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2, backend=None) as lau:
+        assert lau.run(openmp_wait_settings).by_rank() == [{}, {}]
+
+
+def test_openmp_spins_less_while_torch_loads_unless_the_user_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in forkserver.OPENMP_WAIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with forkserver._sharing_cores():
+        assert os.environ["GOMP_SPINCOUNT"] == forkserver.THROTTLED_SPINS
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    with forkserver._sharing_cores():
+        assert openmp_wait_settings() == {"OMP_WAIT_POLICY": "active"}
+    assert openmp_wait_settings() == {"OMP_WAIT_POLICY": "active"}
