@@ -147,3 +147,23 @@ def test_openmp_spins_less_while_torch_loads_unless_the_user_says(
     with forkserver._sharing_cores():
         assert openmp_wait_settings() == {"OMP_WAIT_POLICY": "active"}
     assert openmp_wait_settings() == {"OMP_WAIT_POLICY": "active"}
+
+
+@pytest.fixture
+def installed_module() -> Iterator[str]:
+    """A module of an installed package that nothing else imports."""
+    name = f"trx_installed_{os.getpid()}"
+    path = Path(sysconfig.get_paths()["purelib"]) / f"{name}.py"
+    path.write_text("VALUE = 1\n")
+    yield name
+    path.unlink()
+
+
+def test_packages_in_a_venv_inside_the_working_directory_are_learned(
+    installed_module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as with a project's .venv: site-packages is below the working directory
+    monkeypatch.chdir(Path(sysconfig.get_paths()["purelib"]).parent)
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None) as lau:
+        assert lau.run(had_then_import, installed_module).by_rank() == [False]
+        assert preloaded_within(lau, installed_module)

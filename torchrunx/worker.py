@@ -398,6 +398,7 @@ def enter(env: dict[str, str], cwd: str, sys_path: tuple[str, ...]) -> None:
 
 _AT_FORK = 0  # how many modules this process had when it was forked
 _STARTED = 0.0  # when it was forked (seconds since 1970)
+_PACKAGE_FOLDERS = ("site-packages", "dist-packages")
 
 
 def _installed(file: object, cwd: str) -> bool:
@@ -406,8 +407,20 @@ def _installed(file: object, cwd: str) -> bool:
         isinstance(file, str)
         and stacks.is_installed(file)
         and not stacks.is_ours(file)
-        and not file.startswith(cwd)
+        and not _users_own(file, cwd)
     )
+
+
+def _users_own(file: str, cwd: str) -> bool:
+    """In the working directory, and not in a package folder there (a project's ``.venv``).
+
+    Packages in a virtual environment inside the project are installed all the same: the user
+    edits their own files, not those.
+    """
+    if not file.startswith(cwd):
+        return False
+    folders = Path(file[len(cwd) :]).parts[:-1]
+    return not any(f in _PACKAGE_FOLDERS for f in folders)
 
 
 def _described(e: BaseException, spec: RunSpec) -> tuple[str, str, str]:
