@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import torchrunx
+import torchrunx.pool
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -282,3 +283,14 @@ def test_a_sub_folder_of_the_project_is_copied_alone(isolated: Cluster, project:
         cwd, names = launcher.run(where).rank(0)
     assert Path(cwd).name.startswith(f"{package.name}-")  # the copy's root: ours is outside it
     assert names == ["__init__.py", "config.py", "train.py"]
+
+
+def test_a_large_folder_is_said_to_be_so(
+    project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torchrunx.pool, "LARGE_FOLDER_FILES", 3)  # the project has 4 files
+    with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, sync_dir=True):
+        pass
+    (warning,) = [r for r in caplog.records if r.name == "torchrunx.sync"]
+    assert warning.levelno == logging.WARNING
+    assert f"{project} holds 4 files" in warning.getMessage()

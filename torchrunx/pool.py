@@ -60,6 +60,10 @@ from .transport.ssh import (
 
 _sync_log = logging.getLogger("torchrunx.sync")
 
+LARGE_FOLDER_BYTES = 1 << 30
+"""A ``sync_dir`` this large (or with :data:`LARGE_FOLDER_FILES` files) is said to be so."""
+LARGE_FOLDER_FILES = 20_000
+
 SSH_WINDOW = 64
 """At most this many SSH handshakes at once; the others wait for a slot."""
 
@@ -139,6 +143,7 @@ class AgentPool:
                     self.agents[i] = None
             if self.folder is not None and missing:
                 self.snapshot = self.folder.snapshot()
+                _warn_if_large(self.snapshot)
                 for i in missing:  # a new agent, maybe a new host under that name: ask it
                     self.synced[i] = ""
             failures = self._start(missing, agent_base_env(env))
@@ -509,6 +514,19 @@ def _to_console(
         controller.call(functools.partial(controller.send, agent, answer))
 
     console.shared().on_debug(agent.hostname, message, finished, reply)
+
+
+def _warn_if_large(snapshot: Snapshot) -> None:
+    """A folder this large is more likely a mistake (``sync_dir=True`` in a home folder)."""
+    size = sum(f.size for f in snapshot.files)
+    if size >= LARGE_FOLDER_BYTES or len(snapshot.files) >= LARGE_FOLDER_FILES:
+        _sync_log.warning(
+            "sync_dir: %s holds %d files, %.1f GB: each host gets a copy of it (sync_exclude "
+            "leaves folders out)",
+            snapshot.folder.root,
+            len(snapshot.files),
+            size / 1e9,
+        )
 
 
 def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:
