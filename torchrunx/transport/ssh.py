@@ -207,15 +207,18 @@ def _refusal(hostname: str, target: str, port: int, user: str, error: BaseExcept
 
 
 def _dropped(error: BaseException) -> bool:
-    """Whether the server hung up before its banner or key exchange (busy), not refused us."""
-    import paramiko  # noqa: PLC0415
+    """Whether the server hung up before or during its handshake (busy), not refused us.
 
-    if isinstance(error, ConnectionResetError | EOFError | BrokenPipeError):
-        return True
-    words = str(error)
-    return isinstance(error, paramiko.SSHException) and (
-        "protocol banner" in words or "Connection reset" in words or "EOF during" in words
-    )
+    paramiko raises its own exception with what happened as its context: a reset or an end of
+    stream is a hang-up; a timeout is not (the host is slow or gone: retrying would only wait).
+    """
+    hang_ups = (ConnectionResetError, EOFError, BrokenPipeError)
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, hang_ups) or "Connection reset" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _reason(error: BaseException) -> str:
