@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import torchrunx
-import torchrunx.pool
+import torchrunx.sync
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -288,7 +288,7 @@ def test_a_sub_folder_of_the_project_is_copied_alone(isolated: Cluster, project:
 def test_a_large_folder_is_said_to_be_so(
     project: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(torchrunx.pool, "LARGE_FOLDER_FILES", 3)  # the project has 4 files
+    monkeypatch.setattr(torchrunx.sync, "LARGE_FOLDER_FILES", 3)  # the project has 4 files
     with torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, sync_dir=True):
         pass
     (warning,) = [r for r in caplog.records if r.name == "torchrunx.sync"]

@@ -37,7 +37,7 @@ from .hosts import in_slurm_job, is_local, route_to
 from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import settle
 from .runs import RunHandle
-from .sync import Folder, Snapshot, SyncError, copy_over_ssh
+from .sync import Copies, Folder, Placement, Reach, SyncError
 from .transport import serialization
 from .transport.messages import (
     PROTOCOL_VERSION,
@@ -52,17 +52,10 @@ from .transport.messages import (
 from .transport.ssh import (
     Interpreter,
     RemoteAgentProcess,
-    SSHConnection,
     agent_command,
     explain_exit,
     open_ssh,
 )
-
-_sync_log = logging.getLogger("torchrunx.sync")
-
-LARGE_FOLDER_BYTES = 1 << 30
-"""A ``sync_dir`` this large (or with :data:`LARGE_FOLDER_FILES` files) is said to be so."""
-LARGE_FOLDER_FILES = 20_000
 
 SSH_WINDOW = 64
 """At most this many SSH handshakes at once; the others wait for a slot."""
@@ -117,13 +110,10 @@ class AgentPool:
         self.local_address: str | None = None  # ours, as remote hosts see it
         self.handles: weakref.WeakSet[RunHandle[Any]] = weakref.WeakSet()  # runs in flight
         self.lock = threading.Lock()
-        self.folder = (
-            None if config.sync_dir is None else Folder(Path(config.sync_dir), config.sync_exclude)
-        )
-        self.copies: list[str | None] = [None] * len(self.hostnames)  # each host's copy of it
-        self.synced = [""] * len(self.hostnames)  # the digest of the snapshot each copy holds
-        self.snapshot: Snapshot | None = None  # the latest
-        self.sync_lock = threading.Lock()
+        self.copies = None  # of sync_dir, on the hosts
+        if config.sync_dir is not None:
+            folder = Folder(Path(config.sync_dir), config.sync_exclude)
+            self.copies = Copies(folder, len(self.hostnames), config.agent_timeout)
         self._finalizer = weakref.finalize(owner, _close_pool, self.controller, self.agents)
 
     # ---- agents
@@ -141,11 +131,8 @@ class AgentPool:
                 if old is not None:
                     _stop_agent(old)
                     self.agents[i] = None
-            if self.folder is not None and missing:
-                self.snapshot = self.folder.snapshot()
-                _warn_if_large(self.snapshot)
-                for i in missing:  # a new agent, maybe a new host under that name: ask it
-                    self.synced[i] = ""
+            if self.copies is not None and missing:
+                self.copies.look(missing)
             failures = self._start(missing, agent_base_env(env))
             agents = [a for a in self.agents if a is not None]
         if not failures:
@@ -171,7 +158,7 @@ class AgentPool:
         remote = [i for i in indexes if not is_local(self.hostnames[i])]
         failures: list[tuple[str, str]] = []
         if remote:
-            if self.folder is not None and self._uses_srun():
+            if self.copies is not None and self._uses_srun():
                 msg = (
                     "sync_dir copies the folder over SSH, but these agents start by srun, on "
                     "the allocation's shared filesystem: leave sync_dir off, or agent_start='ssh'"
@@ -216,9 +203,9 @@ class AgentPool:
         python = self._python(hostname)
         try:
             address = self.controller.address_on(connection.local_address)
-            if self.folder is not None:
-                self._copy_to(index, connection)
-            cwd = self._cwd_on(index)
+            if self.copies is not None:
+                self._copy_to(index, (hostname, connection, python))
+            cwd = self._placement(index).cwd
             process = RemoteAgentProcess(connection, agent_command(python.path, cwd))
         except BaseException:
             connection.close()
@@ -239,74 +226,24 @@ class AgentPool:
 
     # ---- a folder copied to the hosts
 
-    def _copy_to(self, index: int, connection: SSHConnection) -> None:
-        """Bring host ``index``'s copy of the folder to the latest snapshot (if it is not)."""
-        snapshot = self.snapshot
-        assert snapshot is not None  # noqa: S101 -- taken before agents start or runs sync
-        if self.synced[index] == snapshot.digest:
-            return
-        hostname = self.hostnames[index]
-        python = self._python(hostname)
+    def _copy_to(self, index: int, host: Reach) -> None:
+        """Bring host ``index``'s copy of ``sync_dir`` up to date before its agent starts."""
+        assert self.copies is not None  # noqa: S101 -- only called with a folder to copy
         try:
-            done = copy_over_ssh(connection, hostname, python, snapshot, self.config.agent_timeout)
+            self.copies.bring(index, host)
         except SyncError as e:
-            raise AgentFailedError(str(e), hostname=hostname) from e
-        self.copies[index], self.synced[index] = done.path, snapshot.digest
-        _sync_log.info(
-            "sync_dir: %s now has %s: %d files written, %d bytes sent",
-            hostname,
-            done.path,
-            done.written,
-            done.received,
-            extra={"hostname": hostname, "received": done.received, "written": done.written},
-        )
+            raise AgentFailedError(str(e), hostname=host[0]) from e
 
-    def sync(self, indexes: list[int]) -> None:
-        """Before a run: the folder's changes since the last one reach its hosts' copies.
-
-        Unchanged, this costs one walk of the folder (file sizes and times, no reads).
-        """
-        if self.folder is None:
-            return
-        with self.sync_lock:
-            self.snapshot = snapshot = self.folder.snapshot()
-            stale = [
-                i
-                for i in indexes
-                if self.copies[i] is not None and self.synced[i] != snapshot.digest
-            ]
-            if not stale:
-                return
-            with concurrent.futures.ThreadPoolExecutor(min(len(stale), SSH_WINDOW)) as pool:
-                futures = [pool.submit(self._copy_to, i, self._connection(i)) for i in stale]
-            errors = [f.exception() for f in futures]
-        failures = [
-            (self.hostnames[i], str(e)) for i, e in zip(stale, errors, strict=True) if e is not None
-        ]
-        if failures:
-            raise _start_failed(failures)
-
-    def _connection(self, index: int) -> SSHConnection:
-        agent = self.agents[index]
+    def _reach(self, index: int) -> Reach:
+        """Host ``index`` as copying needs it: its name, agent's connection and Python."""
+        hostname, agent = self.hostnames[index], self.agents[index]
         if agent is None or not isinstance(agent.process, RemoteAgentProcess):
-            msg = f"{self.hostnames[index]} has no agent over SSH to copy the folder through"
-            raise AgentFailedError(msg, hostname=self.hostnames[index])
-        return agent.process.connection
+            msg = f"{hostname} has no agent over SSH to copy sync_dir through"
+            raise AgentFailedError(msg, hostname=hostname)
+        return hostname, agent.process.connection, self._python(hostname)
 
-    def _cwd_on(self, index: int) -> str:
-        """The run's working directory on host ``index``: ours, or its place in the copy."""
-        here, copy = str(Path.cwd()), self.copies[index]
-        if copy is None or self.folder is None:
-            return here
-        return self.folder.place(copy, here) or copy
-
-    def _sys_path_on(self, index: int) -> tuple[str, ...]:
-        """Our ``sys.path`` as host ``index`` has it: the copy first, our folders in it mapped."""
-        copy = self.copies[index]
-        if copy is None or self.folder is None:
-            return tuple(sys.path)
-        mapped = [(self.folder.place(copy, p) or p) if p else p for p in sys.path]
-        return tuple(dict.fromkeys([copy, *mapped]))
+    def _placement(self, index: int) -> Placement:
+        return Placement.here() if self.copies is None else self.copies.where(index)
 
     def _start_srun(self, index: int, env: dict[str, str]) -> AgentHandle:
         """An agent as a job step on one node of the allocation; srun forwards its stdin."""
@@ -399,7 +336,9 @@ class AgentPool:
     ) -> RunHandle[Any]:
         """Start a run on ``options``' hosts; don't wait."""
         indexes = [self.hostnames.index(h) for h in options.hostnames]
-        self.sync(indexes)
+        failures = [] if self.copies is None else self.copies.update(indexes, self._reach)
+        if failures:
+            raise _start_failed(failures)
         agents = [a for a in (self.agents[i] for i in indexes) if a is not None]
         workers = _workers_per_host(options.workers_per_host, agents)
         _check_debug_ranks(options.debug, sum(workers))
@@ -472,6 +411,7 @@ class AgentPool:
         offsets = [0, *itertools.accumulate(workers)]
         backend = _backend(options.backend, run.agents)
         traced = trace.folder() is not None
+        places = {i: self._placement(i) for i in indexes}
         return [
             RunSpec(
                 run=run.id,
@@ -479,8 +419,8 @@ class AgentPool:
                 backend=backend,
                 master_addr=self.host_address(indexes[0]),
                 env=options.env,
-                cwd=self._cwd_on(i),
-                sys_path=self._sys_path_on(i),
+                cwd=places[i].cwd,
+                sys_path=places[i].sys_path,
                 worker_timeout=options.worker_timeout,
                 result_token=run.result_token,
                 log_level=log_level_from_env(),
@@ -492,8 +432,8 @@ class AgentPool:
                 workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
                 debug=options.debug,
                 trace=traced,
-                copy=self.copies[i] or "",
-                copied_from=self.folder.root.as_posix() if self.folder and self.copies[i] else "",
+                copy=places[i].copy,
+                copied_from=places[i].copied_from,
             )
             for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
         ]
@@ -514,19 +454,6 @@ def _to_console(
         controller.call(functools.partial(controller.send, agent, answer))
 
     console.shared().on_debug(agent.hostname, message, finished, reply)
-
-
-def _warn_if_large(snapshot: Snapshot) -> None:
-    """A folder this large is more likely a mistake (``sync_dir=True`` in a home folder)."""
-    size = sum(f.size for f in snapshot.files)
-    if size >= LARGE_FOLDER_BYTES or len(snapshot.files) >= LARGE_FOLDER_FILES:
-        _sync_log.warning(
-            "sync_dir: %s holds %d files, %.1f GB: each host gets a copy of it (sync_exclude "
-            "leaves folders out)",
-            snapshot.folder.root,
-            len(snapshot.files),
-            size / 1e9,
-        )
 
 
 def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:

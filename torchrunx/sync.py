@@ -18,18 +18,31 @@ removed. Hashes are remembered by (size, mtime, inode), so an unchanged folder c
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_EXCLUDE", "Folder", "Snapshot", "SyncError", "copy_over_ssh", "push", "receive"]
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "Copies",
+    "Folder",
+    "Placement",
+    "Snapshot",
+    "SyncError",
+    "copy_over_ssh",
+    "push",
+    "receive",
+]
 
+import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -50,7 +63,7 @@ from .transport.messages import (
 from .transport.ssh import Interpreter, RemoteCommand, SSHError, agent_command, explain_exit
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     import pathspec
 
@@ -65,6 +78,14 @@ DEFAULT_EXCLUDE = (
 Python environment) neither."""
 
 M = TypeVar("M", bound=Message)
+
+log = logging.getLogger("torchrunx.sync")
+
+LARGE_FOLDER_BYTES = 1 << 30
+"""A folder this large (or with :data:`LARGE_FOLDER_FILES` files) is named in a warning."""
+LARGE_FOLDER_FILES = 20_000
+WINDOW = 64
+"""Hosts copied to at once."""
 
 CHUNK = 1 << 20
 _CHUNK_HEAD = struct.Struct(">IB")  # length (0: the content's end), compressed
@@ -299,6 +320,113 @@ def _read(stream: Stream, cls: type[M]) -> M:
         msg = f"the host's end closed before its {cls.KIND}"
         raise SyncError(msg)
     return parse(cls, line)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run's workers on one host start.
+
+    Their working directory, their ``sys.path``, and the copy of the folder they run in with
+    the launcher's path of that folder (both "": none).
+    """
+
+    cwd: str
+    sys_path: tuple[str, ...]
+    copy: str = ""
+    copied_from: str = ""
+
+    @classmethod
+    def here(cls) -> Placement:
+        """As the launcher is: on its own host, or one that shares its filesystem."""
+        return cls(str(Path.cwd()), tuple(sys.path))
+
+
+Reach = tuple[str, "SSHConnection", Interpreter]
+"""A host as the copying needs it: its name, its agent's SSH connection, its Python."""
+
+
+class Copies:
+    """A folder and each host's copy of it, as the launcher keeps track (hosts by index)."""
+
+    def __init__(self, folder: Folder, hosts: int, timeout: float) -> None:
+        """``timeout``: for each read of a host's answer."""
+        self.folder = folder
+        self.timeout = timeout
+        self.paths: list[str | None] = [None] * hosts  # None: it has none (or shares ours)
+        self.held = [""] * hosts  # the digest of the snapshot each copy holds
+        self.snapshot: Snapshot | None = None  # the latest
+        self.lock = threading.Lock()
+
+    def look(self, new_hosts: list[int]) -> None:
+        """Before agents start on ``new_hosts``: the folder now.
+
+        Each of those hosts is offered it afresh: a new agent may be a new host under that name.
+        """
+        self.snapshot = self.folder.snapshot()
+        _warn_if_large(self.snapshot)
+        for i in new_hosts:
+            self.held[i] = ""
+
+    def bring(self, index: int, host: Reach) -> None:
+        """Bring host ``index``'s copy to the latest snapshot, if it is not there."""
+        snapshot = self.snapshot
+        assert snapshot is not None  # noqa: S101 -- taken before agents start or runs sync
+        if self.held[index] == snapshot.digest:
+            return
+        hostname, connection, python = host
+        done = copy_over_ssh(connection, hostname, python, snapshot, self.timeout)
+        self.paths[index], self.held[index] = done.path, snapshot.digest
+        log.info(
+            "sync_dir: %s now has %s: %d files written, %d bytes sent",
+            hostname,
+            done.path,
+            done.written,
+            done.received,
+            extra={"hostname": hostname, "received": done.received, "written": done.written},
+        )
+
+    def update(self, indexes: list[int], reach: Callable[[int], Reach]) -> list[tuple[str, str]]:
+        """Before a run: the folder's changes reach the copies of ``indexes``, all at once.
+
+        Unchanged, this costs one walk of the folder (sizes and times, no reads). Returns the
+        hosts that failed, with why.
+        """
+        with self.lock:
+            self.snapshot = snapshot = self.folder.snapshot()
+            stale = [i for i in indexes if self.paths[i] and self.held[i] != snapshot.digest]
+            if not stale:
+                return []
+            hosts = {i: reach(i) for i in stale}
+            with concurrent.futures.ThreadPoolExecutor(min(len(stale), WINDOW)) as pool:
+                futures = {i: pool.submit(self.bring, i, hosts[i]) for i in stale}
+        return [(hosts[i][0], str(f.exception())) for i, f in futures.items() if f.exception()]
+
+    def where(self, index: int) -> Placement:
+        """Where host ``index``'s workers start: in its copy, at our place in the folder."""
+        copy = self.paths[index]
+        if copy is None:
+            return Placement.here()
+        here = str(Path.cwd())
+        mapped = [(self.folder.place(copy, p) or p) if p else p for p in sys.path]
+        return Placement(
+            cwd=self.folder.place(copy, here) or copy,
+            sys_path=tuple(dict.fromkeys([copy, *mapped])),
+            copy=copy,
+            copied_from=self.folder.root.as_posix(),
+        )
+
+
+def _warn_if_large(snapshot: Snapshot) -> None:
+    """A folder this large is more likely a mistake (``sync_dir=True`` in a home folder)."""
+    size = sum(f.size for f in snapshot.files)
+    if size >= LARGE_FOLDER_BYTES or len(snapshot.files) >= LARGE_FOLDER_FILES:
+        log.warning(
+            "sync_dir: %s holds %d files, %.1f GB: each host gets a copy of it (sync_exclude "
+            "leaves folders out)",
+            snapshot.folder.root,
+            len(snapshot.files),
+            size / 1e9,
+        )
 
 
 # ---- the host's side
