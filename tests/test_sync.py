@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,22 @@ def test_a_traceback_names_the_users_files_not_the_hosts_copies(
     remote = str(raised.value.__cause__)
     assert f'File "{package}/broken.py", line 2, in fail' in remote
     assert ".cache/torchrunx/copies" not in remote
+
+
+def test_a_hung_ranks_stack_names_the_users_files(isolated: Cluster, project: Path) -> None:
+    package = next(project.glob("pkg_*"))
+    write(package / "stuck.py", "import time\n\ndef stuck():\n    time.sleep(60)\n")
+    stuck = getattr(importlib.import_module(f"{package.name}.stuck"), "stuck")  # noqa: B009
+    with launcher_on(isolated) as launcher:
+        handle = launcher.submit(stuck)
+        deadline = time.monotonic() + 30
+        dumps: dict[int, str] = {}
+        while f"{package}/stuck.py" not in dumps.get(1, "") and time.monotonic() < deadline:
+            dumps = handle.stacks()  # until rank 1 is in the function
+            time.sleep(0.2)
+        handle.cancel()
+    assert f'File "{package}/stuck.py", line 4 in stuck' in dumps[1]
+    assert ".cache/torchrunx/copies" not in dumps[1]
 
 
 def test_an_edit_between_runs_arrives_and_only_it_travels(

@@ -542,7 +542,7 @@ class Agent:
             ask=run.spec is not None and run.spec.backend is not None,  # a process group's
         )
         answers = [
-            RankStack(asked[pid].slot.rank, asked[pid].slot.local_rank, text)
+            RankStack(asked[pid].slot.rank, asked[pid].slot.local_rank, _as_shown(run, text))
             for pid, text in dumps.items()
         ]
         answers += [
@@ -710,8 +710,14 @@ def _death(worker: _WorkerProcess, status: int, last_dump: str) -> Died:
         tail=tuple(tail),
         exitcode=exitcode,
         signal=name,
-        stack=last_dump if name is not None and last_dump else None,
+        stack=_as_shown(worker.run, last_dump) if name is not None and last_dump else None,
     )
+
+
+def _as_shown(run: _Run, dump: str) -> str:
+    """A stack dump of one of the run's workers, with its files as the launcher names them."""
+    spec = run.spec
+    return dump if spec is None else stacks.in_launchers_terms(dump, spec.copy, spec.copied_from)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "answer_asks",
     "collect",
     "enable_dumps",
+    "in_launchers_terms",
     "innermost",
     "is_installed",
     "is_ours",
@@ -276,6 +277,17 @@ def main_thread(dump: str) -> list[Frame]:
         if any(f.path.startswith(_HERE) and f.function == "run_worker" for f in frames):
             return [f for f in frames if not f.path.startswith(_HERE)]
     return every[0] if every else []
+
+
+def in_launchers_terms(text: str, copy: str, copied_from: str) -> str:
+    """A traceback or stack dump, with the files of a host's copy of ``sync_dir`` renamed.
+
+    They are named as the launcher has them (``copied_from``, instead of ``copy``): the same
+    contents, and the files the user edits and opens.
+    """
+    if not copy:
+        return text
+    return text.replace(f'File "{copy}/', f'File "{copied_from}/')
 
 
 def is_ours(path: str) -> bool:

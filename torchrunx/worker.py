@@ -435,8 +435,7 @@ def _described(e: BaseException, spec: RunSpec) -> tuple[str, str, str]:
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
-    if spec.copy:
-        text = text.replace(f'File "{spec.copy}/', f'File "{spec.copied_from}/')
+    text = stacks.in_launchers_terms(text, spec.copy, spec.copied_from)
     return f"{type(e).__module__}.{type(e).__qualname__}", _safe_str(e), text
 
 
