@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 SOURCES, SOURCE_LINES, BINARIES, BINARY_MB = 2000, 120, 3, 10
-RSYNC_DIR = "/root/.cache/torchrunx/rsync-copy"  # beside our copies: the nodes' private cache
+RSYNC_DIR = ".cache/torchrunx/rsync-copy"  # in the remote home, beside our copies: private there
 
 
 def make_project(root: Path) -> int:
@@ -151,7 +151,7 @@ def measure(hosts: int, reps: int, projects: Path, project: Path) -> dict[str, A
     with Cluster.up(hosts, private=[projects, cache]) as cluster:
         first, again, rsync_first, rsync_again = [], [], [], []
         for _ in range(reps):
-            on_nodes(cluster, "rm -rf ~/.cache/torchrunx/copies " + RSYNC_DIR)
+            on_nodes(cluster, f"rm -rf ~/.cache/torchrunx/copies ~/{RSYNC_DIR}")
             first.append(timed(lambda: copy_to_all(cluster, Folder(project))))
             again.append(timed(lambda: copy_to_all(cluster, Folder(project))))
             rsync_first.append(timed(lambda: rsync_to_all(cluster, project)))

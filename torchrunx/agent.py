@@ -409,14 +409,17 @@ class Agent:
     def on_output(self, fd: int, max_reads: int = _READS_PER_EVENT) -> None:
         """Forward what a worker wrote, whole lines only (a partial line waits for its end).
 
-        What its other pipe holds while resting was written before: it goes first, so that a
-        line on stderr after a flood on stdout comes after the flood.
+        What its other pipe holds while resting, or when this one is stderr, was most likely
+        written before: it goes first, so that a line on stderr after a flood on stdout comes
+        after the flood (the poller may name stderr first when both are ready; a stdout event
+        does not look at stderr, which keeps a flood's reads as they are).
         """
         worker = self.by_fd.get(fd)
         if worker is None:
             return
+        first = worker.pipes.get(fd) == "stderr"
         for other in list(worker.pipes):
-            if other != fd and other in self.resting:
+            if other != fd and (first or other in self.resting):
                 self.forward(other, worker, _READS_AT_EXIT)
         self.forward(fd, worker, max_reads)
 
