@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 from . import console
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
 from .hosts import in_slurm_job, resolve_hostnames
-from .logs import HandlerFactory, default_handlers
+from .logs import HandlerFactory, default_handlers, log_folder
 from .pool import AgentPool, AgentsConfig, RunOptions
 from .runs import CANCEL_TIMEOUT_S
 from .transport.messages import DebugSettings
@@ -447,7 +447,7 @@ def _log_folder_in(sync_dir: bool | str | Path, log_dir: str | Path | None) -> t
     root = _sync_dir(sync_dir)
     if root is None:
         return ()
-    logs = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs") if log_dir is None else log_dir
+    logs = log_folder(log_dir)
     if str(logs) == "":
         return ()
     try:

@@ -296,6 +296,13 @@ def file_handlers(
     return [RunFilesHandler(folder, hostnames, workers_per_host, log_level)]
 
 
+def log_folder(log_dir: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
+    """Where runs' log files go: ``log_dir``, else ``$TORCHRUNX_LOG_DIR``, else the default."""
+    if log_dir is None:
+        return os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")
+    return log_dir
+
+
 def default_handlers(
     hostnames: list[str],
     workers_per_host: list[int],
@@ -307,8 +314,7 @@ def default_handlers(
     ``log_dir=None``: ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``.
     """
     handlers: list[logging.Handler] = [LiveHandler(live_ranks)]
-    if log_dir is None:
-        log_dir = os.environ.get("TORCHRUNX_LOG_DIR", "torchrunx_logs")
+    log_dir = log_folder(log_dir)
     if str(log_dir) != "":
         handlers += file_handlers(hostnames, workers_per_host, log_dir, log_level_from_env())
     return handlers
