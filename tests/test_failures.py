@@ -128,7 +128,7 @@ def test_failure_on_every_rank_raises_one_of_them(launcher: torchrunx.Launcher) 
 
 
 def test_the_cause_comes_first_and_the_rest_is_summarised() -> None:
-    from torchrunx.outcome import Evidence, WorkerDied, WorkerRaised, settle
+    from torchrunx.outcome import Evidence, WorkerDied, WorkerRaised, resolve
     from torchrunx.transport.messages import Died, Raised, decode, encode
 
     # as they arrive: encoded by the agent, decoded by the launcher
@@ -152,7 +152,7 @@ def test_the_cause_comes_first_and_the_rest_is_summarised() -> None:
     assert isinstance(died, Died)
     failures = [WorkerRaised("h", raised, frames), WorkerDied("h", died)]
     with pytest.raises(torchrunx.WorkerFailedError) as info:
-        settle(failures, {}, ["h"], [2], Evidence())
+        resolve(failures, {}, ["h"], [2], Evidence())
     assert "SIGKILL" in str(info.value)
     assert "last words" in str(info.value)
     assert info.value.rank == 1

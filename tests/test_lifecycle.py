@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import torchrunx
+from torchrunx.pool import AGENT_GRACE_S
 from torchrunx.reaper import alive
 
 
@@ -182,3 +183,37 @@ def test_interpreter_exit_stops_the_agents(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=30)
     assert "done" in out
     assert gone(everything, timeout=5)
+
+
+def test_close_ends_agents_that_ignore_sigterm_or_are_stopped() -> None:
+    # the agents inherit a blocked SIGTERM from the thread that starts them: both ignore it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        lau = torchrunx.Launcher(hostnames=["localhost", "127.0.0.1"], workers_per_host=1)
+        lau.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    try:
+        assert lau._pool is not None
+        controller = lau._pool.controller.thread
+        stubborn, stopped = pids = agent_pids(lau)
+        forkservers = [c.pid for pid in pids for c in psutil.Process(pid).children()]
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        os.kill(stopped, signal.SIGSTOP)
+        time.sleep(0.5)
+        assert alive(pids) == pids  # SIGTERM did nothing
+        assert psutil.Process(stopped).status() == psutil.STATUS_STOPPED
+    except BaseException:
+        lau.close()
+        raise
+
+    began = time.monotonic()
+    lau.close()
+    took = time.monotonic() - began
+
+    assert took < 2 * AGENT_GRACE_S + 2, took
+    assert not psutil.pid_exists(stubborn)  # reaped, not only dead
+    assert not psutil.pid_exists(stopped)
+    assert not controller.is_alive()
+    assert gone(forkservers, timeout=5)

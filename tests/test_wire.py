@@ -157,6 +157,46 @@ def test_nested_values_are_checked_too() -> None:
 
 
 @pytest.mark.parametrize(
+    ("message", "field", "value"),
+    [
+        (Output("r1", 2, 1, "stdout", "INFO"), "stream", "stdin"),
+        (Output("r1", 2, 1, "stdout", "INFO"), "level", "LOUD"),
+        (messages.Dump("r1", "q1"), "what", "heap"),
+        (messages.Debug("r1", 2, 1, "", "prompt"), "state", 1),
+        (EXAMPLES[[m.KIND for m in EXAMPLES].index("status")], "ranks", [{"state": "asleep"}]),
+    ],
+)
+def test_a_word_outside_its_list_is_refused(message: Message, field: str, value: object) -> None:
+    header = header_of(message)
+    if field == "ranks":  # inside a nested value: the rest of that rank as it was
+        value = [{**header["ranks"][0], **value[0]}]  # type: ignore[index, dict-item]
+    header[field] = value
+    with pytest.raises(WireError, match=r"stream|level|what|state"):
+        decode([message.KIND.encode(), json.dumps(header).encode()])
+
+
+def test_stacks_say_whether_they_were_asked_for() -> None:
+    autopsy = messages.Stacks("r1", None, (), ())
+    assert decode(encode(autopsy))[0] == autopsy
+    assert header_of(autopsy)["request"] is None
+
+
+def test_worker_identities_round_trip_and_strangers_are_refused() -> None:
+    identity = messages.worker_identity("ab:cd", 3)
+    assert messages.parse_worker_identity(identity) == ("ab:cd", 3)
+    for stranger in (b"", b"r1", b"r1:", b":3", b"r1:x"):
+        with pytest.raises(WireError, match="identity"):
+            messages.parse_worker_identity(stranger)
+
+
+def test_json_lines_are_one_line_that_parse_reads_back() -> None:
+    line = messages.json_line(messages.SyncWant(("ab" * 32, "new\nline")))
+    assert line.endswith(b"\n")
+    assert line.count(b"\n") == 1
+    assert parse(messages.SyncWant, line) == messages.SyncWant(("ab" * 32, "new\nline"))
+
+
+@pytest.mark.parametrize(
     "frames",
     [
         [b"nosuchkind", b"{}"],
@@ -183,7 +223,10 @@ def test_another_protocol_version_names_both() -> None:
 
 
 def test_an_agent_of_another_version_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the launcher believes it speaks another version than the (real) agent it starts
+    # the launcher believes it speaks another version than the (real) agent it starts; the
+    # boot it sends is made by the pool, imported first so that it keeps the real version
+    import torchrunx.pool
+
     monkeypatch.setattr(messages, "PROTOCOL_VERSION", PROTOCOL_VERSION + 7)
     launcher = torchrunx.Launcher(hostnames=["localhost"], workers_per_host=1, backend=None)
     with pytest.raises(torchrunx.AgentFailedError) as info:

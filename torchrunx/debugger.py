@@ -27,8 +27,8 @@ import threading
 import time
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from . import stacks
-from .transport.messages import Debug, DebugInput, DebugSettings
+from . import sources
+from .transport.messages import Debug, DebugInput, DebugSettings, DebugState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -83,7 +83,7 @@ class Channel(io.TextIOBase):
         """Not a terminal: pdb must not set one up (readline, colours)."""
         return False
 
-    def post(self, state: str) -> None:
+    def post(self, state: DebugState) -> None:
         """Send what is pending with ``state`` (see :class:`Debug`)."""
         text, self._pending = "".join(self._pending), []
         why, self.why = self.why, ""
@@ -228,7 +228,7 @@ def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
 
 def _ours(frame: FrameType) -> bool:
     """A frame of this package (the worker around the function), or of ``runpy``."""
-    return stacks.is_ours(frame.f_code.co_filename)
+    return sources.is_ours(frame.f_code.co_filename)
 
 
 _debugger: _Debugger | None = None

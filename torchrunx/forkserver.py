@@ -13,9 +13,9 @@ and it reports each exit to the agent the moment ``SIGCHLD`` arrives. It dies wi
 
 It never does anything slow once it forks: more modules (a ``preload``, what earlier runs
 imported) are imported by a *new* forkserver, before its first fork, while this one goes on
-serving; the agent then sends runs there (see :mod:`torchrunx.agent`). A module whose import
-starts a thread or initialises CUDA leaves a forkserver unsafe to fork: that forkserver says so
-and is not used.
+serving; the agent then sends runs there (see :mod:`torchrunx.agent_forkservers`). A module
+whose import starts a thread or initialises CUDA leaves a forkserver unsafe to fork: that
+forkserver says so and is not used.
 
 Its workers' OpenMP threads give up the CPU sooner than in a process started alone (see
 :func:`_sharing_cores`): the workers of a host share its cores.

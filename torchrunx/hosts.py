@@ -1,5 +1,8 @@
 """Hosts and their facts: hostnames, SLURM, local addresses, GPU and CPU counts.
 
+The addresses that connect us and a host (:func:`route_to`) are the transport's: they are
+named here beside the other facts.
+
 GPUs are counted from the driver's files, never through CUDA: a process that initialised CUDA
 cannot fork usable children, and agents and forkservers fork.
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .transport.messages import HostFacts
+from .transport.routes import route_to  # the pool's, beside the other facts of hosts
 
 _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
 
@@ -105,25 +109,6 @@ def count_gpus() -> int:
             break
         count += 1
     return min(count, present)
-
-
-def route_to(host: str) -> tuple[str, str]:
-    """``(our address towards host, host's address)``, from the routing table (nothing is sent).
-
-    A name this machine cannot resolve is returned as is (other hosts may resolve it), with our
-    address from the hostname.
-    """
-    try:
-        remote = str(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0])
-    except OSError:
-        return socket.gethostbyname(socket.gethostname()), host
-    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((remote, 9))  # a UDP "connect" only picks the route
-            return str(s.getsockname()[0]), remote
-    except OSError:
-        return socket.gethostbyname(socket.gethostname()), remote
 
 
 def interface_of(address: str) -> str | None:

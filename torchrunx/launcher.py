@@ -29,8 +29,8 @@ from . import console
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
 from .hosts import in_slurm_job, resolve_hostnames
 from .logs import HandlerFactory, default_handlers, log_folder
-from .pool import AgentPool, AgentsConfig, RunOptions
-from .runs import CANCEL_TIMEOUT_S
+from .pool import AgentPool, AgentsConfig
+from .runs import CANCEL_TIMEOUT_S, Run, RunOptions
 from .transport.messages import DebugSettings
 
 if TYPE_CHECKING:
@@ -277,7 +277,7 @@ class Launcher:
                 post_mortem=self.post_mortem,
             ),
         )
-        return pool.submit(func, call_args, call_kwargs, options)
+        return Run.submit(pool, (func, call_args, call_kwargs), options)
 
 
 @dataclass(frozen=True)
@@ -593,6 +593,3 @@ def _legacy_kwargs(
     if any(p.kind in positional for p in params):
         return args, kwargs
     return (), dict(args[0])
-
-
-# ---- agents and runs

@@ -35,7 +35,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from .transport.messages import Output
 
 HandlerFactory = Callable[[], list[logging.Handler]]
 
@@ -339,6 +342,26 @@ class Chunk:
     redraw: bool = False
     created: float = field(default_factory=time.time)
     _records: list[logging.LogRecord] | None = None
+
+    @classmethod
+    def of(cls, hostname: str, output: Output, data: bytes) -> Chunk:
+        """The chunk an agent on ``hostname`` sent: ``data``, from where ``output`` says."""
+        local_rank = output.local_rank
+        return cls(
+            data,
+            name=f"torchrunx.{hostname}" + ("" if local_rank is None else f".{local_rank}"),
+            hostname=hostname,
+            local_rank=local_rank,
+            rank=output.rank,
+            stream=output.stream or "stderr",
+            levelno=logging.getLevelName(output.level),
+            redraw=output.redraw,
+        )
+
+    def to_loggers(self) -> None:
+        """Hand each line's record to its logger (``torchrunx.<hostname>[.<local_rank>]``)."""
+        for record in self.records():
+            logging.getLogger(record.name).handle(record)
 
     @property
     def plain(self) -> bool:

@@ -1,7 +1,7 @@
 """A run's outcome as what ``run()`` returns or raises: the one module that decides it.
 
-The controller collects typed :data:`Failure` values and the pickled results; :func:`settle`
-runs in the thread that settles the run's handle (never the controller's), since it unpickles.
+The controller collects typed :data:`Failure` values and the pickled results; :func:`resolve`
+runs in the thread that concludes the run's handle (never the controller's), since it unpickles.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = [
     "WorkerDied",
     "WorkerRaised",
     "failure_exception",
-    "settle",
+    "resolve",
 ]
 
 import contextlib
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import stacks
+from . import stack_report
 from .errors import (
     AgentFailedError,
     DebuggerQuitError,
@@ -121,7 +121,7 @@ class Evidence:
         """Where the ranks were, grouped, odd ones out first; empty if none was running."""
         if not self.stacks and not self.silent:
             return ""
-        return stacks.report(self.stacks, self.silent, self.died)
+        return stack_report.report(self.stacks, self.silent, self.died)
 
     def logs_of(self, hostname: str, local_rank: int | None) -> str:
         """Where a worker's (or, with ``None``, an agent's) output is written, if anywhere."""
@@ -133,7 +133,7 @@ class Evidence:
         return f"\nIts log: {self.log_folder / f'{hostname}[{local_rank}].log'} (agent: {agent})"
 
 
-def settle(
+def resolve(
     failures: list[Failure],
     results: dict[int, list[Any]],
     hostnames: list[str],

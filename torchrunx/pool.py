@@ -1,20 +1,24 @@
-"""The agents of one launcher, how they start (locally, over SSH, by srun), and its runs.
+"""The agents of one launcher: starting them (locally, over SSH, by srun), and stopping them.
 
-An :class:`AgentPool` owns the controller thread and one agent per host; ``submit`` turns a
-function and its arguments into a run on some of those agents and returns its handle. The
-launcher describes what it needs in two frozen values: :class:`AgentsConfig` (where and how the
-agents run) and :class:`RunOptions` (one run).
+::
+
+    Launcher ─► AgentPool ─┬─ Controller (its thread owns the ROUTER socket)
+                           ├─ local agent: our child, boot line on its stdin pipe
+                           ├─ SSH agent: paramiko channel (sync_dir copied first, sync.Copies)
+                           └─ srun agent: a job step of the allocation
+
+An :class:`AgentPool` owns the controller thread and one agent per host, described by
+:class:`AgentsConfig` (where and how the agents run). It starts the agents that are missing
+before each run, tells a run (:class:`torchrunx.runs.Run`) which agents serve its hosts and
+where their workers start, and stops them all (bounded, through :mod:`torchrunx.reaper`).
 """
 
 from __future__ import annotations
 
-__all__ = ["AgentPool", "AgentsConfig", "RunOptions"]
+__all__ = ["AgentPool", "AgentsConfig"]
 
 import concurrent.futures
 import contextlib
-import functools
-import itertools
-import logging
 import os
 import secrets
 import shutil
@@ -22,33 +26,19 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from . import console, trace
-from .controller import AgentHandle, Controller, RunState
+from . import reaper
+from .controller import Controller
 from .environment import agent_base_env
 from .errors import AgentFailedError
 from .hosts import in_slurm_job, is_local, route_to
-from .logs import RunFilesHandler, emit_batch, log_level_from_env
-from .outcome import settle
-from .runs import RunHandle
+from .links import AgentHandle
 from .sync import Copies, Folder, Placement, Reach, SyncError
-from .transport import serialization
-from .transport.messages import (
-    PROTOCOL_VERSION,
-    Boot,
-    Debug,
-    DebugInput,
-    DebugSettings,
-    RunSpec,
-    WorkerSlot,
-    to_json,
-)
+from .transport.messages import PROTOCOL_VERSION, Boot, json_line
 from .transport.ssh import (
     Interpreter,
     RemoteAgentProcess,
@@ -57,11 +47,13 @@ from .transport.ssh import (
     open_ssh,
 )
 
+if TYPE_CHECKING:
+    from .runs import Run
+
 SSH_WINDOW = 64
 """At most this many SSH handshakes at once; the others wait for a slot."""
-
-HandlersFor = Callable[[list[str], list[int]], list[logging.Handler]]
-"""A run's log handlers, given its hostnames and workers per host."""
+AGENT_GRACE_S = 5.0
+"""How long a stopped agent gets to end its runs and exit on its own before it is killed."""
 
 
 @dataclass(frozen=True)
@@ -81,19 +73,6 @@ class AgentsConfig:
     pythons: tuple[tuple[str, str], ...] = ()  # (hostname, its interpreter), where not ours
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """One run: its hosts (all of the pool's, or a view's), workers, process group, env, logs."""
-
-    hostnames: list[str]
-    workers_per_host: int | list[int] | str
-    backend: str | None
-    worker_timeout: float
-    env: dict[str, str]  # copied and extra variables, taken afresh for each run
-    handlers: HandlersFor
-    debug: DebugSettings
-
-
 class AgentPool:
     """The agents of one launcher and the controller thread that talks to them."""
 
@@ -104,11 +83,11 @@ class AgentPool:
         self.secret = secrets.token_hex(32)
         self.controller = Controller(self.secret, config.agent_timeout, encrypt=config.encrypt)
         self.controller.start()
-        self.last_submit = 0.0  # seconds since 1970: agents started after it are a run's
+        self.last_run = 0.0  # seconds since 1970: agents started after it are the next run's
         self.agents: list[AgentHandle | None] = [None] * len(self.hostnames)
         self.addresses = ["127.0.0.1"] * len(self.hostnames)  # remote: the peers of SSH sessions
         self.local_address: str | None = None  # ours, as remote hosts see it
-        self.handles: weakref.WeakSet[RunHandle[Any]] = weakref.WeakSet()  # runs in flight
+        self.runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight (see close)
         self.lock = threading.Lock()
         self.copies = None  # of sync_dir, on the hosts
         if config.sync_dir is not None:
@@ -116,7 +95,7 @@ class AgentPool:
             self.copies = Copies(folder, len(self.hostnames), config.agent_timeout)
         self._finalizer = weakref.finalize(owner, _close_pool, self.controller, self.agents)
 
-    # ---- agents
+    # ---- starting agents
 
     def ensure_agents(self, env: dict[str, str]) -> list[AgentHandle]:
         """Start the agents not up yet (or failed), with ``env``; then wait for their hello.
@@ -126,11 +105,9 @@ class AgentPool:
         """
         with self.lock:
             missing = [i for i, a in enumerate(self.agents) if a is None or a.failure is not None]
+            _stop([a for a in (self.agents[i] for i in missing) if a is not None])
             for i in missing:
-                old = self.agents[i]
-                if old is not None:
-                    _stop_agent(old)
-                    self.agents[i] = None
+                self.agents[i] = None
             if self.copies is not None and missing:
                 self.copies.look(missing)
             failures = self._start(missing, agent_base_env(env))
@@ -205,7 +182,7 @@ class AgentPool:
             address = self.controller.address_on(connection.local_address)
             if self.copies is not None:
                 self._copy_to(index, (hostname, connection, python))
-            cwd = self._placement(index).cwd
+            cwd = self.placement(index).cwd
             process = RemoteAgentProcess(connection, agent_command(python.path, cwd))
         except BaseException:
             connection.close()
@@ -223,27 +200,6 @@ class AgentPool:
         """The interpreter of ``hostname``'s agent."""
         chosen = dict(self.config.pythons).get(hostname)
         return Interpreter(sys.executable) if chosen is None else Interpreter(chosen, chosen=True)
-
-    # ---- a folder copied to the hosts
-
-    def _copy_to(self, index: int, host: Reach) -> None:
-        """Bring host ``index``'s copy of ``sync_dir`` up to date before its agent starts."""
-        assert self.copies is not None  # noqa: S101 -- only called with a folder to copy
-        try:
-            self.copies.bring(index, host)
-        except SyncError as e:
-            raise AgentFailedError(str(e), hostname=host[0]) from e
-
-    def _reach(self, index: int) -> Reach:
-        """Host ``index`` as copying needs it: its name, agent's connection and Python."""
-        hostname, agent = self.hostnames[index], self.agents[index]
-        if agent is None or not isinstance(agent.process, RemoteAgentProcess):
-            msg = f"{hostname} has no agent over SSH to copy sync_dir through"
-            raise AgentFailedError(msg, hostname=hostname)
-        return hostname, agent.process.connection, self._python(hostname)
-
-    def _placement(self, index: int) -> Placement:
-        return Placement.here() if self.copies is None else self.copies.where(index)
 
     def _start_srun(self, index: int, env: dict[str, str]) -> AgentHandle:
         """An agent as a job step on one node of the allocation; srun forwards its stdin."""
@@ -284,7 +240,7 @@ class AgentPool:
 
     def _boot(self, agent: AgentHandle, address: str) -> None:
         """Register the agent, then send its first line of stdin (which then stays open)."""
-        self.controller.call_and_wait(functools.partial(self.controller.add_agent, agent))
+        self.controller.call_and_wait(self.controller.add_agent, agent)
         boot = Boot(
             version=PROTOCOL_VERSION,
             address=address,
@@ -300,16 +256,56 @@ class AgentPool:
         stdin = agent.process.stdin
         assert stdin is not None  # noqa: S101 -- narrows the type: stdin is a pipe or channel
         try:
-            stdin.write(_json_line(boot))
+            stdin.write(json_line(boot))
             stdin.flush()
         except (OSError, EOFError) as e:  # it exited at once (EOFError: an SSH channel): say why
-            try:
-                code: int | None = agent.process.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
+            reaper.end([agent.process], grace=AGENT_GRACE_S)  # killed if it has not, after all
+            code = agent.process.poll()
             why = None if code is None else agent.explain_exit(code)
             msg = why or f"the agent on {agent.hostname} could not be started ({e}; exit {code})"
             raise AgentFailedError(msg, hostname=agent.hostname) from e
+
+    # ---- copies of sync_dir on the hosts
+
+    def _copy_to(self, index: int, host: Reach) -> None:
+        """Bring host ``index``'s copy of ``sync_dir`` up to date before its agent starts."""
+        assert self.copies is not None  # noqa: S101 -- only called with a folder to copy
+        try:
+            self.copies.bring(index, host)
+        except SyncError as e:
+            raise AgentFailedError(str(e), hostname=host[0]) from e
+
+    def _reach(self, index: int) -> Reach:
+        """Host ``index`` as copying needs it: its name, agent's connection and Python."""
+        hostname, agent = self.hostnames[index], self.agents[index]
+        if agent is None or not isinstance(agent.process, RemoteAgentProcess):
+            msg = f"{hostname} has no agent over SSH to copy sync_dir through"
+            raise AgentFailedError(msg, hostname=hostname)
+        return hostname, agent.process.connection, self._python(hostname)
+
+    # ---- what runs need of the agents
+
+    def agents_of(self, hostnames: list[str]) -> tuple[list[int], list[AgentHandle]]:
+        """The agents of ``hostnames`` (by index in the pool), their copies brought up to date."""
+        indexes = [self.hostnames.index(h) for h in hostnames]
+        failures = [] if self.copies is None else self.copies.update(indexes, self._reach)
+        if failures:
+            raise _start_failed(failures)
+        return indexes, [a for a in (self.agents[i] for i in indexes) if a is not None]
+
+    def starts_for_run(self, agents: list[AgentHandle]) -> list[tuple[float, float]]:
+        """Each agent's start and hello (seconds since 1970) if it started for this run, else 0s.
+
+        For the run's trace: agents started since the previous run started for this one.
+        """
+        previous, self.last_run = self.last_run, time.time()
+        return [
+            (a.started_at, a.hello_at) if a.started_at > previous else (0.0, 0.0) for a in agents
+        ]
+
+    def placement(self, index: int) -> Placement:
+        """Where host ``index``'s workers start: here, or its copy of ``sync_dir``."""
+        return Placement.here() if self.copies is None else self.copies.where(index)
 
     def host_address(self, index: int) -> str:
         """Where the other hosts reach host ``index`` (its workers bind there)."""
@@ -317,153 +313,19 @@ class AgentPool:
             return self.addresses[index]
         return self.local_address or "127.0.0.1"
 
+    # ---- stopping
+
     def stop_agents(self) -> None:
         """Stop every agent (bounded); the next run starts them again."""
         with self.lock:
-            for i, agent in enumerate(self.agents):
-                if agent is not None:
-                    _stop_agent(agent)
-                    self.agents[i] = None
-
-    # ---- runs
-
-    def submit(
-        self,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        options: RunOptions,
-    ) -> RunHandle[Any]:
-        """Start a run on ``options``' hosts; don't wait."""
-        indexes = [self.hostnames.index(h) for h in options.hostnames]
-        failures = [] if self.copies is None else self.copies.update(indexes, self._reach)
-        if failures:
-            raise _start_failed(failures)
-        agents = [a for a in (self.agents[i] for i in indexes) if a is not None]
-        workers = _workers_per_host(options.workers_per_host, agents)
-        _check_debug_ranks(options.debug, sum(workers))
-        handlers = options.handlers(options.hostnames, workers)
-        run = RunState(
-            uuid.uuid4().hex[:12],
-            agents,
-            workers,
-            functools.partial(emit_batch, handlers),
-            secrets.token_hex(16),
-        )
-        run.evidence.log_folder = next(
-            (h.folder for h in handlers if isinstance(h, RunFilesHandler)), None
-        )
-        run.on_debug = functools.partial(_to_console, self.controller, run.done)
-        specs = self._specs(run, indexes, options)
-        handle: RunHandle[Any] = RunHandle(
-            run.id,
-            functools.partial(
-                self.controller.call,
-                functools.partial(self.controller.cancel_run, run.id, "cancelled in the launcher"),
-            ),
-            run.done,
-            functools.partial(self.controller.dump_stacks, run.id),
-            run.evidence,
-            status=functools.partial(self.controller.status, run.id),
-        )
-
-        submitted = time.time()
-        previous, self.last_submit = self.last_submit, submitted
-        starts = [
-            (a.started_at, a.hello_at) if a.started_at > previous else (0.0, 0.0) for a in agents
-        ]
-
-        def finish() -> None:
-            for handler in handlers:
-                handler.close()
-            trace.write(
-                run.id,
-                hostnames=options.hostnames,
-                workers_per_host=run.workers_per_host,
-                phases=run.phases,
-                received=run.received,
-                span=(min([submitted] + [s for s, _ in starts if s]), time.time()),
-                agents=starts,
-            )
-            handle.settle(
-                lambda: settle(
-                    run.failures,
-                    run.results,
-                    options.hostnames,
-                    run.workers_per_host,
-                    run.evidence,
-                )
-            )
-
-        # settled on a thread of its own: unpickling and the user's done-callbacks must neither
-        # hold up the controller thread nor wait behind another run
-        run.on_done = lambda: threading.Thread(
-            target=finish, name=f"torchrunx-run-{run.id}", daemon=True
-        ).start()
-        self.handles.add(handle)
-        payload = serialization.dumps((func, args, kwargs))
-        self.controller.call(functools.partial(self.controller.start_run, run, specs, payload))
-        return handle
-
-    def _specs(self, run: RunState, indexes: list[int], options: RunOptions) -> list[RunSpec]:
-        """Each host's part of the run."""
-        workers = run.workers_per_host
-        offsets = [0, *itertools.accumulate(workers)]
-        backend = _backend(options.backend, run.agents)
-        traced = trace.folder() is not None
-        places = {i: self._placement(i) for i in indexes}
-        return [
-            RunSpec(
-                run=run.id,
-                world_size=offsets[-1],
-                backend=backend,
-                master_addr=self.host_address(indexes[0]),
-                env=options.env,
-                cwd=places[i].cwd,
-                sys_path=places[i].sys_path,
-                worker_timeout=options.worker_timeout,
-                result_token=run.result_token,
-                log_level=log_level_from_env(),
-                server_key=self.controller.server_key,
-                group_rank=g,
-                hostname=self.hostnames[i],
-                address=self.host_address(i),
-                local_world_size=n,
-                workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
-                debug=options.debug,
-                trace=traced,
-                copy=places[i].copy,
-                copied_from=places[i].copied_from,
-            )
-            for g, (i, n) in enumerate(zip(indexes, workers, strict=True))
-        ]
+            _stop([a for a in self.agents if a is not None])
+            self.agents[:] = [None] * len(self.agents)
 
     def close(self) -> None:
         """Cancel the runs in flight, stop every agent and the controller."""
-        for handle in list(self.handles):
-            handle.cancel()
+        for run in list(self.runs):
+            run.handle.cancel()
         self._finalizer()
-
-
-def _to_console(
-    controller: Controller, finished: threading.Event, agent: AgentHandle, message: Debug
-) -> None:
-    """A rank's debugger output goes to the terminal; the lines typed there go back to it."""
-
-    def reply(answer: DebugInput) -> None:
-        controller.call(functools.partial(controller.send, agent, answer))
-
-    console.shared().on_debug(agent.hostname, message, finished, reply)
-
-
-def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:
-    outside = sorted(r for r in debug.ranks or () if not 0 <= r < world_size)
-    if outside:
-        msg = (
-            f"debug_ranks names ranks {outside}, but this run has ranks 0 to {world_size - 1}: "
-            "pass ranks of the run, or 'all'"
-        )
-        raise ValueError(msg)
 
 
 def _raise_open_files_limit() -> None:
@@ -480,12 +342,6 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _json_line(boot: Boot) -> bytes:
-    import json  # noqa: PLC0415 -- once per agent start
-
-    return json.dumps(to_json(boot)).encode() + b"\n"
-
-
 def _start_failed(failures: list[tuple[str, str]]) -> AgentFailedError:
     hosts = [h for h, _ in failures]
     if len(failures) == 1:
@@ -499,44 +355,21 @@ def _start_failed(failures: list[tuple[str, str]]) -> AgentFailedError:
 
 def _close_pool(controller: Controller, agents: list[AgentHandle | None]) -> None:
     """Stop every agent (bounded) and the controller; safe at interpreter exit."""
-    for agent in agents:
-        if agent is not None:
-            _stop_agent(agent)
-    controller.stop()
-
-
-def _stop_agent(agent: AgentHandle, timeout: float = 5.0) -> None:
-    """Cut the agent's lifeline (it kills its runs and exits), then make sure it is gone."""
-    process = agent.process
-    if process.stdin is not None:
-        with contextlib.suppress(OSError):
-            process.stdin.close()
     try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout)
+        _stop([a for a in agents if a is not None])
+    finally:
+        controller.stop()
 
 
-def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:
-    if isinstance(spec, int):
-        return [spec] * len(agents)
-    if isinstance(spec, (list, tuple)):
-        return list(spec)
-    facts = [a.facts for a in agents if a.facts is not None]
-    if spec == "cpu":
-        return [f.cpus for f in facts]
-    gpus = [f.gpus for f in facts]
-    if spec == "gpu":
-        missing = [a.hostname for a, g in zip(agents, gpus, strict=True) if g == 0]
-        if missing:
-            msg = f'workers_per_host="gpu", but no GPU was found on {missing}'
-            raise ValueError(msg)
-        return gpus
-    return [g or 1 for g in gpus]
+def _stop(agents: list[AgentHandle]) -> None:
+    """Cut every agent's lifeline at once (each kills its runs and exits), then see them gone.
 
-
-def _backend(backend: str | None, agents: list[AgentHandle]) -> str | None:
-    if backend != "auto":
-        return backend
-    return "nccl" if all(a.facts is not None and a.facts.gpus for a in agents) else "gloo"
+    One grace for all of them, not one each: an agent that does not leave within
+    ``AGENT_GRACE_S`` (stopped, or hung) is killed, and none is waited for past twice that.
+    """
+    for agent in agents:
+        stdin = agent.process.stdin
+        if stdin is not None:
+            with contextlib.suppress(OSError, EOFError):  # gone already
+                stdin.close()
+    reaper.end([a.process for a in agents], grace=AGENT_GRACE_S, deadline=2 * AGENT_GRACE_S)

@@ -1,19 +1,31 @@
 """Ending processes: parent-death signals, child subreapers, and teardown within a deadline.
 
-This module owns "end these processes and everything they started, within this deadline":
-:class:`Teardown` signals a set, gives it a grace period, escalates to SIGKILL and gives up at a
-deadline, either polled from an event loop (a run's leftovers) or waited for (an agent's own
-shutdown). :func:`run_processes` finds what a run's workers started. A process is gone only once
-it has been reaped: an exiting process or a zombie may still hold memory (a GPU's among it), so
-a teardown waits for those too (the forkserver, their subreaper, reaps them at once).
+This module owns "end these processes and everything they started, within this deadline"; every
+kill in the package goes through it, and every wait after one is bounded:
+
+- :class:`Teardown` signals a set of pids, gives it a grace period, escalates to SIGKILL and
+  gives up at a deadline, either polled from an event loop (a run's leftovers) or waited for (an
+  agent's own shutdown). :func:`run_processes` finds what a run's workers started.
+- :func:`end` does the same for child processes we hold a handle of (``subprocess.Popen``, an
+  agent behind SSH): agents told to leave by their cut lifeline, forkservers killed at once.
+- :func:`kill_now` and :func:`kill_groups` are the immediate kills of a cancelled run.
+
+A process is gone only once it has been reaped: an exiting process or a zombie may still hold
+memory (a GPU's among it), so a teardown waits for those too (the forkserver, their subreaper,
+reaps them at once).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "Child",
     "Teardown",
     "alive",
+    "end",
     "existing",
+    "kill_groups",
+    "kill_now",
+    "remove_private_folder",
     "run_processes",
     "set_child_subreaper",
     "set_parent_death_signal",
@@ -24,15 +36,16 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 GRACE_S = 3.0
 """How long a process gets between SIGTERM and SIGKILL."""
@@ -61,6 +74,60 @@ def signal_all(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def kill_now(pids: Iterable[int]) -> None:
+    """SIGKILL each process at once (a cancelled run's), ignoring those already gone."""
+    signal_all(pids, signal.SIGKILL)
+
+
+def kill_groups(leaders: Iterable[int]) -> None:
+    """SIGKILL the process group of each leader: a worker and what it started in its session."""
+    for pid in leaders:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+class Child(Protocol):
+    """A process we hold a handle of: ``subprocess.Popen``, or an agent behind an SSH channel."""
+
+    def poll(self) -> int | None:
+        """Its exit status once it has exited (and been reaped), else None."""
+
+    def kill(self) -> None:
+        """End it now (SIGKILL; for an agent over SSH, drop its connection)."""
+
+
+def end(
+    children: Sequence[Child], grace: float = GRACE_S, deadline: float = DEADLINE_S
+) -> list[Child]:
+    """Let ``children`` exit on their own for ``grace`` s, kill the rest, wait up to ``deadline``.
+
+    They were told to leave beforehand (an agent's lifeline cut); ``grace=0`` kills at once. All
+    are waited for together, so closing many costs one grace, not one each. Never raises, never
+    waits past ``deadline``: returns those still there (a process stuck in the kernel).
+    """
+    started = time.monotonic()
+    pending = [c for c in children if c.poll() is None]
+    killed = False
+    while pending:
+        waited = time.monotonic() - started
+        if not killed and waited >= grace:
+            killed = True
+            for child in pending:
+                with contextlib.suppress(OSError):  # gone meanwhile
+                    child.kill()
+        if waited >= deadline:
+            break
+        time.sleep(0.005)
+        pending = [c for c in pending if c.poll() is None]
+    return pending
+
+
+def remove_private_folder(folder: str) -> None:
+    """Remove what a dead agent left behind: its private folder (``torchrunx-agent-*``)."""
+    if Path(folder).name.startswith("torchrunx-agent-"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _PF_EXITING = 0x4  # include/linux/sched.h: the process is in do_exit()

@@ -1,27 +1,224 @@
-"""Runs in flight: :class:`RunHandle`, a ``concurrent.futures.Future`` of a ``LaunchResult``."""
+"""A run, on the launcher's side: what it is, how it starts, how its outcome comes back, its end.
+
+::
+
+    Launcher.submit ─► Run(pool, options, payload) ─► start(): specs ─► controller ─► agents
+                         │                                      (RunState: what comes back)
+                         ◄── ended() ◄── controller thread, when every host has cleared the run
+                       _conclude(), on a thread of its own: handlers closed, trace written,
+                       outcome.resolve(): a LaunchResult or the exception ─► RunHandle
+
+A :class:`Run` is the one home of a run: its options (:class:`RunOptions`), the function and
+arguments pickled once, its handle, and what the controller thread gathers of it (a
+:class:`~torchrunx.controller.RunState`). The pool only starts agents; the controller only moves
+messages. :class:`RunHandle` is what the user holds: a ``concurrent.futures.Future`` of the
+``LaunchResult`` that asks its run for stacks, status and cancellation.
+"""
 
 from __future__ import annotations
 
-__all__ = ["RunHandle"]
+__all__ = ["CANCEL_TIMEOUT_S", "Run", "RunHandle", "RunOptions"]
 
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import console, trace
+from .logs import RunFilesHandler, emit_batch, log_level_from_env
+from .outcome import resolve
 from .result import LaunchResult
+from .run_state import RunState
+from .transport import serialization
+from .transport.messages import DebugInput, DebugSettings, RunSpec, WorkerSlot
 
 if TYPE_CHECKING:
-    import threading
-    from collections.abc import Callable
+    import logging
 
+    from .links import AgentHandle
+    from .logs import Chunk
     from .outcome import Evidence
-    from .transport.messages import RankStatus
+    from .pool import AgentPool
+    from .transport.messages import Debug, RankStatus
 
 FunctionR = TypeVar("FunctionR")
 
 CANCEL_TIMEOUT_S = 15.0
 """How long ``cancel()`` waits for the run's processes to be gone everywhere."""
+
+HandlersFor = Callable[[list[str], list[int]], "list[logging.Handler]"]
+"""A run's log handlers, given its hostnames and workers per host."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run was asked to be: its hosts (the pool's, or a view's), workers, env, logs."""
+
+    hostnames: list[str]
+    workers_per_host: int | list[int] | str
+    backend: str | None
+    worker_timeout: float
+    env: dict[str, str]  # copied and extra variables, taken afresh for each run
+    handlers: HandlersFor
+    debug: DebugSettings
+
+
+class Run:
+    """One run of a function on a pool's agents, from ``submit`` to its value or exception."""
+
+    def __init__(self, pool: AgentPool, options: RunOptions, payload: list[Any]) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.pool = pool
+        self.options = options
+        self.payload = payload  # (function, args, kwargs), pickled once: frames for every host
+        self.handle: RunHandle[Any] = RunHandle(self)
+        self.state: RunState | None = None  # what the controller gathers, once started
+        self._handlers: list[logging.Handler] = []
+        self._submitted = 0.0  # seconds since 1970, for the trace
+        self._agent_starts: list[tuple[float, float]] = []  # agents started for this run
+
+    @classmethod
+    def submit(
+        cls,
+        pool: AgentPool,
+        call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
+        options: RunOptions,
+    ) -> RunHandle[Any]:
+        """Start ``call`` (function, args, kwargs) on ``options``' hosts; don't wait."""
+        run = cls(pool, options, serialization.dumps(call))
+        run.start()
+        return run.handle
+
+    # ---- how it starts
+
+    def start(self) -> None:
+        """Send the run to its hosts' agents (started already): they fork fresh workers."""
+        indexes, agents = self.pool.agents_of(self.options.hostnames)
+        workers = _workers_per_host(self.options.workers_per_host, agents)
+        _check_debug_ranks(self.options.debug, sum(workers))
+        self._handlers = self.options.handlers(self.options.hostnames, workers)
+        self._submitted = time.time()
+        self._agent_starts = self.pool.starts_for_run(agents)
+        self.state = state = RunState(self.id, agents, workers, secrets.token_hex(16), self)
+        state.evidence.log_folder = next(
+            (h.folder for h in self._handlers if isinstance(h, RunFilesHandler)), None
+        )
+        specs = self._specs(state, indexes)
+        self.pool.runs.add(self)
+        self.pool.controller.on_thread(self.pool.controller.start_run, state, specs, self.payload)
+
+    def _specs(self, state: RunState, indexes: list[int]) -> list[RunSpec]:
+        """Each host's part of the run."""
+        pool, options = self.pool, self.options
+        offsets = [0, *itertools.accumulate(state.workers_per_host)]
+        backend = _backend(options.backend, state.agents)
+        traced = trace.folder() is not None
+        places = {i: pool.placement(i) for i in indexes}
+        return [
+            RunSpec(
+                run=self.id,
+                world_size=offsets[-1],
+                backend=backend,
+                master_addr=pool.host_address(indexes[0]),
+                env=options.env,
+                cwd=places[i].cwd,
+                sys_path=places[i].sys_path,
+                worker_timeout=options.worker_timeout,
+                result_token=state.result_token,
+                log_level=log_level_from_env(),
+                server_key=pool.controller.server_key,
+                group_rank=g,
+                hostname=pool.hostnames[i],
+                address=pool.host_address(i),
+                local_world_size=n,
+                workers=tuple(WorkerSlot(offsets[g] + r, r) for r in range(n)),
+                debug=options.debug,
+                trace=traced,
+                copy=places[i].copy,
+                copied_from=places[i].copied_from,
+            )
+            for g, (i, n) in enumerate(zip(indexes, state.workers_per_host, strict=True))
+        ]
+
+    # ---- while it runs (controller thread: see controller.RunEvents)
+
+    def output(self, chunk: Chunk) -> None:
+        """Output of the run's workers: to its handlers."""
+        emit_batch(self._handlers, chunk)
+
+    def debug(self, agent: AgentHandle, message: Debug) -> None:
+        """A rank's debugger output goes to the terminal; the lines typed there go back to it."""
+        controller, finished = self.pool.controller, self.finished
+
+        def reply(answer: DebugInput) -> None:
+            controller.on_thread(controller.send, agent, answer)
+
+        console.shared().on_debug(agent.hostname, message, finished, reply)
+
+    def stacks(self, timeout: float) -> dict[int, str]:
+        """Every live rank's stack, now (from a user thread)."""
+        return self.pool.controller.dump_stacks(self.id, timeout)
+
+    def status(self, timeout: float) -> dict[int, RankStatus]:
+        """How every rank is, now (from a user thread)."""
+        return self.pool.controller.status(self.id, timeout)
+
+    # ---- how it ends
+
+    @property
+    def finished(self) -> threading.Event:
+        """Set once no process of the run is left on any host."""
+        assert self.state is not None  # noqa: S101 -- a handle exists only for a started run
+        return self.state.done
+
+    def cancel(self, reason: str = "cancelled in the launcher") -> None:
+        """Tear the run down everywhere (soon; wait on :attr:`finished`)."""
+        self.pool.controller.on_thread(self.pool.controller.cancel_run, self.id, reason)
+
+    def ended(self) -> None:
+        """Every host has cleared the run (controller thread): conclude it on a thread of its own.
+
+        Unpickling and the user's done-callbacks must neither hold up the controller thread nor
+        wait behind another run.
+        """
+        name = f"torchrunx-run-{self.id}"
+        threading.Thread(target=self._conclude, name=name, daemon=True).start()
+
+    def _conclude(self) -> None:
+        """Close the run's logs, write its trace, and hand its outcome to the handle."""
+        state = self.state
+        assert state is not None  # noqa: S101 -- only a started run ends
+        # it will not start again: its frames go now, not with the garbage collector (which
+        # cannot clear a memoryview that still exports its buffer to another)
+        self.payload = []
+        for handler in self._handlers:
+            handler.close()
+        began = [s for s, _ in self._agent_starts if s]
+        trace.write(
+            self.id,
+            hostnames=self.options.hostnames,
+            workers_per_host=state.workers_per_host,
+            phases=state.phases,
+            received=state.received,
+            span=(min([self._submitted, *began]), time.time()),
+            agents=self._agent_starts,
+        )
+        self.handle.conclude(
+            lambda: resolve(
+                state.failures,
+                state.results,
+                self.options.hostnames,
+                state.workers_per_host,
+                state.evidence,
+            )
+        )
 
 
 class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
@@ -31,24 +228,11 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
     ``add_done_callback()``; ``concurrent.futures.wait`` and ``as_completed`` take it.
     """
 
-    def __init__(  # noqa: PLR0913 -- one per thing of the run the launcher hands over
-        self,
-        run_id: str,
-        cancel_run: Callable[[], None],
-        finished: threading.Event,
-        dump_stacks: Callable[[float], dict[int, str]],
-        evidence: Evidence,
-        *,
-        status: Callable[[float], dict[int, RankStatus]] | None = None,
-    ) -> None:
+    def __init__(self, run: Run) -> None:
         super().__init__()
-        self.run_id = run_id
+        self.run_id = run.id
         """The run's id, also ``$TORCHRUNX_RUN_ID`` in its workers."""
-        self._cancel_run = cancel_run
-        self._finished = finished
-        self._dump_stacks = dump_stacks
-        self._evidence = evidence
-        self._status = status
+        self._run = run
         self._last_status: dict[int, RankStatus] = {}
         self._cancelling = False
 
@@ -59,9 +243,9 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         ended everywhere, ``cleared`` (with what the last status said of the rest). Hosts that
         do not answer within ``timeout`` s are left out. Cheap: one message per host.
         """
-        if not self._finished.is_set() and self._status is not None:
-            self._last_status = self._status(timeout) or self._last_status
-            if not self._finished.is_set():
+        if not self._run.finished.is_set():
+            self._last_status = self._run.status(timeout) or self._last_status
+            if not self._run.finished.is_set():
                 return dict(self._last_status)
         return {r: dataclasses.replace(s, state="cleared") for r, s in self._last_status.items()}
 
@@ -72,13 +256,13 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         answer within ``timeout`` s shows why. Once the run has ended: the stacks its ranks had
         when it failed or was cancelled (none if it succeeded).
         """
-        if self._finished.is_set():
-            return self._evidence.all_stacks()
-        return self._dump_stacks(timeout)
+        if self._run.finished.is_set():
+            return self._evidence().all_stacks()
+        return self._run.stacks(timeout)
 
     def autopsy(self) -> str:
         """Where the ranks still running were when the run failed or was cancelled (grouped)."""
-        return self._evidence.report()
+        return self._evidence().report()
 
     def partial_results(self) -> dict[int, Any]:
         """After a failure: what the ranks that had returned returned, by rank."""
@@ -100,14 +284,14 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         if self.done():
             return False
         self._cancelling = True  # the run's own end (a "cancelled" failure) must not win
-        self._cancel_run()
-        self._finished.wait(CANCEL_TIMEOUT_S)
+        self._run.cancel()
+        self._run.finished.wait(CANCEL_TIMEOUT_S)
         return super().cancel()
 
-    def settle(self, outcome: Callable[[], Any]) -> None:
+    def conclude(self, outcome: Callable[[], LaunchResult[FunctionR]]) -> None:
         """Set the result from ``outcome()`` or the exception it raises, unless cancelled.
 
-        Called by the launcher when the run has ended everywhere.
+        Called by the run when it has ended everywhere.
         """
         if self._cancelling:
             return
@@ -118,6 +302,45 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         else:
             self._set(self.set_result, value)
 
+    def _evidence(self) -> Evidence:
+        state = self._run.state
+        assert state is not None  # noqa: S101 -- a handle exists only for a started run
+        return state.evidence
+
     def _set(self, setter: Callable[[Any], None], value: Any) -> None:
         with contextlib.suppress(concurrent.futures.InvalidStateError):
             setter(value)  # unless cancelled meanwhile: the cancellation stands
+
+
+def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:
+    outside = sorted(r for r in debug.ranks or () if not 0 <= r < world_size)
+    if outside:
+        msg = (
+            f"debug_ranks names ranks {outside}, but this run has ranks 0 to {world_size - 1}: "
+            "pass ranks of the run, or 'all'"
+        )
+        raise ValueError(msg)
+
+
+def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:
+    if isinstance(spec, int):
+        return [spec] * len(agents)
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    facts = [a.facts for a in agents if a.facts is not None]
+    if spec == "cpu":
+        return [f.cpus for f in facts]
+    gpus = [f.gpus for f in facts]
+    if spec == "gpu":
+        missing = [a.hostname for a, g in zip(agents, gpus, strict=True) if g == 0]
+        if missing:
+            msg = f'workers_per_host="gpu", but no GPU was found on {missing}'
+            raise ValueError(msg)
+        return gpus
+    return [g or 1 for g in gpus]
+
+
+def _backend(backend: str | None, agents: list[AgentHandle]) -> str | None:
+    if backend != "auto":
+        return backend
+    return "nccl" if all(a.facts is not None and a.facts.gpus for a in agents) else "gloo"

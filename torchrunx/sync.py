@@ -1,8 +1,8 @@
-"""A folder of the launcher's, copied to hosts that do not share its filesystem.
+"""``sync_dir``, the launcher's side: a folder of ours, copied to hosts that do not share it.
 
 ::
 
-    launcher                                     host: python -m torchrunx.sync (an SSH channel)
+    launcher                                  host: python -m torchrunx.sync_host (an SSH channel)
       sync-offer: every file's path, SHA-256  ─►
                                               ◄─  sync-want: the contents it has nowhere
       each wanted content, in chunks          ─►
@@ -14,6 +14,11 @@ under ``~/.cache/torchrunx/copies/`` (private to its user); a content it already
 that copy is never sent again, and a file that did not change is not rewritten. What the runs
 wrote into the copy themselves is left alone: only files of earlier offers are replaced or
 removed. Hashes are remembered by (size, mtime, inode), so an unchanged folder costs one walk.
+
+This module owns the folder and its snapshots (:class:`Folder`, :class:`Snapshot`), sending one
+(:func:`push`, :func:`copy_over_ssh`), and what the launcher knows of each host's copy
+(:class:`Copies`, :class:`Placement`). The host's end is :mod:`torchrunx.sync_host`, which also
+holds what both ends share (:class:`SyncError`, the frames of a content).
 """
 
 from __future__ import annotations
@@ -27,28 +32,23 @@ __all__ = [
     "SyncError",
     "copy_over_ssh",
     "push",
-    "receive",
 ]
 
 import concurrent.futures
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-import struct
 import sys
-import tempfile
 import threading
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
+from .sync_host import CHUNK, CHUNK_HEAD, END, SyncError
 from .transport.messages import (
     PROTOCOL_VERSION,
     Message,
@@ -57,6 +57,7 @@ from .transport.messages import (
     SyncOffer,
     SyncWant,
     WireError,
+    json_line,
     parse,
     to_json,
 )
@@ -87,28 +88,17 @@ LARGE_FOLDER_FILES = 20_000
 WINDOW = 64
 """Hosts copied to at once."""
 
-CHUNK = 1 << 20
-_CHUNK_HEAD = struct.Struct(">IB")  # length (0: the content's end), compressed
-_END = _CHUNK_HEAD.pack(0, 0)
 _WORTH_IT = 0.9  # compress a content if its first chunk shrinks below this ratio
-_LOCK_WAIT_S = 600.0  # another launcher updating the same copy
-
-
-class SyncError(RuntimeError):
-    """The folder could not be copied; the message says why."""
 
 
 class Stream(Protocol):
-    """Both ways of the channel to the host's ``python -m torchrunx.sync``."""
+    """Both ways of the channel to the host's ``python -m torchrunx.sync_host``."""
 
     def write(self, data: bytes) -> None:
         """Send ``data`` whole."""
 
     def readline(self) -> bytes:
         """The next line (with its newline); ``b""`` at the end."""
-
-
-# ---- the launcher's side
 
 
 @dataclass(frozen=True)
@@ -199,9 +189,9 @@ class Folder:
                     while chunk:
                         yield self._pack(sha, chunk)
                         chunk = f.read(CHUNK)
-                    yield _END
+                    yield END
                     return
-            kept = self._encoded[sha] = (self._pack(sha, first) if first else b"") + _END
+            kept = self._encoded[sha] = (self._pack(sha, first) if first else b"") + END
         yield kept
 
     def _pack(self, sha: str, chunk: bytes) -> bytes:
@@ -221,7 +211,7 @@ class Folder:
 
 
 def _encode(data: bytes, *, compressed: bool) -> bytes:
-    return _CHUNK_HEAD.pack(len(data), compressed) + data
+    return CHUNK_HEAD.pack(len(data), compressed) + data
 
 
 def _is_environment(entry: os.DirEntry[str]) -> bool:
@@ -241,7 +231,7 @@ def _sha256(path: Path) -> str:
 
 def push(snapshot: Snapshot, stream: Stream) -> SyncDone:
     """Bring the host at the other end of ``stream`` to ``snapshot``; what it says when done."""
-    stream.write(_line(SyncOffer(PROTOCOL_VERSION, snapshot.folder.name, snapshot.files)))
+    stream.write(json_line(SyncOffer(PROTOCOL_VERSION, snapshot.folder.name, snapshot.files)))
     want = _read(stream, SyncWant)
     out = _Batched(stream)
     for sha in want.contents:
@@ -286,8 +276,8 @@ def copy_over_ssh(
     snapshot: Snapshot,
     timeout: float,
 ) -> SyncDone:
-    """:func:`push` to ``python -m torchrunx.sync`` in a channel of its own on ``connection``."""
-    command = agent_command(python.path, ".", "torchrunx.sync")
+    """:func:`push` to the host's ``python -m torchrunx.sync_host``, in a channel of its own."""
+    command = agent_command(python.path, ".", module="torchrunx.sync_host")
     remote = RemoteCommand(connection, command, timeout)
     try:
         done = push(snapshot, remote)
@@ -305,13 +295,12 @@ def _failed(hostname: str, python: Interpreter, status: int, err: str) -> str:
     why = explain_exit(hostname, status, python, ".")
     if why is not None:
         return why
-    if "No module named torchrunx" in err:
-        return f"{python.path} on {hostname} has no torchrunx: install it there ({err})"
+    if "No module named" in err and "torchrunx" in err:  # none, or one without the receiver
+        return (
+            f"{python.path} on {hostname} has no torchrunx, or another release of it: install "
+            f"this one there ({err.strip()})"
+        )
     return f"copying the folder to {hostname} failed: {err or f'exit status {status}'}"
-
-
-def _line(message: Message) -> bytes:
-    return json.dumps(to_json(message), separators=(",", ":")).encode() + b"\n"
 
 
 def _read(stream: Stream, cls: type[M]) -> M:
@@ -427,191 +416,3 @@ def _warn_if_large(snapshot: Snapshot) -> None:
             len(snapshot.files),
             size / 1e9,
         )
-
-
-# ---- the host's side
-
-
-def cache_folder() -> Path:
-    """``$XDG_CACHE_HOME/torchrunx`` (default ``~/.cache/torchrunx``), made private to us."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "torchrunx"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    folder.chmod(0o700)  # whatever made it: other users may not read what is copied here
-    return folder
-
-
-@dataclass
-class _Copy:
-    """The host's copy of one folder and its index: what earlier offers put where."""
-
-    path: Path
-    index: dict[str, tuple[str, int, int]]  # relative path -> (sha, size, mtime_ns) as written
-
-    @classmethod
-    def open(cls, path: Path) -> _Copy:
-        try:
-            index = json.loads(path.with_name(f"{path.name}.index").read_text())
-        except (OSError, ValueError):
-            index = {}
-        return cls(path, {k: tuple(v) for k, v in index.items()})
-
-    def intact(self, rel: str) -> bool:
-        """Whether the file at ``rel`` is still as an offer wrote it (no run changed it)."""
-        entry = self.index.get(rel)
-        try:
-            st = (self.path / rel).stat()
-        except OSError:
-            return False
-        return entry is not None and (st.st_size, st.st_mtime_ns) == (entry[1], entry[2])
-
-    def holds(self, f: SyncFile) -> bool:
-        """Whether the copy has ``f`` in place already."""
-        return self.intact(f.path) and self.index[f.path][0] == f.sha256
-
-    def save(self) -> None:
-        index = self.path.with_name(f"{self.path.name}.index")
-        tmp = self.path.with_name(f".{self.path.name}.index")
-        tmp.write_text(json.dumps(self.index))
-        tmp.replace(index)
-
-
-def receive(stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """Answer one offer on ``stdin``/``stdout``: the host's end of :func:`push`."""
-    offer = parse(SyncOffer, stdin.readline())
-    files = [_checked_path(f) for f in offer.files]
-    copies = cache_folder() / "copies"
-    copies.mkdir(mode=0o700, exist_ok=True)
-    with _locked(copies / f"{_checked_name(offer.name)}.lock"):
-        copy = _Copy.open(copies / offer.name)
-        have = {copy.index[r][0]: copy.path / r for r in copy.index if copy.intact(r)}
-        stale = [f for f in files if not copy.holds(f)]
-        want = sorted({f.sha256 for f in stale} - set(have))
-        stdout.write(_line(SyncWant(tuple(want))))
-        stdout.flush()
-        with tempfile.TemporaryDirectory(dir=copies, prefix=".incoming-") as incoming:
-            staged = {sha: _receive_content(stdin, sha, Path(incoming)) for sha in want}
-            received = sum(p.stat().st_size for p in staged.values())
-            for sha in {f.sha256 for f in stale} - set(staged):  # moved or copied files
-                staged[sha] = Path(incoming, sha)
-                shutil.copyfile(have[sha], staged[sha])
-            _write(copy, stale, staged)
-        _remove_gone(copy, {f.path for f in files})
-        copy.save()
-    stdout.write(_line(SyncDone(str(copy.path), received, len(stale))))
-    stdout.flush()
-
-
-def _checked_path(f: SyncFile) -> SyncFile:
-    """A path inside the copy, never beside or above it."""
-    parts = f.path.split("/")
-    if f.path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        msg = f"refusing a path outside the folder: {f.path!r}"
-        raise SyncError(msg)
-    return f
-
-
-def _checked_name(name: str) -> str:
-    if not name or "/" in name or name.startswith("."):
-        msg = f"refusing a copy named {name!r}"
-        raise SyncError(msg)
-    return name
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One offer at a time per copy (two launchers of one folder may sync at once)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + _LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    msg = f"{path} stayed locked for {_LOCK_WAIT_S} s by another launcher"
-                    raise SyncError(msg) from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _receive_content(stdin: BinaryIO, sha: str, folder: Path) -> Path:
-    """One content, from its chunks, into ``folder``; checked against its SHA-256."""
-    path = folder / sha
-    digest = hashlib.sha256()
-    with path.open("wb") as f:
-        while True:
-            length, compressed = _CHUNK_HEAD.unpack(_exactly(stdin, _CHUNK_HEAD.size))
-            if length == 0:
-                break
-            data = _exactly(stdin, length)
-            if compressed:
-                data = zlib.decompress(data)
-            digest.update(data)
-            f.write(data)
-    if digest.hexdigest() != sha:
-        msg = f"a file changed while it was being copied (expected {sha}): run again"
-        raise SyncError(msg)
-    return path
-
-
-def _exactly(stdin: BinaryIO, n: int) -> bytes:
-    data = stdin.read(n)
-    if len(data) != n:
-        msg = f"the launcher's end closed after {len(data)} of {n} bytes"
-        raise SyncError(msg)
-    return data
-
-
-def _write(copy: _Copy, stale: list[SyncFile], staged: dict[str, Path]) -> None:
-    """Put each stale file in place, atomically (a run never sees half a file)."""
-    last = {f.sha256: f.path for f in stale}  # that content's last file may take the staged one
-    for f in stale:
-        target = copy.path / f.path
-        _clear_way(copy.path, target)
-        if last[f.sha256] == f.path:
-            source = staged[f.sha256]
-        else:
-            source = target.with_name(f".{target.name}.incoming")
-            shutil.copyfile(staged[f.sha256], source)
-        source.chmod(0o700 if f.executable else 0o600)
-        source.replace(target)
-        st = target.stat()
-        copy.index[f.path] = (f.sha256, st.st_size, st.st_mtime_ns)
-
-
-def _clear_way(root: Path, target: Path) -> None:
-    """Make ``target``'s folders (private), removing a file or folder that is in the way."""
-    root.mkdir(mode=0o700, exist_ok=True)
-    for parent in reversed(target.relative_to(root).parents[:-1]):
-        folder = root / parent
-        if folder.is_file() or folder.is_symlink():
-            folder.unlink()
-        folder.mkdir(mode=0o700, exist_ok=True)
-    if target.is_dir() and not target.is_symlink():
-        shutil.rmtree(target)
-
-
-def _remove_gone(copy: _Copy, offered: set[str]) -> None:
-    """Files of earlier offers that the folder no longer has (unless a run changed them)."""
-    for rel in [r for r in copy.index if r not in offered]:
-        if copy.intact(rel):
-            (copy.path / rel).unlink()
-        del copy.index[rel]
-
-
-def main() -> None:
-    """``python -m torchrunx.sync``: one offer on stdin, answered on stdout; errors on stderr."""
-    os.umask(0o077)
-    try:
-        receive(sys.stdin.buffer, sys.stdout.buffer)
-    except (SyncError, OSError, ValueError) as e:
-        print(f"torchrunx.sync: {e}", file=sys.stderr)  # noqa: T201 -- the launcher reads it
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import zmq
 
-from . import debugger, stacks
+from . import debugger, sources, worker_stacks
 from .hosts import count_gpus
 from .logs import record_line
 from .reaper import set_parent_death_signal
@@ -60,6 +60,7 @@ from .transport.messages import (
     WorkerSlot,
     decode,
     encode,
+    worker_identity,
 )
 from .transport.security import encrypt_client
 
@@ -118,7 +119,7 @@ class _Rank:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, _ACK_TIMEOUT_MS)
-        self.sock.setsockopt(zmq.IDENTITY, f"{spec.run}:{self.local_rank}".encode())
+        self.sock.setsockopt(zmq.IDENTITY, worker_identity(spec.run, self.local_rank))
 
     def execute(self, payload: memoryview) -> int:
         """Set up, call the function, send back its outcome; the process's exit code."""
@@ -137,7 +138,7 @@ class _Rank:
             with clock.phase("unpickle"):
                 fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
             if self.spec.backend is not None:
-                stacks.answer_asks()  # which collective this rank is in, when the agent asks
+                worker_stacks.answer_asks()  # which collective this rank is in, when the agent asks
                 with clock.phase("process group"):
                     self._init_process_group(store, gpu)
             with clock.phase("function"):
@@ -167,7 +168,7 @@ class _Rank:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        stacks.enable_dumps()  # the agent may ask where this rank is, whatever it is doing
+        worker_stacks.enable_dumps()  # the agent may ask where this rank is, whatever it is doing
         # the worker's logging records reach the launcher whole: logger name, level, time
         logging.root.addHandler(_RecordsToStderr())
         logging.root.setLevel(self.spec.log_level)
@@ -405,8 +406,8 @@ def _installed(file: object, cwd: str) -> bool:
     """A module file to learn: installed, and neither ours nor the user's working directory's."""
     return (
         isinstance(file, str)
-        and stacks.is_installed(file)
-        and not stacks.is_ours(file)
+        and sources.is_installed(file)
+        and not sources.is_ours(file)
         and not _users_own(file, cwd)
     )
 
@@ -435,7 +436,7 @@ def _described(e: BaseException, spec: RunSpec) -> tuple[str, str, str]:
     while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
-    text = stacks.in_launchers_terms(text, spec.copy, spec.copied_from)
+    text = sources.in_launchers_terms(text, spec.copy, spec.copied_from)
     return f"{type(e).__module__}.{type(e).__qualname__}", _safe_str(e), text
 
 

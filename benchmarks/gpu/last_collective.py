@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import torchrunx
-from torchrunx.stacks import innermost, report
+from torchrunx.stack_report import innermost, report
 
 
 def three_then_wait() -> None:

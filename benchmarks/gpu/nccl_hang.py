@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import torchrunx
-from torchrunx.stacks import report
+from torchrunx.stack_report import report
 
 
 def train(steps: int) -> float:

@@ -52,8 +52,10 @@ starts and again before a run whose folder changed (:mod:`torchrunx.sync`).
 from __future__ import annotations
 
 __all__ = [
+    "HEARTBEAT_INTERVAL_S",
     "PROTOCOL_VERSION",
     "Ack",
+    "AskFor",
     "Boot",
     "Cancel",
     "Cleared",
@@ -62,6 +64,7 @@ __all__ = [
     "Debug",
     "DebugInput",
     "DebugSettings",
+    "DebugState",
     "Died",
     "DirectResult",
     "Dump",
@@ -72,6 +75,7 @@ __all__ = [
     "Hello",
     "HostFacts",
     "Imported",
+    "Level",
     "Message",
     "Output",
     "Phase",
@@ -81,6 +85,7 @@ __all__ = [
     "Preloaded",
     "Raised",
     "RankStack",
+    "RankState",
     "RankStatus",
     "Rendezvous",
     "Result",
@@ -88,6 +93,7 @@ __all__ = [
     "RunSpec",
     "Stacks",
     "Status",
+    "Stream",
     "SyncDone",
     "SyncFile",
     "SyncOffer",
@@ -100,8 +106,11 @@ __all__ = [
     "decode",
     "encode",
     "from_json",
+    "json_line",
     "parse",
+    "parse_worker_identity",
     "to_json",
+    "worker_identity",
 ]
 
 import dataclasses
@@ -110,7 +119,7 @@ import types
 import typing
 from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -119,8 +128,22 @@ if TYPE_CHECKING:
 
     from .serialization import Buffer
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """Launcher and agent must speak the same; it travels in ``boot`` and ``hello``."""
+HEARTBEAT_INTERVAL_S = 1.0
+"""How often launcher and agent tell each other they are alive (each side's silence is bounded
+by ``agent_timeout``)."""
+
+Stream = Literal["stdout", "stderr"]
+"""A worker's output stream."""
+Level = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+"""A ``logging`` level, by name."""
+AskFor = Literal["stacks", "status"]
+"""What a :class:`Dump` asks of a run's live workers."""
+RankState = Literal["starting", "running", "returned", "failed", "cleared"]
+"""Where a rank is in its run (``cleared``: the run has ended everywhere)."""
+DebugState = Literal["output", "prompt", "over", "quit", "skipped"]
+"""What a rank's debugger session does now (see :class:`Debug`)."""
 
 M = TypeVar("M", bound="Message")
 T = TypeVar("T")
@@ -318,8 +341,8 @@ class Output(Message):
     run: str | None = None
     rank: int | None = None
     local_rank: int | None = None
-    stream: str | None = None  # "stdout" | "stderr"; None: the agent's own, at ``level``
-    level: str = "WARNING"
+    stream: Stream | None = None  # None: the agent's own, at ``level``
+    level: Level = "WARNING"
     redraw: bool = False  # the line being redrawn with "\r" (a progress bar), as it is now
 
 
@@ -348,7 +371,7 @@ class Dump(Message):
     KIND = "dump"
     run: str
     request: str
-    what: str = "stacks"
+    what: AskFor = "stacks"
 
 
 @dataclass(frozen=True)
@@ -368,7 +391,7 @@ class RankStatus:
     hostname: str
     local_rank: int
     pid: int | None
-    state: str  # "starting", "running", "returned", "failed" or (run over) "cleared"
+    state: RankState
     seconds: float  # since it was forked
     rss: int  # bytes of memory
     cpu_percent: float  # since the last status (100: one core)
@@ -391,13 +414,13 @@ class Status(Message):
 class Stacks(Message):
     """The stacks of the run's live workers on one host; ``silent``: ranks that did not answer.
 
-    Sent for a :class:`Dump` (its ``request``), and unasked (``request=""``) when the run fails
-    or is cancelled, before its processes are killed: the autopsy.
+    Sent for a :class:`Dump` (its ``request``), and unasked (``request=None``) when the run
+    fails or is cancelled, before its processes are killed: the autopsy.
     """
 
     KIND = "stacks"
     run: str
-    request: str
+    request: str | None
     ranks: tuple[RankStack, ...]
     silent: tuple[int, ...]
 
@@ -570,7 +593,7 @@ class Debug(Message):
     rank: int
     local_rank: int
     text: str
-    state: str
+    state: DebugState
     why: str = ""
 
 
@@ -740,20 +763,50 @@ def _converter(tp: Any) -> Converter:
     if origin is typing.Union or origin is types.UnionType:  # only ever ``X | None`` here
         (inner,) = [_converter(o) for o in typing.get_args(tp) if o is not type(None)]
         return lambda v: None if v is None else inner(v)
+    if origin is Literal:  # one of the listed strings, nothing else
+        allowed = frozenset(typing.get_args(tp))
+        return lambda v: v if type(v) is str and v in allowed else _mismatch(tp)
     if dataclasses.is_dataclass(tp):
         return lambda v: from_json(tp, v)  # type: ignore[arg-type]
-    if origin in (list, tuple):
-        item = _converter(typing.get_args(tp)[0])
-        return lambda v: origin(map(item, v)) if type(v) is list else _mismatch(tp)
-    if origin is dict:
-        value = _converter(typing.get_args(tp)[1])
-        return lambda v: {k: value(x) for k, x in v.items()} if type(v) is dict else _mismatch(tp)
+    if origin in (list, tuple, dict):
+        return _container(tp, origin)
     if tp is float:
         return lambda v: float(v) if type(v) in (int, float) else _mismatch(tp)
     if tp in (int, str, bool):
         return lambda v: v if type(v) is tp else _mismatch(tp)
     msg = f"no converter for {tp}"
     raise TypeError(msg)
+
+
+def _container(tp: Any, origin: type) -> Converter:
+    """A converter of a JSON array (to a list or tuple) or object, item by item."""
+    if origin is dict:
+        value = _converter(typing.get_args(tp)[1])
+        return lambda v: {k: value(x) for k, x in v.items()} if type(v) is dict else _mismatch(tp)
+    item = _converter(typing.get_args(tp)[0])
+    return lambda v: origin(map(item, v)) if type(v) is list else _mismatch(tp)
+
+
+def json_line(message: Message) -> bytes:
+    """``message`` as one line of JSON: how it travels on a byte stream (stdin, an SSH channel).
+
+    :func:`parse` reads it back.
+    """
+    return json.dumps(to_json(message), separators=(",", ":")).encode() + b"\n"
+
+
+def worker_identity(run: str, local_rank: int) -> bytes:
+    """The ZeroMQ identity of a run's worker on its agent's socket."""
+    return f"{run}:{local_rank}".encode()
+
+
+def parse_worker_identity(identity: bytes) -> tuple[str, int]:
+    """The run and local rank of a :func:`worker_identity`; :class:`WireError` if not one."""
+    run, _, local_rank = identity.decode(errors="replace").rpartition(":")
+    if not run or not local_rank.isdigit():
+        msg = f"not a worker's identity: {identity!r}"
+        raise WireError(msg)
+    return run, int(local_rank)
 
 
 def _mismatch(tp: Any) -> typing.NoReturn:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torchrunx.hosts import route_to
+from .routes import route_to
 
 if TYPE_CHECKING:
     import paramiko

@@ -1,10 +1,11 @@
-"""The agent's forkservers: one for every run, and one that preloads what the runs import.
+"""The agent's manager of its forkservers: one for every run, one that preloads what runs import.
 
 ::
 
     agent ─┬─► base forkserver: torch (and the launcher's ``preload``), from the start
-           └─► learned forkserver: that, ``torch._dynamo``, and what earlier runs imported,
-               imported in their environment; runs of that environment fork from it
+           ├─► learned forkserver: that, ``torch._dynamo``, and what earlier runs imported,
+           │   imported in their environment; runs of that environment fork from it
+           └─► retiring forkservers: learned ones since replaced, until their runs are cleared
 
 A forkserver never imports once it has forked: an import takes seconds, and a worker's exit or a
 new run must not wait behind it. So what the runs import is learned by starting a *new* learned
@@ -20,6 +21,9 @@ The rules, so that a run from a learned forkserver behaves as one from a fresh p
   and only runs with the same three fork from that forkserver (others use the base one);
 - a module whose import starts a thread or initialises CUDA is never learned: the forkserver that
   imported it says so and exits (forking a process with more threads is not safe).
+
+A forkserver no longer needed is killed, not asked to leave, and waited for within a deadline
+(:func:`torchrunx.reaper.end`).
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from . import reaper
 from .transport.messages import Message, Preload, Preloaded, RunSpec
 from .transport.unix import send_message
 
+_STOP_DEADLINE_S = reaper.DEADLINE_S
+"""Longest wait for a killed forkserver to be gone; past it, it is reported and given up on."""
 WARM = ("torch._dynamo", "torch.nn.parallel")
 """What many functions import first thing (``DistributedDataParallel`` pulls in ``torch._dynamo``:
 2.5 s on 2 cores); learned from the start."""
@@ -167,8 +174,7 @@ class Forkservers:
         and the agent must not wait for it.
         """
         self._forget(server)
-        server.process.kill()
-        server.process.wait()
+        self._end([server])
 
     def _forget(self, server: Forkserver) -> None:
         if server in self.all:
@@ -180,8 +186,14 @@ class Forkservers:
 
     def kill(self) -> None:
         """The agent is closing: every forkserver goes (their workers die with them)."""
-        for server in list(self.all):
-            server.process.kill()
-        for server in list(self.all):
-            server.process.wait()
+        servers = list(self.all)
+        self._end(servers)
+        for server in servers:
             self._forget(server)
+
+    def _end(self, servers: list[Forkserver]) -> None:
+        """Kill them at once, and wait (bounded) until they are reaped."""
+        left = reaper.end([s.process for s in servers], grace=0, deadline=_STOP_DEADLINE_S)
+        stuck = [s.pid for s in servers if s.process in left]
+        if stuck:  # in the kernel, past a kill: nothing more to do than say so
+            self.warnings.append(f"forkservers {stuck} did not exit within {_STOP_DEADLINE_S} s")
