@@ -45,6 +45,7 @@ SPEC = RunSpec(
     local_world_size=2,
     workers=(WorkerSlot(1, 0), WorkerSlot(2, 1)),
     debug=messages.DebugSettings(terminal=True, ranks=(0, 2), post_mortem=True),
+    preempt_signals=("SIGUSR2",),
 )
 FACTS = HostFacts(pid=1, hostname="node1", gpus=0, cpus=2, python="/py", dir="/tmp/x")
 
@@ -61,9 +62,12 @@ EXAMPLES: list[Message] = [
         "k",
         ("json",),
         learn=False,
+        preempt_signals=("SIGTERM", "SIGUSR1"),
     ),
     Hello(PROTOCOL_VERSION, "s", FACTS),
     messages.Heartbeat(),
+    messages.Signalled("SIGUSR1"),
+    messages.Notice(),
     Run(SPEC),
     messages.Credit(4096),
     messages.Cancel("r1"),

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .environment import DEFAULT_ENV_VARS_FOR_COPY
-    from .errors import AgentFailedError, DebuggerQuitError, WorkerFailedError
+    from .errors import AgentFailedError, DebuggerQuitError, PreemptedError, WorkerFailedError
     from .launcher import Launcher, LauncherView, launch
+    from .preemption import preempted
     from .result import LaunchResult
     from .runs import RunHandle
     from .transport.messages import RankStatus
@@ -22,11 +23,13 @@ __all__ = [
     "LaunchResult",
     "Launcher",
     "LauncherView",
+    "PreemptedError",
     "RankStatus",
     "RunHandle",
     "WorkerFailedError",
     "__version__",
     "launch",
+    "preempted",
 ]
 
 # where each public name lives: imported at first use, so that processes which need only a part
@@ -35,10 +38,12 @@ _HOMES = {
     "DEFAULT_ENV_VARS_FOR_COPY": "environment",
     "AgentFailedError": "errors",
     "DebuggerQuitError": "errors",
+    "PreemptedError": "errors",
     "WorkerFailedError": "errors",
     "Launcher": "launcher",
     "LauncherView": "launcher",
     "launch": "launcher",
+    "preempted": "preemption",
     "LaunchResult": "result",
     "RunHandle": "runs",
     "RankStatus": "transport.messages",

@@ -36,13 +36,14 @@ from typing import Any
 
 import zmq
 
-from . import reaper
+from . import reaper, stacks
 from .agent_diagnosis import death, final_dump, stack_pipe, stacks_of, status_of
 from .agent_forkservers import Forkserver, Forkservers, setup_key
 from .agent_output import OutputPump, WorkerOutput
 from .agent_runs import HostRun, WorkerProcess
 from .environment import source_env_file
 from .hosts import count_gpus, interface_of, local_facts
+from .preemption import signal_numbers
 from .transport.messages import (
     HEARTBEAT_INTERVAL_S,
     PROTOCOL_VERSION,
@@ -62,6 +63,7 @@ from .transport.messages import (
     Hello,
     Imported,
     Message,
+    Notice,
     Output,
     Phases,
     Port,
@@ -70,6 +72,7 @@ from .transport.messages import (
     Result,
     Run,
     RunSpec,
+    Signalled,
     Unpicklable,
     WireError,
     WorkerSlot,
@@ -108,7 +111,12 @@ class Agent:
         self.poller = zmq.Poller()
         for s in (self.launcher, self.workers, sys.stdin.fileno()):
             self.poller.register(s, zmq.POLLIN)
-        self.forkservers = Forkservers(self.poller, boot.preload, learn=boot.learn)
+        self.forkservers = Forkservers(
+            self.poller, boot.preload, learn=boot.learn, ignore=boot.preempt_signals
+        )
+        self.signals = _SignalPipe(boot.preempt_signals)  # preemption's: news, not death
+        self.poller.register(self.signals.fd, zmq.POLLIN)
+        self.noticed = False  # the launcher's preemption notice has come: every rank is told
         self.pump = OutputPump(self.poller, self.send)
         self.has_gpus = count_gpus() > 0
         self.last_from_launcher = time.monotonic()
@@ -146,6 +154,9 @@ class Agent:
             self.on_forkserver(server)
         elif sock == sys.stdin.fileno():
             return bool(os.read(sock, 4096))  # EOF: the lifeline is cut, the launcher is gone
+        elif sock == self.signals.fd:
+            for name in self.signals.read():
+                self.send(Signalled(signal=name))
         else:
             self.pump.on_output(sock)
         return True
@@ -165,6 +176,8 @@ class Agent:
             self.start_run(message.spec, frames)
         elif isinstance(message, Credit):
             self.pump.on_credit(message.bytes)
+        elif isinstance(message, Notice):
+            self.on_notice()
         elif isinstance(message, (Rendezvous, Cancel, Dump, DebugInput)):
             run = self.runs.get(message.run)
             if run is not None:
@@ -186,6 +199,13 @@ class Agent:
             self.send(stacks_of(run, message.request))
         elif message.local_rank in run.connected:  # a line for a rank's debugger
             self.to_worker(run, message.local_rank, message)
+
+    def on_notice(self) -> None:
+        """The run is preempted: every worker of every run here is told, and those to come."""
+        self.noticed = True
+        for run in self.runs.values():
+            for worker in run.workers.values():
+                stacks.notify(worker.stack_fd)
 
     def start_run(self, spec: RunSpec, frames: list[Any]) -> None:
         run = HostRun(spec.run, {})
@@ -212,6 +232,8 @@ class Agent:
         output = WorkerOutput(run.id, slot.rank, slot.local_rank)
         write_ends = self.pump.open(output)
         stack_r, stack_w = stack_pipe()
+        if self.noticed:  # waiting on its channel when it starts
+            stacks.notify(stack_r)
         run.workers[slot.local_rank] = WorkerProcess(run, slot, output, stack_r)
         return [*write_ends, stack_w]
 
@@ -404,10 +426,33 @@ def _worker_env(spec: RunSpec, env_file_vars: dict[str, str]) -> dict[str, str]:
     return env
 
 
+class _SignalPipe:
+    """Preemption signals to the agent, as bytes on a pipe its poller watches (the wakeup fd)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.fd, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._names = {int(n): n.name for n in signal_numbers(names)}
+        for number in self._names:
+            signal.signal(number, _nothing)  # a handler of ours: the wakeup fd gets its number
+        signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def read(self) -> list[str]:
+        """The preemption signals that came since the last read, by name."""
+        try:
+            data = os.read(self.fd, 512)
+        except BlockingIOError:
+            return []
+        return [self._names[b] for b in data if b in self._names]
+
+
+def _nothing(_signum: int, _frame: object) -> None:
+    """The handler of a signal that only wakes the loop."""
+
+
 def main() -> None:
     """Entry point: ``python -m torchrunx``, with the boot message as the first line of stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unless a preemption notice
     try:
         boot = parse(Boot, sys.stdin.buffer.readline())
     except WireError as e:

@@ -77,9 +77,18 @@ class Forkserver:
 class Forkservers:
     """The base forkserver, the learned one (ready, or being built) and those retiring."""
 
-    def __init__(self, poller: zmq.Poller, preload: tuple[str, ...], *, learn: bool) -> None:
+    def __init__(
+        self,
+        poller: zmq.Poller,
+        preload: tuple[str, ...],
+        *,
+        learn: bool,
+        ignore: tuple[str, ...] = (),
+    ) -> None:
+        """Forkservers on ``poller``; each ignores the signals ``ignore`` (preemption's)."""
         self.poller = poller
         self.learn_enabled = learn
+        self.ignore = ",".join(ignore)
         self.all: list[Forkserver] = []
         self.base = self._spawn(Preload(preload, strict=False) if preload else None)
         self.learned: Forkserver | None = None  # the newest: ready, or importing
@@ -90,7 +99,7 @@ class Forkservers:
     def _spawn(self, preload: Preload | None, key: str = "") -> Forkserver:
         ours, theirs = socket.socketpair()
         process = subprocess.Popen(
-            [sys.executable, "-m", "torchrunx.forkserver", str(theirs.fileno())],
+            [sys.executable, "-m", "torchrunx.forkserver", str(theirs.fileno()), self.ignore],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )

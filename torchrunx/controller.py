@@ -7,10 +7,13 @@
       ▲                                   │  results, errors, deaths, output, heartbeats
       └──── RunState.done, RunEvents ◄────┘  (agent processes watched: links.AgentWatch)
 
-All state below is touched only by the controller thread; user threads hand it functions
-through :meth:`Controller.on_thread` and wait on events. Payloads and results stay opaque bytes
-here: the user's thread unpickles them. What a run gathers is its :class:`RunState`; what it
-does with its output, debugger sessions and end is its own (:class:`RunEvents`).
+All state below is touched only by the controller thread (a :class:`~torchrunx.serving.
+ServingThread`); user threads hand it functions through ``on_thread`` and wait on events. A
+preemption signal (from an agent's ``signalled``, or the launcher's own) becomes one notice,
+told to every agent; its grace ends for every run in flight at its deadline or a second signal.
+Payloads and results stay opaque bytes here: the user's thread unpickles them. What a run
+gathers is its :class:`RunState`; what it does with its output, debugger sessions and end is its
+own (:class:`RunEvents`).
 """
 
 from __future__ import annotations
@@ -18,15 +21,12 @@ from __future__ import annotations
 __all__ = ["Controller"]
 
 import contextlib
-import functools
 import hmac
 import logging
-import os
-import queue
 import secrets
 import threading
 import time
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -36,14 +36,17 @@ from .outcome import (
     SILENT,
     AgentLost,
     Failure,
+    Preemption,
     QuitInDebugger,
     ResultUnpicklable,
     RunCancelled,
+    RunPreempted,
     WorkerDied,
     WorkerRaised,
 )
 from .reaper import remove_private_folder
 from .run_state import Inquiry, RunState
+from .serving import ServingThread
 from .transport.messages import (
     HEARTBEAT_INTERVAL_S,
     Ack,
@@ -58,6 +61,7 @@ from .transport.messages import (
     Heartbeat,
     Hello,
     Message,
+    Notice,
     Output,
     Phases,
     Port,
@@ -67,6 +71,7 @@ from .transport.messages import (
     Result,
     Run,
     RunSpec,
+    Signalled,
     Stacks,
     Status,
     Unpicklable,
@@ -81,14 +86,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 logger = logging.getLogger("torchrunx")
-T = TypeVar("T")
-P = ParamSpec("P")
-
-_ANSWER_TIMEOUT_S = 10.0
-"""How long a user thread waits for the controller thread to answer a call."""
 
 
-class Controller:
+class Controller(ServingThread):
     """Owns the ROUTER socket and the thread that serves agents and runs until :meth:`stop`."""
 
     def __init__(
@@ -98,8 +98,9 @@ class Controller:
         bind_host: str = "127.0.0.1",
         *,
         encrypt: bool = False,
+        preempt_grace: float = 0.0,
     ) -> None:
-        self.thread = threading.Thread(target=self._serve, name="torchrunx-controller", daemon=True)
+        super().__init__("torchrunx-controller")
         self.secret = secret
         self.agent_timeout = agent_timeout
         self.ctx = zmq.Context()
@@ -117,55 +118,13 @@ class Controller:
         self.agents: dict[bytes, AgentHandle] = {}
         self.runs: dict[str, RunState] = {}
         self.changed = threading.Condition()
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
-        self._poller = zmq.Poller()
-        self._poller.register(self.router, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
-        self._watch = AgentWatch(self._poller, self.fail_agent)
+        self.poller.register(self.router, zmq.POLLIN)
+        self._watch = AgentWatch(self.poller, self.fail_agent)
         self._next_heartbeat = 0.0
+        self.preempt_grace = preempt_grace
+        self.preemption: Preemption | None = None  # once a preemption signal has come
 
     # ---- called from user threads
-
-    def start(self) -> None:
-        """Start serving (on the controller thread)."""
-        self.thread.start()
-
-    def on_thread(self, fn: Callable[P, None], *args: P.args, **kwargs: P.kwargs) -> None:
-        """Call ``fn(*args, **kwargs)`` on the controller thread, soon."""
-        self._calls.put(functools.partial(fn, *args, **kwargs))
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"x")
-
-    def stop(self) -> None:
-        """End the thread (after the current iteration) and close the sockets."""
-        self._stopping = True
-        self.on_thread(_nothing)
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
-            self.thread.join(timeout=5)
-
-    def call_and_wait(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """``fn(*args, **kwargs)`` on the controller thread: its result (or its error, here)."""
-        done = threading.Event()
-        outcome: list[Any] = []
-
-        def wrapped() -> None:
-            try:
-                outcome.append((True, fn(*args, **kwargs)))
-            except Exception as e:  # noqa: BLE001 -- handed to the caller's thread
-                outcome.append((False, e))
-            finally:
-                done.set()
-
-        self.on_thread(wrapped)
-        if not done.wait(_ANSWER_TIMEOUT_S):
-            msg = f"the controller thread did not answer within {_ANSWER_TIMEOUT_S} s"
-            raise RuntimeError(msg)
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return cast("T", value)
 
     def address_on(self, host: str) -> str:
         """An endpoint on the local address ``host`` (bound on first use) for remote agents."""
@@ -229,6 +188,7 @@ class Controller:
         """Register ``run`` and send each agent its part."""
         self.runs[run.id] = run
         run.uncleared = set(range(len(run.agents)))
+        run.preemption = self.preemption
         for i, (agent, spec) in enumerate(zip(run.agents, specs, strict=True)):
             if agent.failure is not None:
                 self._fail(run, AgentLost(agent.hostname, agent.describe_failure()))
@@ -286,31 +246,54 @@ class Controller:
             run.events.ended()
             self._notify()
 
+    # ---- preemption (controller thread)
+
+    def preempt(self, source: str, signal_name: str) -> None:
+        """A preemption signal reached ``source`` (a host, or ``"launcher"``).
+
+        The first is the notice, for every rank of every run, now and later; the grace starts.
+        A second one at the same source (SLURM's at the end of its ``GraceTime``) ends it.
+        """
+        notice = self.preemption
+        if notice is None:
+            deadline = time.monotonic() + self.preempt_grace
+            notice = self.preemption = Preemption(self.preempt_grace, deadline=deadline)
+            for agent in list(self.agents.values()):
+                if agent.ready:
+                    self.send(agent, Notice())
+            for run in self.runs.values():
+                run.preemption = notice
+        again = source in notice.signals
+        notice.signals.setdefault(source, []).append(signal_name)
+        if again:
+            notice.deadline = time.monotonic()
+            self._end_grace(f"a second {signal_name} on {source} ended the grace")
+
+    def _end_grace(self, reason: str) -> None:
+        for run in list(self.runs.values()):
+            if not any(isinstance(f, RunPreempted) for f in run.failures):
+                self._fail(run, RunPreempted(reason))
+
     # ---- the loop
 
-    def _serve(self) -> None:
-        """The controller thread: serve until stopped."""
-        try:
-            while not self._stopping:
-                self._tick()
-                for sock, _ in self._poller.poll(200):
-                    if sock is self.router:
-                        self._on_router()
-                    elif sock == self._wake_r:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(self._wake_r, 4096)
-                    else:
-                        self._watch.on_readable(sock)
-                while not self._calls.empty():
-                    self._calls.get()()
-        finally:
-            self._watch.close(list(self.agents.values()))
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self.ctx.destroy(linger=0)
+    def on_readable(self, sock: Any) -> None:
+        """The ROUTER socket, or an agent's pidfd or stderr."""
+        if sock is self.router:
+            self._on_router()
+        else:
+            self._watch.on_readable(sock)
 
-    def _tick(self) -> None:
+    def closing(self) -> None:
+        """Close the agents' watch and every socket."""
+        self._watch.close(list(self.agents.values()))
+        self.ctx.destroy(linger=0)
+
+    def tick(self) -> None:
+        """Heartbeats to the agents, silent agents failed, the end of a preemption's grace."""
         now = time.monotonic()
+        notice = self.preemption
+        if notice is not None and self.runs and now >= notice.deadline:
+            self._end_grace(f"the grace of {notice.grace} s ended")
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
             for agent in list(self.agents.values()):
@@ -354,6 +337,8 @@ class Controller:
         if isinstance(message, Hello) and hmac.compare_digest(message.secret, self.secret):
             agent.facts = message.facts
             agent.last_seen, agent.hello_at = time.monotonic(), time.time()
+            if self.preemption is not None:  # its runs are to know from their start
+                self.send(agent, Notice())
             self._notify()
 
     def _on_direct_result(self, identity: bytes, message: Message, frames: list[Any]) -> None:
@@ -372,6 +357,8 @@ class Controller:
     def _on_message(self, agent: AgentHandle, message: Message, frames: list[Any]) -> None:
         if isinstance(message, Output):
             self._emit(agent, message, frames)
+        elif isinstance(message, Signalled):
+            self.preempt(agent.hostname, message.signal)
         else:
             self._on_run_message(agent, message, frames)
 
@@ -437,7 +424,3 @@ def _failure(hostname: str, message: Raised | Unpicklable | Died, frames: list[A
     if isinstance(message, Unpicklable):
         return ResultUnpicklable(hostname, message)
     return WorkerDied(hostname, message)
-
-
-def _nothing() -> None:
-    """A call that only wakes the controller thread."""

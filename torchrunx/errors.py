@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AgentFailedError",
     "DebuggerQuitError",
+    "PreemptedError",
     "RemoteTraceback",
     "TorchrunxError",
     "WorkerFailedError",
@@ -72,3 +73,24 @@ class RemoteTraceback(Exception):  # noqa: N818 -- named as in concurrent.future
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb.rstrip()}\n"""'
+
+
+class PreemptedError(TorchrunxError):
+    """The run was preempted: a preemption signal reached the launcher, an agent or a host.
+
+    Its ranks had ``Launcher.preempt_grace`` seconds to return (to stop at a checkpoint):
+    ``partial_results`` holds what those that did returned, by rank; the others were torn down
+    and the message says where they were. ``signals``: which signal reached which host (the
+    launcher's own host as ``"launcher"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        signals: dict[str, str],
+        partial_results: dict[int, object],
+    ) -> None:
+        super().__init__(message)
+        self.signals = signals
+        self.partial_results = partial_results

@@ -32,6 +32,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
+from .preemption import signal_numbers
 from .reaper import set_child_subreaper, set_parent_death_signal
 from .stacks import STACK_FD, STACK_SIGNAL
 from .transport.messages import Exited, Fork, Forked, Preload, Preloaded, Up, WorkerSlot
@@ -196,9 +197,17 @@ def _fork_run(sock: socket.socket, fork: Fork, payload: memoryview, fds: list[in
 
 
 def main() -> None:
-    """Entry point: ``python -m torchrunx.forkserver FD``."""
+    """Entry point: ``python -m torchrunx.forkserver FD [SIGNAL,...]``.
+
+    The signals (the launcher's ``preempt_signals``) are ignored: SLURM sends them to every
+    process of a step, and a forkserver must outlive them. Its workers inherit that until they
+    take the signals themselves (:func:`torchrunx.preemption.take_signals`).
+    """
     set_parent_death_signal()
     set_child_subreaper()
+    names = sys.argv[2].split(",") if len(sys.argv) > 2 and sys.argv[2] else []
+    for number in signal_numbers(names):
+        signal.signal(number, signal.SIG_IGN)
     sock = socket.socket(fileno=int(sys.argv[1]))
     with _sharing_cores():
         _preload()

@@ -10,15 +10,18 @@ cannot fork usable children, and agents and forkservers fork.
 from __future__ import annotations
 
 __all__ = [
+    "SLURM_JOB_VARS",
     "count_gpus",
     "gpu_memory_by_pid",
     "in_slurm_job",
     "interface_of",
     "is_local",
     "local_facts",
+    "requeue_job",
     "resolve_hostnames",
     "route_to",
     "slurm_hostnames",
+    "slurm_job_vars",
 ]
 
 import contextlib
@@ -42,6 +45,34 @@ _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "localhost.localdomain"}
 def in_slurm_job() -> bool:
     """Whether this process runs inside a SLURM allocation."""
     return "SLURM_JOB_ID" in os.environ or "SLURM_JOBID" in os.environ
+
+
+SLURM_JOB_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")
+"""What every worker of a run inside a SLURM job is told of it: the job, and its attempt."""
+REQUEUE_TIMEOUT_S = 30.0
+
+
+def slurm_job_vars() -> dict[str, str]:
+    """The launcher's :data:`SLURM_JOB_VARS` that are set (none outside a job)."""
+    return {k: os.environ[k] for k in SLURM_JOB_VARS if k in os.environ}
+
+
+def requeue_job() -> str | None:
+    """Requeue this SLURM job (``scontrol requeue``); why it failed, or None."""
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID", "")
+    try:
+        done = subprocess.run(
+            ["scontrol", "requeue", job],  # noqa: S607 -- SLURM's own, from PATH
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=REQUEUE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol requeue {job}: {e}"
+    if done.returncode != 0:
+        return f"scontrol requeue {job}: {done.stderr.strip() or f'exit {done.returncode}'}"
+    return None
 
 
 def slurm_hostnames() -> list[str]:

@@ -20,6 +20,7 @@ import functools
 import inspect
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +28,12 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
 from . import console
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
-from .hosts import in_slurm_job, resolve_hostnames
+from .hosts import in_slurm_job, resolve_hostnames, slurm_job_vars
 from .logs import HandlerFactory, default_handlers, log_folder
 from .pool import AgentPool, AgentsConfig
+from .preemption import UNFIT, signal_numbers
 from .runs import CANCEL_TIMEOUT_S, Run, RunOptions
+from .stacks import STACK_SIGNAL
 from .transport.messages import DebugSettings
 
 if TYPE_CHECKING:
@@ -119,6 +122,19 @@ class Launcher:
     python: str | dict[str, str] | None = None
     """The Python that runs agents and workers on hosts reached over SSH (or srun): one path for
     every host, or one per hostname. ``None``: the launcher's own ``sys.executable``."""
+    preempt_signals: tuple[str, ...] = ("SIGTERM",)
+    """Signals that mean "you are being preempted" (by name, e.g. ``"SIGUSR1"`` for SLURM's
+    ``--signal``), wherever they arrive: this process, an agent, or every process of a host.
+    None of them kills anything: every rank's ``torchrunx.preempted()`` turns True, and the run
+    has ``preempt_grace`` seconds to return. ``()``: signals end processes as they would."""
+    preempt_grace: float = 20.0
+    """Seconds the ranks have, after a preemption notice, to reach a checkpoint and return
+    before they are torn down; a second signal at the same place ends it at once. 20 s: within
+    Kubernetes' default 30 s before SIGKILL, with room to tear down and exit."""
+    requeue: bool = False
+    """Inside a SLURM job: once a preempted run has ended, requeue the job (``scontrol
+    requeue``), so that a job warned of its time limit (``--signal``) starts again, as one
+    preempted by a partition is requeued by SLURM itself."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
@@ -152,6 +168,9 @@ class Launcher:
             sync_dir=_sync_dir(self.sync_dir),
             sync_exclude=tuple(self.sync_exclude) + _log_folder_in(self.sync_dir, self.log_dir),
             pythons=_pythons(self.python, hostnames),
+            preempt_signals=tuple(self.preempt_signals),
+            preempt_grace=float(self.preempt_grace),
+            requeue=self.requeue,
         )
         if self._pool is not None and self._pool.config != config:
             self.close()
@@ -265,7 +284,8 @@ class Launcher:
             workers_per_host=workers,
             backend=self.backend,
             worker_timeout=self.worker_timeout,
-            env=copied_env(self.copy_env_vars, self.extra_env_vars),
+            # inside a SLURM job, its id and attempt (a requeued job's restart count) too
+            env={**slurm_job_vars(), **copied_env(self.copy_env_vars, self.extra_env_vars)},
             # not a bound method: the run must not keep this launcher alive (its finalizer
             # stops the agents when the user drops it)
             handlers=functools.partial(
@@ -407,6 +427,29 @@ def _validate(launcher: Launcher) -> None:
     _check_preload(launcher.preload)
     _check_sync(launcher.sync_dir, launcher.sync_exclude)
     _check_python(launcher.python)
+    _check_preemption(launcher)
+
+
+def _check_preemption(launcher: Launcher) -> None:
+    names = launcher.preempt_signals
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        msg = f"preempt_signals={names!r}: use a tuple of signal names, e.g. ('SIGTERM',)"
+        raise TypeError(msg)
+    signal_numbers(names)  # names only signals
+    unfit = [n for n in names if n in UNFIT or signal.Signals[n] == STACK_SIGNAL]
+    if unfit:
+        msg = (
+            f"preempt_signals: {unfit[0]} cannot be a preemption notice (it cannot be caught, "
+            "is Ctrl-C's, a crash's, or torchrunx's own): use e.g. SIGTERM, SIGUSR1, SIGUSR2"
+        )
+        raise ValueError(msg)
+    grace = launcher.preempt_grace
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        msg = f"preempt_grace={grace!r}: use a number of seconds, 0 or more"
+        raise ValueError(msg)
+    if not isinstance(launcher.requeue, bool):
+        msg = f"requeue={launcher.requeue!r}: use True or False"
+        raise TypeError(msg)
 
 
 def _check_sync(sync_dir: object, exclude: object) -> None:

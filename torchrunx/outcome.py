@@ -11,9 +11,11 @@ __all__ = [
     "AgentLost",
     "Evidence",
     "Failure",
+    "Preemption",
     "QuitInDebugger",
     "ResultUnpicklable",
     "RunCancelled",
+    "RunPreempted",
     "WorkerDied",
     "WorkerRaised",
     "failure_exception",
@@ -30,6 +32,7 @@ from . import stack_report
 from .errors import (
     AgentFailedError,
     DebuggerQuitError,
+    PreemptedError,
     RemoteTraceback,
     TorchrunxError,
     WorkerFailedError,
@@ -87,7 +90,40 @@ class RunCancelled:
     reason: str
 
 
-Failure = WorkerRaised | ResultUnpicklable | WorkerDied | AgentLost | QuitInDebugger | RunCancelled
+@dataclass(frozen=True)
+class RunPreempted:
+    """The grace after a preemption notice ended (its time ran out, or a second signal came)."""
+
+    reason: str
+
+
+Failure = (
+    WorkerRaised
+    | ResultUnpicklable
+    | WorkerDied
+    | AgentLost
+    | QuitInDebugger
+    | RunCancelled
+    | RunPreempted
+)
+
+
+@dataclass
+class Preemption:
+    """A launcher's preemption notice: which signal reached which host, and the grace."""
+
+    grace: float  # seconds the ranks have to return, from the first signal
+    signals: dict[str, list[str]] = field(default_factory=dict)  # by host ("launcher": ours)
+    deadline: float = 0.0  # monotonic: the grace ends then (or at a second signal)
+
+    def describe(self) -> str:
+        """``SIGTERM on node1, node2; SIGUSR1 on the launcher``."""
+        by_signal: dict[str, list[str]] = {}
+        for host, names in self.signals.items():
+            for name in dict.fromkeys(names):
+                by_signal.setdefault(name, []).append(host)
+        return "; ".join(f"{s} on {', '.join(hosts)}" for s, hosts in by_signal.items())
+
 
 _LIKELY_CAUSES = {
     "SIGKILL": "killed from outside, often by the kernel's out-of-memory killer",
@@ -133,14 +169,22 @@ class Evidence:
         return f"\nIts log: {self.log_folder / f'{hostname}[{local_rank}].log'} (agent: {agent})"
 
 
-def resolve(
+def resolve(  # noqa: PLR0913 -- one per part of what a run came back with
     failures: list[Failure],
     results: dict[int, list[Any]],
     hostnames: list[str],
     workers_per_host: list[int],
     evidence: Evidence,
+    *,
+    preemption: Preemption | None = None,
 ) -> LaunchResult[Any]:
-    """Every rank's return value; or raise the failure that ended the run, explained."""
+    """Every rank's return value; or raise the failure that ended the run, explained.
+
+    A run that had a preemption notice while in flight raises :class:`PreemptedError`, whether
+    its ranks all returned within the grace or not.
+    """
+    if preemption is not None:
+        raise preempted_exception(preemption, failures, results, workers_per_host, evidence)
     if failures:
         raise failure_exception(failures, results, hostnames, workers_per_host, evidence)
     offsets = [0, *itertools.accumulate(workers_per_host)]
@@ -167,7 +211,7 @@ def failure_exception(
     ``__notes__`` hold where the ranks still running were; ``stacks``, ``partial_results`` and
     ``failures`` the details.
     """
-    real = [f for f in failures if not isinstance(f, RunCancelled)] or failures
+    real = [f for f in failures if not isinstance(f, (RunCancelled, RunPreempted))] or failures
     causes = (QuitInDebugger, WorkerDied, AgentLost)
     primary = next((f for f in real if isinstance(f, causes)), real[0])
     exc = _exception(primary, hostnames, evidence)
@@ -186,6 +230,47 @@ def failure_exception(
     _attach(exc, "failures", dict(sorted(by_rank.items())))
     _attach(exc, "partial_results", _returned(results))
     return exc
+
+
+def preempted_exception(
+    preemption: Preemption,
+    failures: list[Failure],
+    results: dict[int, list[Any]],
+    workers_per_host: list[int],
+    evidence: Evidence,
+) -> PreemptedError:
+    """The :class:`PreemptedError` of a run that had a notice: what returned, what did not."""
+    world = sum(workers_per_host)
+    returned = sorted(results)
+    torn = [r for r in range(world) if r not in results]
+    ended = next((f.reason for f in failures if isinstance(f, RunPreempted)), None)
+    text = f"the run was preempted ({preemption.describe()}): "
+    text += f"{len(returned)} of {world} ranks returned within the grace of {preemption.grace} s"
+    if torn:
+        who = (
+            f"rank {torn[0]} did not and was"
+            if len(torn) == 1
+            else f"ranks {_list(torn)} did not and were"
+        )
+        text += f"; {who} torn down ({ended or 'they failed'})"
+    exc = PreemptedError(
+        text,
+        signals={h: names[0] for h, names in preemption.signals.items()},
+        partial_results=_returned(results),
+    )
+    real = [f for f in failures if not isinstance(f, (RunCancelled, RunPreempted))]
+    if real:
+        _add_note(exc, "failures during the grace:\n  " + "\n  ".join(map(_summary, real)))
+    report = evidence.report()
+    if report:
+        where = report.replace("\n", "\n  ")
+        _add_note(exc, f"where the ranks torn down were (full stacks: .stacks):\n  {where}")
+    _attach(exc, "stacks", evidence.all_stacks())
+    return exc
+
+
+def _list(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
 
 
 def _ranks_of(failure: Failure, hostnames: list[str], workers_per_host: list[int]) -> list[int]:
@@ -236,7 +321,8 @@ def _exception(failure: Failure, hostnames: list[str], evidence: Evidence) -> Ba
     if isinstance(failure, QuitInDebugger):
         text = f"the run was quit from the debugger of {_where(failure)}: {failure.quit.text}"
         return DebuggerQuitError(text, hostname=failure.hostname, rank=failure.quit.rank)
-    return TorchrunxError(f"the run on {hostnames} was cancelled: {failure.reason}")
+    what = "preempted" if isinstance(failure, RunPreempted) else "cancelled"
+    return TorchrunxError(f"the run on {hostnames} was {what}: {failure.reason}")
 
 
 def _where(failure: WorkerRaised | ResultUnpicklable | WorkerDied | QuitInDebugger) -> str:
@@ -261,6 +347,8 @@ def _summary(failure: Failure) -> str:
         return f"the agent on {failure.hostname} failed"
     if isinstance(failure, QuitInDebugger):
         return f"quit from the debugger of {_where(failure)}"
+    if isinstance(failure, RunPreempted):
+        return f"run preempted: {failure.reason}"
     return f"run cancelled: {failure.reason}"
 
 

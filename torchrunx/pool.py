@@ -19,6 +19,7 @@ __all__ = ["AgentPool", "AgentsConfig"]
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -35,8 +36,9 @@ from . import reaper
 from .controller import Controller
 from .environment import agent_base_env
 from .errors import AgentFailedError
-from .hosts import in_slurm_job, is_local, route_to
+from .hosts import in_slurm_job, is_local, requeue_job, route_to
 from .links import AgentHandle
+from .preemption import LauncherSignals
 from .sync import Copies, Folder, Placement, Reach, SyncError
 from .transport.messages import PROTOCOL_VERSION, Boot, json_line
 from .transport.ssh import (
@@ -49,6 +51,8 @@ from .transport.ssh import (
 
 if TYPE_CHECKING:
     from .runs import Run
+
+logger = logging.getLogger("torchrunx")
 
 SSH_WINDOW = 64
 """At most this many SSH handshakes at once; the others wait for a slot."""
@@ -71,6 +75,9 @@ class AgentsConfig:
     sync_dir: str | None = None  # a folder copied to every remote host (resolved)
     sync_exclude: tuple[str, ...] = ()
     pythons: tuple[tuple[str, str], ...] = ()  # (hostname, its interpreter), where not ours
+    preempt_signals: tuple[str, ...] = ()
+    preempt_grace: float = 0.0
+    requeue: bool = False  # inside a SLURM job, after a preempted run
 
 
 class AgentPool:
@@ -81,8 +88,19 @@ class AgentPool:
         self.config = config
         self.hostnames = list(config.hostnames)
         self.secret = secrets.token_hex(32)
-        self.controller = Controller(self.secret, config.agent_timeout, encrypt=config.encrypt)
-        self.controller.start()
+        self.controller = controller = Controller(
+            self.secret,
+            config.agent_timeout,
+            encrypt=config.encrypt,
+            preempt_grace=config.preempt_grace,
+        )
+        controller.start()
+        # this process's own preemption signals: the notice, through the controller thread
+        self.signals = LauncherSignals(
+            config.preempt_signals,
+            lambda name: controller.on_thread(controller.preempt, "launcher", name),
+        )
+        self.requeued = False  # the SLURM job, once (see requeue)
         self.last_run = 0.0  # seconds since 1970: agents started after it are the next run's
         self.agents: list[AgentHandle | None] = [None] * len(self.hostnames)
         self.addresses = ["127.0.0.1"] * len(self.hostnames)  # remote: the peers of SSH sessions
@@ -93,7 +111,9 @@ class AgentPool:
         if config.sync_dir is not None:
             folder = Folder(Path(config.sync_dir), config.sync_exclude)
             self.copies = Copies(folder, len(self.hostnames), config.agent_timeout)
-        self._finalizer = weakref.finalize(owner, _close_pool, self.controller, self.agents)
+        self._finalizer = weakref.finalize(
+            owner, _close_pool, self.controller, self.agents, self.signals
+        )
 
     # ---- starting agents
 
@@ -252,6 +272,7 @@ class AgentPool:
             server_key=self.controller.server_key,
             preload=self.config.preload,
             learn=self.config.learn_preload,
+            preempt_signals=self.config.preempt_signals,
         )
         stdin = agent.process.stdin
         assert stdin is not None  # noqa: S101 -- narrows the type: stdin is a pipe or channel
@@ -313,6 +334,19 @@ class AgentPool:
             return self.addresses[index]
         return self.local_address or "127.0.0.1"
 
+    def requeue(self) -> None:
+        """A preempted run has ended: requeue the SLURM job, once, if ``requeue`` says so.
+
+        Where SLURM requeues the job itself (partition preemption), ours fails or ends the job
+        a little earlier; either way it is requeued once.
+        """
+        if not self.config.requeue or self.requeued or not in_slurm_job():
+            return
+        self.requeued = True
+        why = requeue_job()
+        if why is not None:
+            logger.warning("could not requeue the job after its preempted run: %s", why)
+
     # ---- stopping
 
     def stop_agents(self) -> None:
@@ -353,11 +387,14 @@ def _start_failed(failures: list[tuple[str, str]]) -> AgentFailedError:
     return AgentFailedError(msg, hostname=hosts[0])
 
 
-def _close_pool(controller: Controller, agents: list[AgentHandle | None]) -> None:
+def _close_pool(
+    controller: Controller, agents: list[AgentHandle | None], signals: LauncherSignals
+) -> None:
     """Stop every agent (bounded) and the controller; safe at interpreter exit."""
     try:
         _stop([a for a in agents if a is not None])
     finally:
+        signals.restore()
         controller.stop()
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import zmq
 
 from .links import AgentHandle
-from .outcome import Evidence, Failure
+from .outcome import Evidence, Failure, Preemption
 from .transport.messages import Phase, Phases, RankStatus, Stacks
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ class RunState:
     done: threading.Event = field(default_factory=threading.Event)
     phases: list[Phase] = field(default_factory=list)  # for its trace, if it is traced
     received: dict[int, float] = field(default_factory=dict)  # when each rank's outcome came
+    preemption: Preemption | None = None  # the launcher's notice, if it came before the end
 
     def agent_index(self, agent: AgentHandle) -> int | None:
         """Position of ``agent`` in this run, or None."""

@@ -143,6 +143,7 @@ class Run:
                 trace=traced,
                 copy=places[i].copy,
                 copied_from=places[i].copied_from,
+                preempt_signals=pool.config.preempt_signals,
             )
             for g, (i, n) in enumerate(zip(indexes, state.workers_per_host, strict=True))
         ]
@@ -198,6 +199,8 @@ class Run:
         # it will not start again: its frames go now, not with the garbage collector (which
         # cannot clear a memoryview that still exports its buffer to another)
         self.payload = []
+        if state.preemption is not None:
+            self.pool.requeue()  # its processes are gone everywhere: the job may go
         for handler in self._handlers:
             handler.close()
         began = [s for s, _ in self._agent_starts if s]
@@ -217,6 +220,7 @@ class Run:
                 self.options.hostnames,
                 state.workers_per_host,
                 state.evidence,
+                preemption=state.preemption,
             )
         )
 

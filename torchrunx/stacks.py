@@ -24,12 +24,15 @@ the channel's fd, the line's mark, the deadline); it imports only the standard l
 from __future__ import annotations
 
 __all__ = [
+    "ASK",
     "COLLECTIVE",
     "DEADLINE_S",
+    "NOTICE",
     "STACK_FD",
     "STACK_SIGNAL",
     "STARTING",
     "collect",
+    "notify",
     "read_now",
 ]
 
@@ -58,6 +61,16 @@ ASK_S = 0.25
 """How long the workers get to say which collective they are in, once their dumps are in."""
 COLLECTIVE = "torchrunx: "
 """Starts the line a worker adds to its dump: the last collective it entered."""
+ASK = b"?"
+"""Sent to a worker on its channel: which collective are you in (one line back)."""
+NOTICE = b"!"
+"""Sent to a worker on its channel: the run is preempted (nothing back)."""
+
+
+def notify(fd: int) -> None:
+    """Give the worker of this stack channel the preemption notice (it reads it at once)."""
+    with contextlib.suppress(OSError):  # gone: it needs no notice; full: it has one queued
+        os.write(fd, NOTICE)
 
 
 def read_now(fd: int) -> str:
@@ -117,7 +130,7 @@ def _ask(channels: Mapping[int, int]) -> dict[int, bytes]:
     by_fd: dict[int, int] = {}
     for pid, fd in channels.items():
         with contextlib.suppress(OSError):  # gone, or a channel that is full: no answer
-            os.write(fd, b"?")
+            os.write(fd, ASK)
             by_fd[fd] = pid
     lines: dict[int, bytes] = {}
     end = time.monotonic() + ASK_S

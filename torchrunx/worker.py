@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import zmq
 
-from . import debugger, sources, worker_stacks
+from . import debugger, preemption, sources, worker_stacks
 from .hosts import count_gpus
 from .logs import record_line
 from .reaper import set_parent_death_signal
@@ -138,7 +138,6 @@ class _Rank:
             with clock.phase("unpickle"):
                 fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
             if self.spec.backend is not None:
-                worker_stacks.answer_asks()  # which collective this rank is in, when the agent asks
                 with clock.phase("process group"):
                     self._init_process_group(store, gpu)
             with clock.phase("function"):
@@ -169,6 +168,8 @@ class _Rank:
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         worker_stacks.enable_dumps()  # the agent may ask where this rank is, whatever it is doing
+        preemption.take_signals(self.spec.preempt_signals)  # a notice, not this rank's death
+        worker_stacks.listen()  # the agent's notice, and its questions
         # the worker's logging records reach the launcher whole: logger name, level, time
         logging.root.addHandler(_RecordsToStderr())
         logging.root.setLevel(self.spec.log_level)

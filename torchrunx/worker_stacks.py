@@ -3,17 +3,19 @@
 ::
 
     agent ── STACK_SIGNAL ──────► faulthandler (C): every thread's stack ──────────────► fd 3
-    agent ── a byte on fd 3 ────► answer_asks' thread: "torchrunx: last collective ..." ──► fd 3
+    agent ── "?" on fd 3 ───────► listen's thread: "torchrunx: last collective ..." ──────► fd 3
+    agent ── "!" on fd 3 ───────► listen's thread: the preemption notice (preempted() True)
 
 :func:`enable_dumps` installs faulthandler's handler, written in C: the worker answers even when
-its main thread is blocked in C. :func:`answer_asks` starts a thread that answers each byte the
-agent sends with one line from torch's flight recorder (:func:`last_collective`). What the agent
-does with them is in :mod:`torchrunx.stacks`, which owns the signal and the channel's fd.
+its main thread is blocked in C. :func:`listen` starts a thread that takes the notice and
+answers each question with one line from torch's flight recorder (:func:`last_collective`).
+What the agent does with them is in :mod:`torchrunx.stacks`, which owns the signal and the
+channel's fd.
 """
 
 from __future__ import annotations
 
-__all__ = ["answer_asks", "enable_dumps", "last_collective"]
+__all__ = ["enable_dumps", "last_collective", "listen"]
 
 import contextlib
 import faulthandler
@@ -23,7 +25,8 @@ import select
 import threading
 from typing import Any
 
-from .stacks import COLLECTIVE, STACK_FD, STACK_SIGNAL
+from . import preemption
+from .stacks import ASK, COLLECTIVE, NOTICE, STACK_FD, STACK_SIGNAL
 
 
 def enable_dumps() -> None:
@@ -36,31 +39,47 @@ def enable_dumps() -> None:
     faulthandler.enable(file=STACK_FD, all_threads=True)
 
 
-def answer_asks() -> None:
-    """In a worker with a process group: answer each byte on :data:`STACK_FD` with a line.
+def listen() -> None:
+    """In a worker: take the agent's bytes on :data:`STACK_FD`, in a thread of its own.
 
-    The line (:data:`COLLECTIVE`) names the last collective the worker entered, read from
-    torch's flight recorder when the agent asks, so it costs nothing until then.
+    :data:`NOTICE` is the preemption notice (``torchrunx.preempted()`` turns True);
+    :data:`ASK` is answered with a line (:data:`COLLECTIVE`) naming the last collective the
+    worker entered, read from torch's flight recorder when the agent asks, so it costs nothing
+    until then. A notice already waiting (a run started after it) is taken before this returns.
     """
-    threading.Thread(target=_answer, name="torchrunx-collectives", daemon=True).start()
+    with contextlib.suppress(OSError):
+        _take(os.read(STACK_FD, 64))  # before the worker connects, only a notice can be there
+    threading.Thread(target=_listen, name="torchrunx-listen", daemon=True).start()
 
 
-def _answer() -> None:
+def _listen() -> None:
     while True:
         select.select([STACK_FD], [], [])
         try:
-            if not os.read(STACK_FD, 64):
-                return
+            data = os.read(STACK_FD, 64)
         except BlockingIOError:
             continue
         except OSError:  # the channel is gone: nobody will ask again
             return
-        try:
-            line = COLLECTIVE + last_collective()
-        except Exception as e:  # noqa: BLE001 -- a report, not a reason to stop answering
-            line = f"{COLLECTIVE}last collective unknown ({type(e).__name__}: {e})"
-        with contextlib.suppress(OSError):
-            os.write(STACK_FD, (line.replace("\n", " ") + "\n").encode())
+        if not data:
+            return
+        _take(data)
+
+
+def _take(data: bytes) -> None:
+    if NOTICE in data:
+        preemption.notice()
+    if ASK in data:
+        _answer()
+
+
+def _answer() -> None:
+    try:
+        line = COLLECTIVE + last_collective()
+    except Exception as e:  # noqa: BLE001 -- a report, not a reason to stop answering
+        line = f"{COLLECTIVE}last collective unknown ({type(e).__name__}: {e})"
+    with contextlib.suppress(OSError):
+        os.write(STACK_FD, (line.replace("\n", " ") + "\n").encode())
 
 
 def last_collective() -> str:

@@ -13,6 +13,8 @@ kind           sent                        carries
 boot           launcher → agent (stdin)    protocol version, where to connect, secrets
 hello          agent → launcher            protocol version, secret, host facts
 heartbeat      launcher ↔ agent            nothing: "still here"
+signalled      agent → launcher            a preemption signal reached the agent: its name
+notice         launcher → agent            a preemption notice: tell every rank, now and later
 run            launcher → agent            a run's spec for this host; buffers: the payload
 credit         launcher → agent            bytes of output handled (flow control)
 cancel         launcher → agent            a run to tear down
@@ -77,6 +79,7 @@ __all__ = [
     "Imported",
     "Level",
     "Message",
+    "Notice",
     "Output",
     "Phase",
     "Phases",
@@ -91,6 +94,7 @@ __all__ = [
     "Result",
     "Run",
     "RunSpec",
+    "Signalled",
     "Stacks",
     "Status",
     "Stream",
@@ -128,7 +132,7 @@ if TYPE_CHECKING:
 
     from .serialization import Buffer
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 """Launcher and agent must speak the same; it travels in ``boot`` and ``hello``."""
 HEARTBEAT_INTERVAL_S = 1.0
 """How often launcher and agent tell each other they are alive (each side's silence is bounded
@@ -211,6 +215,7 @@ class Boot(Message):
     server_key: str | None
     preload: tuple[str, ...] = ()  # modules every forkserver imports before its first fork
     learn: bool = True  # preload, while idle, what the workers of earlier runs imported
+    preempt_signals: tuple[str, ...] = ()  # signal names that are a preemption notice, not death
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,21 @@ class Heartbeat(Message):
     """Still here (both ways, every second)."""
 
     KIND = "heartbeat"
+
+
+@dataclass(frozen=True)
+class Signalled(Message):
+    """A preemption signal reached the agent (``signal``: its name)."""
+
+    KIND = "signalled"
+    signal: str
+
+
+@dataclass(frozen=True)
+class Notice(Message):
+    """The launcher has a preemption notice: every rank of every run, now and later, is told."""
+
+    KIND = "notice"
 
 
 @dataclass(frozen=True)
@@ -271,6 +291,7 @@ class RunSpec:
     trace: bool = False  # its workers and agent time their phases (:class:`Phases`)
     copy: str = ""  # this host's copy of sync_dir, if it has one ...
     copied_from: str = ""  # ... and that folder on the launcher's machine
+    preempt_signals: tuple[str, ...] = ()  # a worker that gets one takes note, and lives on
 
 
 @dataclass(frozen=True)
