@@ -266,7 +266,30 @@ def test_a_notice_reaches_the_ranks_of_a_second_test_host(cluster: Cluster) -> N
         with pytest.raises(torchrunx.PreemptedError) as info:
             handle.result(timeout=30)
     assert info.value.signals == {hosts[0]: "SIGTERM"}
+    assert cluster.wait_no_processes() == []  # nothing of the run (nor the agents) is left
     results = info.value.partial_results
     assert sorted(results) == [0, 1, 2, 3]
     for value in results.values():  # the second host's ranks too (one clock: the same machine)
         assert 0 <= value["noticed"] - sent < NOTICE_BOUND_S
+
+
+def _sleep_long() -> None:
+    time.sleep(60)
+
+
+def fork_and_terminate() -> int | None:
+    """A child the rank forks takes SIGTERM as it would without torchrunx: terminate() ends it."""
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_sleep_long)
+    child.start()
+    time.sleep(0.2)
+    child.terminate()
+    child.join(timeout=10)
+    if child.exitcode is None:
+        child.kill()
+    return child.exitcode
+
+
+def test_children_a_rank_forks_keep_sigterm_as_it_is(launcher: torchrunx.Launcher) -> None:
+    assert launcher.run(fork_and_terminate).by_rank() == [-signal.SIGTERM, -signal.SIGTERM]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = ["UNFIT", "LauncherSignals", "notice", "preempted", "signal_numbers", "take_signals"]
 
+import os
 import signal
 import threading
 from typing import TYPE_CHECKING, Any
@@ -80,9 +81,21 @@ def signal_numbers(names: Iterable[str]) -> list[signal.Signals]:
 
 
 def take_signals(names: Iterable[str]) -> None:
-    """In a worker: a preemption signal is this rank's notice; it does not end the process."""
-    for number in signal_numbers(names):
+    """In a worker: a preemption signal is this rank's notice; it does not end the process.
+
+    Only this process's: a child it forks (a DataLoader's worker, a ``multiprocessing`` pool's)
+    takes the signals as it would without torchrunx, so that ``terminate()`` still ends it.
+    """
+    numbers = signal_numbers(names)
+    for number in numbers:
         signal.signal(number, _noticed)
+    if numbers:
+        os.register_at_fork(after_in_child=lambda: _default(numbers))
+
+
+def _default(numbers: list[signal.Signals]) -> None:
+    for number in numbers:
+        signal.signal(number, signal.SIG_DFL)
 
 
 def _noticed(_signum: int, _frame: object) -> None:
