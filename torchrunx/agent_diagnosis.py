@@ -125,6 +125,7 @@ def _rank_status(
         gpu_memory=None if gpus is None else gpus.get(worker.pid or -1, 0),
         since_output=None if output.last_output is None else time.monotonic() - output.last_output,
         last_line=output.last_line,
+        attempt=0 if run.spec is None else run.spec.attempt,
     )
 
 

@@ -18,7 +18,7 @@ own (:class:`RunEvents`).
 
 from __future__ import annotations
 
-__all__ = ["Controller"]
+__all__ = ["Bounds", "Controller"]
 
 import contextlib
 import hmac
@@ -26,6 +26,7 @@ import logging
 import secrets
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -88,21 +89,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger("torchrunx")
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """How long the controller waits: for an agent to start, on a silent one, after a notice."""
+
+    agent_timeout: float  # from its start to its hello (SSH, an interpreter, imports)
+    heartbeat_timeout: float  # a started agent's silence (it sends a heartbeat every second)
+    preempt_grace: float = 0.0  # for the ranks to return after a preemption notice
+
+    def of(self, started: bool) -> tuple[float, str]:
+        """The silence an agent is allowed, and the field's name; never more than its start."""
+        if started and self.heartbeat_timeout < self.agent_timeout:
+            return self.heartbeat_timeout, "heartbeat_timeout"
+        return self.agent_timeout, "agent_timeout"
+
+
 class Controller(ServingThread):
     """Owns the ROUTER socket and the thread that serves agents and runs until :meth:`stop`."""
 
-    def __init__(
-        self,
-        secret: str,
-        agent_timeout: float,
-        bind_host: str = "127.0.0.1",
-        *,
-        encrypt: bool = False,
-        preempt_grace: float = 0.0,
-    ) -> None:
+    def __init__(self, secret: str, bounds: Bounds, *, encrypt: bool = False) -> None:
         super().__init__("torchrunx-controller")
         self.secret = secret
-        self.agent_timeout = agent_timeout
+        self.bounds = bounds
+        self._last_tick = time.monotonic()
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.server_key: str | None = None  # CURVE public key, when encrypting
@@ -112,16 +121,15 @@ class Controller(ServingThread):
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.IPV6, 1)  # remote agents may reach us over IPv6
         self.router.setsockopt(zmq.LINGER, 0)
-        port = self.router.bind_to_random_port(f"tcp://{bind_host}")
-        self.address = f"tcp://{bind_host}:{port}"
-        self._addresses = {bind_host: self.address}
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"  # for local agents; remote ones: address_on
+        self._addresses = {"127.0.0.1": self.address}
         self.agents: dict[bytes, AgentHandle] = {}
         self.runs: dict[str, RunState] = {}
         self.changed = threading.Condition()
         self.poller.register(self.router, zmq.POLLIN)
         self._watch = AgentWatch(self.poller, self.fail_agent)
         self._next_heartbeat = 0.0
-        self.preempt_grace = preempt_grace
         self.preemption: Preemption | None = None  # once a preemption signal has come
 
     # ---- called from user threads
@@ -256,8 +264,8 @@ class Controller(ServingThread):
         """
         notice = self.preemption
         if notice is None:
-            deadline = time.monotonic() + self.preempt_grace
-            notice = self.preemption = Preemption(self.preempt_grace, deadline=deadline)
+            grace = self.bounds.preempt_grace
+            notice = self.preemption = Preemption(grace, deadline=time.monotonic() + grace)
             for agent in list(self.agents.values()):
                 if agent.ready:
                     self.send(agent, Notice())
@@ -299,13 +307,22 @@ class Controller(ServingThread):
             for agent in list(self.agents.values()):
                 if agent.ready:
                     self.send(agent, Heartbeat())
+        self._find_silent(now)
+
+    def _find_silent(self, now: float) -> None:
+        """Fail the agents silent past their bound (see :class:`Bounds`)."""
+        gap, self._last_tick = now - self._last_tick, now
+        if gap > 2 * HEARTBEAT_INTERVAL_S:  # this thread did not run: nobody could be heard
+            for agent in self.agents.values():
+                agent.last_seen += gap
         for agent in list(self.agents.values()):
-            if agent.failure is None and now - agent.last_seen > self.agent_timeout:
+            bound, name = self.bounds.of(agent.ready)
+            if agent.failure is None and now - agent.last_seen > bound:
                 what = "sent nothing" if agent.ready else "did not connect"
                 self.fail_agent(
                     agent,
-                    f"the agent on {agent.hostname} {what} for {self.agent_timeout} s "
-                    "(agent_timeout): its host is unreachable or the agent hangs",
+                    f"the agent on {agent.hostname} {what} for {bound} s ({name}): its host "
+                    "is unreachable or the agent hangs",
                 )
 
     def _on_router(self) -> None:

@@ -50,6 +50,7 @@ def in_slurm_job() -> bool:
 SLURM_JOB_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT")
 """What every worker of a run inside a SLURM job is told of it: the job, and its attempt."""
 REQUEUE_TIMEOUT_S = 30.0
+REQUEUED_ALREADY = "Job is pending execution"  # scontrol's words: SLURM requeued it first
 
 
 def slurm_job_vars() -> dict[str, str]:
@@ -58,7 +59,11 @@ def slurm_job_vars() -> dict[str, str]:
 
 
 def requeue_job() -> str | None:
-    """Requeue this SLURM job (``scontrol requeue``); why it failed, or None."""
+    """Requeue this SLURM job (``scontrol requeue``); why it failed, or None.
+
+    None too where SLURM requeued the job first (a partition's preemption whose grace ended):
+    the job is pending again, which is what was asked.
+    """
     job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SLURM_JOBID", "")
     try:
         done = subprocess.run(
@@ -70,7 +75,7 @@ def requeue_job() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"scontrol requeue {job}: {e}"
-    if done.returncode != 0:
+    if done.returncode != 0 and REQUEUED_ALREADY not in done.stderr:
         return f"scontrol requeue {job}: {done.stderr.strip() or f'exit {done.returncode}'}"
     return None
 

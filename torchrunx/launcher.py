@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
 from . import console
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
+from .errors import AgentFailedError, WorkerFailedError
 from .hosts import in_slurm_job, resolve_hostnames, slurm_job_vars
 from .logs import HandlerFactory, default_handlers, log_folder
 from .pool import AgentPool, AgentsConfig
@@ -81,7 +82,9 @@ class Launcher:
     worker_timeout: int = 600
     """Timeout of the workers' process group, in seconds."""
     agent_timeout: int = 180
-    """Seconds an agent may stay silent (or take to start) before it is declared failed."""
+    """Seconds an agent may take to start (SSH, its interpreter, its hello) before it is
+    declared failed; on its host, how long it waits for a silent launcher before it clears the
+    host. A started agent's silence is ``heartbeat_timeout``'s."""
     copy_env_vars: tuple[str, ...] = DEFAULT_ENV_VARS_FOR_COPY
     """Launcher environment variables to copy to agents and workers (fnmatch patterns)."""
     extra_env_vars: dict[str, str] | None = None
@@ -131,6 +134,18 @@ class Launcher:
     """Seconds the ranks have, after a preemption notice, to reach a checkpoint and return
     before they are torn down; a second signal at the same place ends it at once. 20 s: within
     Kubernetes' default 30 s before SIGKILL, with room to tear down and exit."""
+    max_restarts: int = 0
+    """Times a failed run is run again on fresh workers (the same agents, warm) when its failure
+    is one of ``restart_on``. Workers find the attempt in ``TORCHRUNX_RESTART_COUNT`` (and
+    ``TORCHELASTIC_RESTART_COUNT``, ``TORCHELASTIC_MAX_RESTARTS``, as torchrun sets them)."""
+    restart_on: tuple[type[BaseException], ...] = (WorkerFailedError, AgentFailedError)
+    """The failures that restart a run: by default a worker's death and an agent's loss. An
+    exception raised by the function is a bug that fails the same way again: name its type to
+    restart on it anyway. A preemption is never restarted."""
+    heartbeat_timeout: float = 10.0
+    """Seconds a started agent may be silent (it sends a heartbeat every second) before its
+    host is declared lost: a partitioned host is found within this. Never more than
+    ``agent_timeout``."""
     requeue: bool = False
     """Inside a SLURM job: once a preempted run has ended, requeue the job (``scontrol
     requeue``), so that a job warned of its time limit (``--signal``) starts again, as one
@@ -171,6 +186,7 @@ class Launcher:
             preempt_signals=tuple(self.preempt_signals),
             preempt_grace=float(self.preempt_grace),
             requeue=self.requeue,
+            heartbeat_timeout=float(self.heartbeat_timeout),
         )
         if self._pool is not None and self._pool.config != config:
             self.close()
@@ -296,6 +312,8 @@ class Launcher:
                 ranks=None if self.debug_ranks == "all" else _ranks(self.debug_ranks),
                 post_mortem=self.post_mortem,
             ),
+            max_restarts=self.max_restarts,
+            restart_on=tuple(self.restart_on),
         )
         return Run.submit(pool, (func, call_args, call_kwargs), options)
 
@@ -407,7 +425,7 @@ def _validate(launcher: Launcher) -> None:
     if launcher.backend is not None and launcher.backend not in _BACKENDS:
         msg = f"backend={launcher.backend!r}: use one of {_BACKENDS} or None"
         raise ValueError(msg)
-    for name in ("worker_timeout", "agent_timeout"):
+    for name in ("worker_timeout", "agent_timeout", "heartbeat_timeout"):
         value = getattr(launcher, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             msg = f"{name}={value!r}: use a positive number of seconds"
@@ -428,6 +446,7 @@ def _validate(launcher: Launcher) -> None:
     _check_sync(launcher.sync_dir, launcher.sync_exclude)
     _check_python(launcher.python)
     _check_preemption(launcher)
+    _check_restarts(launcher)
 
 
 def _check_preemption(launcher: Launcher) -> None:
@@ -449,6 +468,22 @@ def _check_preemption(launcher: Launcher) -> None:
         raise ValueError(msg)
     if not isinstance(launcher.requeue, bool):
         msg = f"requeue={launcher.requeue!r}: use True or False"
+        raise TypeError(msg)
+
+
+def _check_restarts(launcher: Launcher) -> None:
+    n = launcher.max_restarts
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        msg = f"max_restarts={n!r}: use a whole number, 0 or more"
+        raise ValueError(msg)
+    on = launcher.restart_on
+    if not isinstance(on, (tuple, list)) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in on
+    ):
+        msg = (
+            f"restart_on={on!r}: use a tuple of exception types, "
+            "e.g. (torchrunx.WorkerFailedError, torchrunx.AgentFailedError)"
+        )
         raise TypeError(msg)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "RunPreempted",
     "WorkerDied",
     "WorkerRaised",
+    "add_note",
     "failure_exception",
     "resolve",
 ]
@@ -217,11 +218,11 @@ def failure_exception(
     exc = _exception(primary, hostnames, evidence)
     others = [_summary(f) for f in real if f is not primary]
     if others:
-        _add_note(exc, "collateral, after it in this run:\n  " + "\n  ".join(others))
+        add_note(exc, "collateral, after it in this run:\n  " + "\n  ".join(others))
     report = evidence.report()
     if report:
         where = report.replace("\n", "\n  ")
-        _add_note(exc, f"where the ranks were (full stacks: .stacks):\n  {where}")
+        add_note(exc, f"where the ranks were (full stacks: .stacks):\n  {where}")
     by_rank: dict[int, BaseException] = {}
     for f in real:
         error = exc if f is primary else _exception(f, hostnames, evidence)
@@ -260,11 +261,11 @@ def preempted_exception(
     )
     real = [f for f in failures if not isinstance(f, (RunCancelled, RunPreempted))]
     if real:
-        _add_note(exc, "failures during the grace:\n  " + "\n  ".join(map(_summary, real)))
+        add_note(exc, "failures during the grace:\n  " + "\n  ".join(map(_summary, real)))
     report = evidence.report()
     if report:
         where = report.replace("\n", "\n  ")
-        _add_note(exc, f"where the ranks torn down were (full stacks: .stacks):\n  {where}")
+        add_note(exc, f"where the ranks torn down were (full stacks: .stacks):\n  {where}")
     _attach(exc, "stacks", evidence.all_stacks())
     return exc
 
@@ -304,7 +305,7 @@ def _attach(exc: BaseException, name: str, value: object) -> None:
 def _exception(failure: Failure, hostnames: list[str], evidence: Evidence) -> BaseException:
     if isinstance(failure, WorkerRaised):
         exc = _raised(failure)
-        _add_note(exc, f"raised by {_where(failure)} in torchrunx")
+        add_note(exc, f"raised by {_where(failure)} in torchrunx")
         return exc
     if isinstance(failure, ResultUnpicklable):
         e = failure.error
@@ -408,7 +409,8 @@ def _worker_error(
     return error
 
 
-def _add_note(exc: BaseException, note: str) -> None:
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, on every Python this runs on."""
     notes: list[str] = [*getattr(exc, "__notes__", []), note]
     setattr(exc, "__notes__", notes)  # noqa: B010 -- add_note() and a typed __notes__ are 3.11+
 

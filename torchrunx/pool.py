@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from . import reaper
-from .controller import Controller
+from .controller import Bounds, Controller
 from .environment import agent_base_env
 from .errors import AgentFailedError
 from .hosts import in_slurm_job, is_local, requeue_job, route_to
@@ -78,6 +78,7 @@ class AgentsConfig:
     preempt_signals: tuple[str, ...] = ()
     preempt_grace: float = 0.0
     requeue: bool = False  # inside a SLURM job, after a preempted run
+    heartbeat_timeout: float = 10.0  # a started agent's silence, at most
 
 
 class AgentPool:
@@ -88,12 +89,8 @@ class AgentPool:
         self.config = config
         self.hostnames = list(config.hostnames)
         self.secret = secrets.token_hex(32)
-        self.controller = controller = Controller(
-            self.secret,
-            config.agent_timeout,
-            encrypt=config.encrypt,
-            preempt_grace=config.preempt_grace,
-        )
+        bounds = Bounds(config.agent_timeout, config.heartbeat_timeout, config.preempt_grace)
+        self.controller = controller = Controller(self.secret, bounds, encrypt=config.encrypt)
         controller.start()
         # this process's own preemption signals: the notice, through the controller thread
         self.signals = LauncherSignals(

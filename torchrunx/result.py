@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __all__ = ["LaunchResult"]
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -22,6 +22,9 @@ class LaunchResult(Generic[R]):
 
     results: dict[str, list[R]]
     """``{hostname: [return value of local rank 0, 1, ...]}``, hosts in launch order."""
+    restarts: list[BaseException] = field(default_factory=list)
+    """The failures of the attempts before this one, oldest first (``Launcher.max_restarts``);
+    empty when the first attempt succeeded."""
 
     def by_hostname(self) -> dict[str, list[R]]:
         """Return values as ``{hostname: [value of local rank 0, 1, ...]}``."""

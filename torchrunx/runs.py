@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import console, trace
+from .errors import PreemptedError
 from .logs import RunFilesHandler, emit_batch, log_level_from_env
-from .outcome import resolve
+from .outcome import add_note, resolve
 from .result import LaunchResult
 from .run_state import RunState
 from .transport import serialization
@@ -68,6 +69,8 @@ class RunOptions:
     env: dict[str, str]  # copied and extra variables, taken afresh for each run
     handlers: HandlersFor
     debug: DebugSettings
+    max_restarts: int = 0  # attempts after the first, on fresh workers
+    restart_on: tuple[type[BaseException], ...] = ()  # the failures that start one
 
 
 class Run:
@@ -79,7 +82,11 @@ class Run:
         self.options = options
         self.payload = payload  # (function, args, kwargs), pickled once: frames for every host
         self.handle: RunHandle[Any] = RunHandle(self)
-        self.state: RunState | None = None  # what the controller gathers, once started
+        self.state: RunState | None = None  # what the controller gathers of this attempt
+        self.hostnames = list(options.hostnames)  # this attempt's
+        self.attempt = 0  # restarts so far
+        self.restarts: list[BaseException] = []  # the earlier attempts' failures, oldest first
+        self._cancelled = False
         self._handlers: list[logging.Handler] = []
         self._submitted = 0.0  # seconds since 1970, for the trace
         self._agent_starts: list[tuple[float, float]] = []  # agents started for this run
@@ -100,10 +107,10 @@ class Run:
 
     def start(self) -> None:
         """Send the run to its hosts' agents (started already): they fork fresh workers."""
-        indexes, agents = self.pool.agents_of(self.options.hostnames)
+        indexes, agents = self.pool.agents_of(self.hostnames)
         workers = _workers_per_host(self.options.workers_per_host, agents)
         _check_debug_ranks(self.options.debug, sum(workers))
-        self._handlers = self.options.handlers(self.options.hostnames, workers)
+        self._handlers = self.options.handlers(self.hostnames, workers)
         self._submitted = time.time()
         self._agent_starts = self.pool.starts_for_run(agents)
         self.state = state = RunState(self.id, agents, workers, secrets.token_hex(16), self)
@@ -113,6 +120,8 @@ class Run:
         specs = self._specs(state, indexes)
         self.pool.runs.add(self)
         self.pool.controller.on_thread(self.pool.controller.start_run, state, specs, self.payload)
+        if self._cancelled:  # cancelled while this attempt was being made
+            self.cancel()
 
     def _specs(self, state: RunState, indexes: list[int]) -> list[RunSpec]:
         """Each host's part of the run."""
@@ -121,13 +130,14 @@ class Run:
         backend = _backend(options.backend, state.agents)
         traced = trace.folder() is not None
         places = {i: pool.placement(i) for i in indexes}
+        env = {**options.env, **_restart_vars(self.attempt, options.max_restarts)}
         return [
             RunSpec(
                 run=self.id,
                 world_size=offsets[-1],
                 backend=backend,
                 master_addr=pool.host_address(indexes[0]),
-                env=options.env,
+                env=env,
                 cwd=places[i].cwd,
                 sys_path=places[i].sys_path,
                 worker_timeout=options.worker_timeout,
@@ -144,6 +154,7 @@ class Run:
                 copy=places[i].copy,
                 copied_from=places[i].copied_from,
                 preempt_signals=pool.config.preempt_signals,
+                attempt=self.attempt,
             )
             for g, (i, n) in enumerate(zip(indexes, state.workers_per_host, strict=True))
         ]
@@ -180,7 +191,8 @@ class Run:
         return self.state.done
 
     def cancel(self, reason: str = "cancelled in the launcher") -> None:
-        """Tear the run down everywhere (soon; wait on :attr:`finished`)."""
+        """Tear the run down everywhere (soon; wait on :attr:`finished`); it starts no more."""
+        self._cancelled = True
         self.pool.controller.on_thread(self.pool.controller.cancel_run, self.id, reason)
 
     def ended(self) -> None:
@@ -193,36 +205,92 @@ class Run:
         threading.Thread(target=self._conclude, name=name, daemon=True).start()
 
     def _conclude(self) -> None:
-        """Close the run's logs, write its trace, and hand its outcome to the handle."""
+        """The attempt has ended: its value, or its failure, which may start the next one."""
         state = self.state
         assert state is not None  # noqa: S101 -- only a started run ends
-        # it will not start again: its frames go now, not with the garbage collector (which
-        # cannot clear a memoryview that still exports its buffer to another)
-        self.payload = []
+        self._close_attempt(state)
+        try:
+            value = resolve(
+                state.failures,
+                state.results,
+                self.hostnames,
+                state.workers_per_host,
+                state.evidence,
+                preemption=state.preemption,
+            )
+        except BaseException as e:  # noqa: BLE001 -- it belongs to whoever waits on the handle
+            self._failed(e)
+        else:
+            value.restarts = list(self.restarts)
+            self._over()
+            self.handle.conclude(value)
+
+    def _close_attempt(self, state: RunState) -> None:
+        """Its processes are gone everywhere: its logs closed, its trace written."""
         if state.preemption is not None:
-            self.pool.requeue()  # its processes are gone everywhere: the job may go
+            self.pool.requeue()  # the job may go
         for handler in self._handlers:
             handler.close()
         began = [s for s, _ in self._agent_starts if s]
         trace.write(
             self.id,
-            hostnames=self.options.hostnames,
+            hostnames=self.hostnames,
             workers_per_host=state.workers_per_host,
             phases=state.phases,
             received=state.received,
             span=(min([self._submitted, *began]), time.time()),
             agents=self._agent_starts,
+            attempt=self.attempt,
         )
-        self.handle.conclude(
-            lambda: resolve(
-                state.failures,
-                state.results,
-                self.options.hostnames,
-                state.workers_per_host,
-                state.evidence,
-                preemption=state.preemption,
-            )
+
+    def _failed(self, error: BaseException) -> None:
+        """Start the next attempt if ``error`` is one to restart on; else the run fails with it."""
+        while self._restartable(error):
+            self.restarts.append(error)
+            self.attempt += 1
+            try:
+                self.pool.ensure_agents(self.options.env)  # one that died starts again
+                self.start()
+            except Exception as e:  # noqa: BLE001 -- this attempt's failure: maybe restarted
+                error = e
+            else:
+                return
+        if self.attempt:
+            total = self.options.max_restarts + 1
+            add_note(error, f"attempt {self.attempt + 1} of {total}: earlier, {_earlier(self)}")
+            with contextlib.suppress(AttributeError, TypeError):  # a type without __dict__
+                error.restarts = list(self.restarts)  # type: ignore[attr-defined]
+        self._over()
+        self.handle.conclude(error=error)
+
+    def _restartable(self, error: BaseException) -> bool:
+        return (
+            not self._cancelled
+            and self.attempt < self.options.max_restarts
+            and isinstance(error, self.options.restart_on)
+            and not isinstance(error, PreemptedError)
         )
+
+    def _over(self) -> None:
+        # it will not start again: its frames go now, not with the garbage collector (which
+        # cannot clear a memoryview that still exports its buffer to another)
+        self.payload = []
+
+
+def _restart_vars(attempt: int, max_restarts: int) -> dict[str, str]:
+    """What a worker finds of its attempt, under our name and torchrun's."""
+    return {
+        "TORCHRUNX_RESTART_COUNT": str(attempt),
+        "TORCHELASTIC_RESTART_COUNT": str(attempt),
+        "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
+    }
+
+
+def _earlier(run: Run) -> str:
+    return "; ".join(
+        f"attempt {i + 1}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        for i, e in enumerate(run.restarts)
+    )
 
 
 class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
@@ -292,19 +360,16 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         self._run.finished.wait(CANCEL_TIMEOUT_S)
         return super().cancel()
 
-    def conclude(self, outcome: Callable[[], LaunchResult[FunctionR]]) -> None:
-        """Set the result from ``outcome()`` or the exception it raises, unless cancelled.
-
-        Called by the run when it has ended everywhere.
-        """
+    def conclude(
+        self, result: LaunchResult[FunctionR] | None = None, error: BaseException | None = None
+    ) -> None:
+        """Set the result or the exception, unless cancelled (by the run, once it has ended)."""
         if self._cancelling:
             return
-        try:
-            value = outcome()
-        except BaseException as e:  # noqa: BLE001 -- it belongs to whoever waits on the handle
-            self._set(self.set_exception, e)
+        if error is not None:
+            self._set(self.set_exception, error)
         else:
-            self._set(self.set_result, value)
+            self._set(self.set_result, result)
 
     def _evidence(self) -> Evidence:
         state = self._run.state

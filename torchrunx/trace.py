@@ -40,10 +40,12 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     received: dict[int, float],
     span: tuple[float, float],
     agents: list[tuple[float, float]],
+    attempt: int = 0,
 ) -> Path | None:
     """Write the run's trace; its path (None without ``TORCHRUNX_TRACE``, or if it failed).
 
     ``agents``: each host's agent start (spawned, said hello), if it started for this run.
+    ``attempt``: restarts before this one (``<run id>.attemptN.json`` after the first).
     """
     where = folder()
     if where is None:
@@ -52,7 +54,8 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     host_of = [g for g, n in enumerate(workers_per_host) for _ in range(n)]
     _hosts(timeline, hostnames, agents, host_of)
     launcher = len(hostnames)
-    timeline.name("process_name", launcher, None, "launcher")
+    title = f"launcher, attempt {attempt + 1}" if attempt else "launcher"
+    timeline.name("process_name", launcher, None, title)
     timeline.span("run", (launcher, 0), span)
     last_end: dict[int, float] = {}
     for p in phases:
@@ -66,7 +69,7 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     events = timeline.events
     try:
         where.mkdir(parents=True, exist_ok=True)
-        path = where / f"{run_id}.json"
+        path = where / (f"{run_id}.json" if not attempt else f"{run_id}.attempt{attempt + 1}.json")
         path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
     except OSError:
         return None

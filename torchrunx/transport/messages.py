@@ -292,6 +292,7 @@ class RunSpec:
     copy: str = ""  # this host's copy of sync_dir, if it has one ...
     copied_from: str = ""  # ... and that folder on the launcher's machine
     preempt_signals: tuple[str, ...] = ()  # a worker that gets one takes note, and lives on
+    attempt: int = 0  # restarts of the run before this one
 
 
 @dataclass(frozen=True)
@@ -419,6 +420,7 @@ class RankStatus:
     gpu_memory: int | None  # bytes on GPUs; None where the host has no GPU (or no NVML)
     since_output: float | None  # seconds since its last line of output; None: none yet
     last_line: str
+    attempt: int = 0  # the run's restarts before this attempt
 
 
 @dataclass(frozen=True)
