@@ -7,11 +7,14 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import torchrunx
+
+if TYPE_CHECKING:
+    from testbed.cluster import Cluster
 
 
 def attempt() -> int:
@@ -169,3 +172,91 @@ def test_restart_fields_are_checked_when_the_launcher_is_made() -> None:
         torchrunx.Launcher(restart_on=("WorkerFailedError",))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="heartbeat_timeout=0"):
         torchrunx.Launcher(heartbeat_timeout=0)
+
+
+def sleep_then_host(seconds: float) -> str:
+    if attempt() == 0:
+        time.sleep(seconds)
+    return _hostname()
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def on_hosts(cluster: Cluster, hosts: list[str], **fields: Any) -> torchrunx.Launcher:
+    return torchrunx.Launcher(
+        hostnames=hosts, workers_per_host=1, ssh_config_file=cluster.ssh_config, **fields
+    )
+
+
+def test_a_spare_takes_the_ranks_of_a_partitioned_host(cluster: Cluster) -> None:
+    hosts = cluster.hostnames[:3]  # the third is the spare
+    with on_hosts(cluster, hosts, spares=1, max_restarts=1, heartbeat_timeout=3) as lau:
+        assert lau.run(_hostname).by_hostname() == {h: [h] for h in hosts[:2]}  # no ranks: spare
+        handle = lau.submit(sleep_then_host, 30)
+        time.sleep(1.0)
+        cluster.partition(1)
+        lost_at = time.monotonic()
+        try:
+            result = handle.result(timeout=60)
+            took = time.monotonic() - lost_at
+            assert list(result.by_hostname()) == [hosts[0], hosts[2]]  # same ranks, on the spare
+            assert result.by_rank() == [hosts[0], hosts[2]]
+            (earlier,) = result.restarts
+            assert isinstance(earlier, torchrunx.AgentFailedError)
+            assert earlier.hostname == hosts[1]
+            assert "heartbeat_timeout" in str(earlier)
+            assert took < 3 + 3, took  # found lost within heartbeat_timeout, restarted at once
+            # the next runs keep the spare in the lost host's place
+            assert lau.run(_hostname).by_rank() == [hosts[0], hosts[2]]
+        finally:
+            cluster.heal(1)
+        # healed, it answers again: a spare now, and our processes there are gone
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert lau._pool is not None
+            if lau._pool.roster.spares == [hosts[1]]:
+                break
+            lau.run(_hostname)  # each run tries the lost host again, in the background
+            time.sleep(0.5)
+        assert lau._pool is not None
+        assert lau._pool.roster.spares == [hosts[1]]
+
+
+def test_without_a_spare_a_lost_host_is_tried_once_more_then_a_clear_error(
+    cluster: Cluster,
+) -> None:
+    hosts = cluster.hostnames[:2]
+    with on_hosts(cluster, hosts, max_restarts=3, heartbeat_timeout=2, agent_timeout=4) as lau:
+        handle = lau.submit(sleep_then_host, 30)
+        time.sleep(1.0)
+        cluster.partition(1)
+        try:
+            with pytest.raises(torchrunx.AgentFailedError) as info:
+                handle.result(timeout=60)
+        finally:
+            cluster.heal(1)
+    error = info.value
+    assert error.hostname == hosts[1]
+    assert f"{hosts[1]} was lost, and no spare host was left" in "\n".join(error.__notes__)
+    assert len(error.restarts) == 1  # type: ignore[attr-defined]  # not every attempt spent
+    # the cut-off agent cleared its host when the launcher went silent (agent_timeout)
+    assert cluster.wait_no_processes(1, timeout=15) == []
+
+
+def test_losing_a_host_is_found_within_10_s_by_default(cluster: Cluster) -> None:
+    hosts = cluster.hostnames[:2]
+    with on_hosts(cluster, hosts) as lau:
+        handle = lau.submit(sleep_then_host, 60)
+        time.sleep(1.0)
+        cluster.partition(1)
+        start = time.monotonic()
+        try:
+            with pytest.raises(torchrunx.AgentFailedError, match="heartbeat_timeout"):
+                handle.result(timeout=60)
+        finally:
+            cluster.heal(1)
+        assert time.monotonic() - start < 10 + 2

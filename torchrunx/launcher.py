@@ -142,6 +142,11 @@ class Launcher:
     """The failures that restart a run: by default a worker's death and an agent's loss. An
     exception raised by the function is a bug that fails the same way again: name its type to
     restart on it anyway. A preemption is never restarted."""
+    spares: int = 0
+    """The last ``spares`` of ``hostnames`` are standby hosts: their agents start with the others
+    and stay warm, without ranks. When a host is lost (its agent died, went silent, or its
+    connection dropped), the restart (``max_restarts``) gives its ranks to a spare, and the lost
+    host is tried again in the background at each later run: once it answers, it is a spare."""
     heartbeat_timeout: float = 10.0
     """Seconds a started agent may be silent (it sends a heartbeat every second) before its
     host is declared lost: a partitioned host is found within this. Never more than
@@ -171,6 +176,9 @@ class Launcher:
         _validate(self)
         hostnames = resolve_hostnames(self.hostnames)
         _check_hostnames(hostnames, self.workers_per_host)
+        if self.spares >= len(hostnames):
+            msg = f"spares={self.spares} of the hosts {hostnames}: leave one to run on"
+            raise ValueError(msg)
         config = AgentsConfig(
             hostnames=tuple(hostnames),
             ssh_config_file=None if self.ssh_config_file is None else str(self.ssh_config_file),
@@ -187,12 +195,15 @@ class Launcher:
             preempt_grace=float(self.preempt_grace),
             requeue=self.requeue,
             heartbeat_timeout=float(self.heartbeat_timeout),
+            spares=self.spares,
         )
         if self._pool is not None and self._pool.config != config:
             self.close()
         if self._pool is None:
             self._pool = AgentPool(config, owner=self)
-        self._pool.ensure_agents(copied_env(self.copy_env_vars, self.extra_env_vars))
+        env = copied_env(self.copy_env_vars, self.extra_env_vars)
+        self._pool.ensure_agents(env)
+        self._pool.revive_lost(env)
         return self._pool
 
     def close(self) -> None:
@@ -270,7 +281,7 @@ class Launcher:
         ones. ``None`` keeps the launcher's own value.
         """
         hosts = resolve_hostnames(self.hostnames)
-        chosen = hosts if hostnames is None else list(hostnames)
+        chosen = hosts[: len(hosts) - self.spares] if hostnames is None else list(hostnames)
         unknown = [h for h in chosen if h not in hosts]
         if unknown or not chosen:
             msg = f"view(hostnames={hostnames!r}): choose one or more of the launcher's {hosts}"
@@ -294,7 +305,9 @@ class Launcher:
             raise TypeError(msg)
         call_args, call_kwargs = _legacy_kwargs(func, args, kwargs)
         pool = self._ensure_agents()
-        hostnames, workers = view or (pool.hostnames, self.workers_per_host)
+        hostnames, workers = view or (list(pool.roster.in_use), self.workers_per_host)
+        if view is None and isinstance(workers, (list, tuple)):  # by place: a spare takes its
+            workers = list(workers[: len(hostnames)])  # host's entry
         options = RunOptions(
             hostnames=hostnames,
             workers_per_host=workers,
@@ -447,6 +460,7 @@ def _validate(launcher: Launcher) -> None:
     _check_python(launcher.python)
     _check_preemption(launcher)
     _check_restarts(launcher)
+    _check_spares(launcher)
 
 
 def _check_preemption(launcher: Launcher) -> None:
@@ -469,6 +483,16 @@ def _check_preemption(launcher: Launcher) -> None:
     if not isinstance(launcher.requeue, bool):
         msg = f"requeue={launcher.requeue!r}: use True or False"
         raise TypeError(msg)
+
+
+def _check_spares(launcher: Launcher) -> None:
+    n, hosts = launcher.spares, launcher.hostnames
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        msg = f"spares={n!r}: use a whole number of hosts, 0 or more"
+        raise ValueError(msg)
+    if isinstance(hosts, (list, tuple)) and n >= len(hosts):
+        msg = f"spares={n} of {len(hosts)} hostnames: leave at least one host to run on"
+        raise ValueError(msg)
 
 
 def _check_restarts(launcher: Launcher) -> None:

@@ -39,6 +39,7 @@ from .errors import AgentFailedError
 from .hosts import in_slurm_job, is_local, requeue_job, route_to
 from .links import AgentHandle
 from .preemption import LauncherSignals
+from .roster import Roster
 from .sync import Copies, Folder, Placement, Reach, SyncError
 from .transport.messages import PROTOCOL_VERSION, Boot, json_line
 from .transport.ssh import (
@@ -79,6 +80,7 @@ class AgentsConfig:
     preempt_grace: float = 0.0
     requeue: bool = False  # inside a SLURM job, after a preempted run
     heartbeat_timeout: float = 10.0  # a started agent's silence, at most
+    spares: int = 0  # the last hostnames: warm, without ranks until a host is lost
 
 
 class AgentPool:
@@ -103,6 +105,8 @@ class AgentPool:
         self.addresses = ["127.0.0.1"] * len(self.hostnames)  # remote: the peers of SSH sessions
         self.local_address: str | None = None  # ours, as remote hosts see it
         self.runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight (see close)
+        self.roster = Roster(self.hostnames, config.spares)  # who gets ranks; under the lock
+        self._reviving: set[int] = set()  # lost hosts whose agent is being tried again
         self.lock = threading.Lock()
         self.copies = None  # of sync_dir, on the hosts
         if config.sync_dir is not None:
@@ -121,14 +125,19 @@ class AgentPool:
         an agent for a launcher that failed to start.
         """
         with self.lock:
-            missing = [i for i, a in enumerate(self.agents) if a is None or a.failure is not None]
+            lost = {i for i, h in enumerate(self.hostnames) if h in self.roster.lost}
+            missing = [
+                i
+                for i, a in enumerate(self.agents)
+                if i not in lost and (a is None or a.failure is not None)
+            ]
             _stop([a for a in (self.agents[i] for i in missing) if a is not None])
             for i in missing:
                 self.agents[i] = None
             if self.copies is not None and missing:
                 self.copies.look(missing)
             failures = self._start(missing, agent_base_env(env))
-            agents = [a for a in self.agents if a is not None]
+            agents = [a for i, a in enumerate(self.agents) if a is not None and i not in lost]
         if not failures:
             failures = self._await_hello(agents)
         if failures:
@@ -301,10 +310,72 @@ class AgentPool:
             raise AgentFailedError(msg, hostname=hostname)
         return hostname, agent.process.connection, self._python(hostname)
 
+    # ---- lost hosts and spares
+
+    def is_lost(self, hostname: str) -> bool:
+        """Whether ``hostname``'s agent has failed (or was given up on)."""
+        agent = self.agents[self.hostnames.index(hostname)]
+        return hostname in self.roster.lost or agent is None or agent.failure is not None
+
+    def replace_lost(self, hostnames: list[str]) -> list[str]:
+        """``hostnames`` (a run's) with a spare in the place of each lost one, where one is left.
+
+        A lost host without a spare for it stays, to be tried once more by :meth:`ensure_agents`.
+        """
+        with self.lock:
+            chosen = list(hostnames)
+            for g, host in enumerate(hostnames):
+                if not self.is_lost(host) or host in self.roster.lost:
+                    continue
+                spare = self.roster.replace(host)
+                if spare is None:
+                    self.roster.retry(host)
+                    continue
+                chosen[g] = spare
+                i = self.hostnames.index(host)
+                agent, self.agents[i] = self.agents[i], None
+                if agent is not None:  # what is left of it (a connection, a process): it is lost,
+                    _stop([agent], grace=0)  # there is nothing to wait for
+            return chosen
+
+    def revive_lost(self, env: dict[str, str]) -> None:
+        """Try the lost hosts' agents again, in the background: one that answers is a spare."""
+        with self.lock:
+            waiting = [
+                i
+                for i, h in enumerate(self.hostnames)
+                if h in self.roster.lost and i not in self._reviving
+            ]
+            self._reviving.update(waiting)
+        for i in waiting:
+            name = f"torchrunx-revive-{self.hostnames[i]}"
+            threading.Thread(target=self._revive, args=(i, env), name=name, daemon=True).start()
+
+    def _revive(self, index: int, env: dict[str, str]) -> None:
+        try:
+            if self.copies is not None:
+                self.copies.look([index])  # it may have lost its copy of sync_dir
+            failures = self._start([index], agent_base_env(env))
+            agent = self.agents[index]
+            if not failures and agent is not None:
+                failures = self._await_hello([agent])
+            with self.lock:
+                if failures:
+                    _stop([a for a in [self.agents[index]] if a is not None])
+                    self.agents[index] = None
+                else:
+                    self.roster.found(self.hostnames[index])
+        finally:
+            self._reviving.discard(index)
+
     # ---- what runs need of the agents
 
     def agents_of(self, hostnames: list[str]) -> tuple[list[int], list[AgentHandle]]:
         """The agents of ``hostnames`` (by index in the pool), their copies brought up to date."""
+        lost = [h for h in hostnames if h in self.roster.lost]
+        if lost:
+            msg = f"{lost[0]} was lost (its agent failed) and has not answered since"
+            raise AgentFailedError(msg, hostname=lost[0])
         indexes = [self.hostnames.index(h) for h in hostnames]
         failures = [] if self.copies is None else self.copies.update(indexes, self._reach)
         if failures:
@@ -395,15 +466,16 @@ def _close_pool(
         controller.stop()
 
 
-def _stop(agents: list[AgentHandle]) -> None:
+def _stop(agents: list[AgentHandle], grace: float = AGENT_GRACE_S) -> None:
     """Cut every agent's lifeline at once (each kills its runs and exits), then see them gone.
 
-    One grace for all of them, not one each: an agent that does not leave within
-    ``AGENT_GRACE_S`` (stopped, or hung) is killed, and none is waited for past twice that.
+    One grace for all of them, not one each: an agent that does not leave within ``grace``
+    (stopped, or hung; 0 for a lost one) is killed, and none is waited for past
+    ``AGENT_GRACE_S`` more.
     """
     for agent in agents:
         stdin = agent.process.stdin
         if stdin is not None:
             with contextlib.suppress(OSError, EOFError):  # gone already
                 stdin.close()
-    reaper.end([a.process for a in agents], grace=AGENT_GRACE_S, deadline=2 * AGENT_GRACE_S)
+    reaper.end([a.process for a in agents], grace=grace, deadline=grace + AGENT_GRACE_S)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import console, trace
-from .errors import PreemptedError
+from .errors import AgentFailedError, PreemptedError
 from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import add_note, resolve
 from .result import LaunchResult
@@ -248,9 +248,17 @@ class Run:
         while self._restartable(error):
             self.restarts.append(error)
             self.attempt += 1
+            before = self.hostnames
+            self.hostnames = self.pool.replace_lost(before)  # a spare takes a lost host's ranks
+            retried = [h for h in before if h in self.hostnames and self.pool.is_lost(h)]
             try:
                 self.pool.ensure_agents(self.options.env)  # one that died starts again
                 self.start()
+            except AgentFailedError as e:
+                error = e
+                if e.hostname in retried:  # it stayed lost: no spare to take its place
+                    add_note(e, f"{e.hostname} was lost, and no spare host was left")
+                    break
             except Exception as e:  # noqa: BLE001 -- this attempt's failure: maybe restarted
                 error = e
             else:
