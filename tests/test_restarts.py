@@ -260,3 +260,25 @@ def test_losing_a_host_is_found_within_10_s_by_default(cluster: Cluster) -> None
         finally:
             cluster.heal(1)
         assert time.monotonic() - start < 10 + 2
+
+
+def test_spares_with_views_and_lists_of_worker_counts() -> None:
+    with torchrunx.Launcher(
+        hostnames=["localhost", "127.0.0.1"],
+        workers_per_host=[2, 1],
+        backend="gloo",
+        spares=1,
+        max_restarts=1,
+    ) as lau:
+        assert list(lau.run(attempt).by_hostname()) == ["localhost"]  # the spare has no ranks
+        assert lau.view().run(attempt).by_hostname() == {"localhost": [0, 0]}
+        assert lau.view(["127.0.0.1"], 1).run(attempt).by_hostname() == {"127.0.0.1": [0]}
+        handle = lau.submit(slow_first_attempt)
+        time.sleep(1.5)
+        assert lau._pool is not None
+        first = lau._pool.agents[0]
+        assert first is not None
+        os.kill(first.process.pid, signal.SIGKILL)  # its host is lost: the spare takes its ranks
+        result = handle.result(timeout=60)
+    assert result.by_hostname() == {"127.0.0.1": [1, 1]}  # localhost's two ranks, on the spare
+    assert isinstance(result.restarts[0], torchrunx.AgentFailedError)
