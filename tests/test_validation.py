@@ -67,3 +67,36 @@ def test_bad_log_level(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.raises(ValueError, match="LOUD"),
     ):
         lau.run(os.getpid)
+
+
+def _one_arg(x: int) -> int:
+    return x
+
+
+def test_a_call_that_does_not_fit_the_signature_fails_before_anything_starts() -> None:
+    launcher = torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2)
+    with pytest.raises(TypeError, match=r"_one_arg\(x\) cannot be called with these arguments"):
+        launcher.run(_one_arg, 1, 2)
+    with pytest.raises(TypeError, match="missing a required argument: 'x'"):
+        launcher.submit(_one_arg)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
+        launcher.run(_one_arg, 1, y=2)
+    assert launcher._pool is None  # no agent, no worker started
+
+
+def test_an_argument_that_cannot_be_pickled_is_named() -> None:
+    import threading
+
+    launcher = torchrunx.Launcher(hostnames=["localhost"], workers_per_host=2)
+    with pytest.raises(TypeError, match="argument 'x' of _one_arg, a lock, cannot be pickled"):
+        launcher.run(_one_arg, x=threading.Lock())
+    with pytest.raises(TypeError, match="positional argument 0 of _one_arg, a lock"):
+        launcher.run(_one_arg, threading.Lock())
+    lock = threading.Lock()
+
+    def holds_a_lock() -> bool:
+        return lock.locked()
+
+    with pytest.raises(TypeError, match=r"the function of .*holds_a_lock, a function"):
+        launcher.run(holds_a_lock)
+    assert launcher._pool is None

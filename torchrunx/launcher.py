@@ -17,7 +17,6 @@ from __future__ import annotations
 __all__ = ["Launcher", "launch"]
 
 import functools
-import inspect
 import logging
 import os
 import signal
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
 
 from . import console
+from .call import pickled_call
 from .environment import DEFAULT_ENV_VARS_FOR_COPY, copied_env
 from .errors import AgentFailedError, WorkerFailedError
 from .hosts import in_slurm_job, resolve_hostnames, slurm_job_vars
@@ -300,10 +300,7 @@ class Launcher:
         kwargs: dict[str, Any],
         view: tuple[list[str], int | list[int] | str] | None,
     ) -> RunHandle[Any]:
-        if not callable(func):
-            msg = f"run() needs a callable, got {func!r} ({type(func).__name__})"
-            raise TypeError(msg)
-        call_args, call_kwargs = _legacy_kwargs(func, args, kwargs)
+        payload = pickled_call(func, args, kwargs)  # a wrong call fails here, before any start
         pool = self._ensure_agents()
         hostnames, workers = view or (list(pool.roster.in_use), self.workers_per_host)
         if view is None and isinstance(workers, (list, tuple)):  # by place: a spare takes its
@@ -328,7 +325,7 @@ class Launcher:
             max_restarts=self.max_restarts,
             restart_on=tuple(self.restart_on),
         )
-        return Run.submit(pool, (func, call_args, call_kwargs), options)
+        return Run.submit(pool, payload, options)
 
 
 @dataclass(frozen=True)
@@ -675,23 +672,3 @@ def _check_hostnames(hostnames: list[str], workers_per_host: object) -> None:
             f"entries for {len(hostnames)} hosts {hostnames!r}"
         )
         raise ValueError(msg)
-
-
-def _legacy_kwargs(
-    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``run(fn, {...})`` of older releases: a kwargs dict for a function with no positionals."""
-    if len(args) != 1 or kwargs or not isinstance(args[0], dict):
-        return args, kwargs
-    try:
-        params = inspect.signature(func).parameters.values()
-    except (TypeError, ValueError):
-        return args, kwargs
-    positional = (
-        inspect.Parameter.POSITIONAL_ONLY,
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.VAR_POSITIONAL,
-    )
-    if any(p.kind in positional for p in params):
-        return args, kwargs
-    return (), dict(args[0])

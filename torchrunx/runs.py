@@ -37,7 +37,6 @@ from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import add_note, resolve
 from .result import LaunchResult
 from .run_state import RunState
-from .transport import serialization
 from .transport.messages import DebugInput, DebugSettings, RunSpec, WorkerSlot
 
 if TYPE_CHECKING:
@@ -92,14 +91,9 @@ class Run:
         self._agent_starts: list[tuple[float, float]] = []  # agents started for this run
 
     @classmethod
-    def submit(
-        cls,
-        pool: AgentPool,
-        call: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]],
-        options: RunOptions,
-    ) -> RunHandle[Any]:
-        """Start ``call`` (function, args, kwargs) on ``options``' hosts; don't wait."""
-        run = cls(pool, options, serialization.dumps(call))
+    def submit(cls, pool: AgentPool, payload: list[Any], options: RunOptions) -> RunHandle[Any]:
+        """Start the call ``payload`` holds (see :mod:`torchrunx.call`); don't wait."""
+        run = cls(pool, options, payload)
         run.start()
         return run.handle
 
