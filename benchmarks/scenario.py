@@ -160,8 +160,10 @@ def cmdline(proc: psutil.Process) -> list[str]:
 
 
 def is_agent_command(cmd: list[str]) -> bool:
-    """Whether a command line runs ``python ... -m torchrunx``."""
-    return any(a == "-m" and b == "torchrunx" for a, b in itertools.pairwise(cmd))
+    """Whether a command line runs an agent: ``python ... -m torchrunx[.agent]``."""
+    return any(
+        a == "-m" and b in ("torchrunx", "torchrunx.agent") for a, b in itertools.pairwise(cmd)
+    )
 
 
 def find_agents(root: psutil.Process) -> list[psutil.Process]:

@@ -166,7 +166,7 @@ def test_killed_agent_raises_agent_failed_and_next_run_restarts_it() -> None:
         agent = lau._pool.agents[0]
         assert agent is not None
         agent_pid = agent.process.pid
-        assert psutil.Process(agent_pid).cmdline()[-2:] == ["-m", "torchrunx"]
+        assert psutil.Process(agent_pid).cmdline()[-2:] == ["-m", "torchrunx.agent"]
 
         def kill_agent_then_wait(pid: int) -> None:
             if os.environ["RANK"] == "0":

@@ -1,5 +1,7 @@
-"""``python -m torchrunx``: start an agent (the launcher does this; users never need to)."""
+"""``python -m torchrunx``: the ``torchrunx`` command (see :mod:`torchrunx.command`)."""
 
-from torchrunx.agent import main
+import sys
 
-main()
+from torchrunx.command import main
+
+sys.exit(main())

@@ -450,7 +450,7 @@ def _nothing(_signum: int, _frame: object) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -m torchrunx``, with the boot message as the first line of stdin."""
+    """Entry point: ``python -m torchrunx.agent``, the boot message as the first line of stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # unless a preemption notice
     try:
@@ -471,3 +471,7 @@ def main() -> None:
         agent.serve()
     finally:
         agent.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -252,7 +252,7 @@ class AgentPool:
         """An agent as our child process (``prefix``, e.g. srun, may run it elsewhere)."""
         python = self._python(hostname).path if prefix else sys.executable
         process = subprocess.Popen(
-            [*prefix, python, "-m", "torchrunx"],
+            [*prefix, python, "-m", "torchrunx.agent"],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

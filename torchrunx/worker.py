@@ -428,13 +428,14 @@ def _users_own(file: str, cwd: str) -> bool:
 def _described(e: BaseException, spec: RunSpec) -> tuple[str, str, str]:
     """An exception as text: its type's full name, its message, its formatted traceback.
 
-    The traceback starts in the user's function: the frames of this module above it say nothing
-    the user can act on (unless the error is ours, and then they are all there is). Files of
+    The traceback starts in the user's function: the frames of ours above it (this module's, a
+    script's start by the ``torchrunx`` command through runpy) say nothing the user can act on
+    (unless the error is ours, and then they are all there is). Files of
     this host's copy of ``sync_dir`` are named as the launcher's: the traceback then points at
     the files the user edits, which hold the same contents.
     """
     tb = e.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    while tb is not None and sources.is_ours(tb.tb_frame.f_code.co_filename):
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(e), e, tb or e.__traceback__))
     text = sources.in_launchers_terms(text, spec.copy, spec.copied_from)

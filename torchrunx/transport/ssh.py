@@ -285,7 +285,7 @@ def _proxied_addresses(target: str, via: SSHConnection | None) -> tuple[str, str
     return (via.local_address if via is not None else local), remote
 
 
-def agent_command(python: str, cwd: str, module: str = "torchrunx") -> str:
+def agent_command(python: str, cwd: str, module: str = "torchrunx.agent") -> str:
     """POSIX sh that runs ``python -m module`` in ``cwd``, or says precisely what is missing."""
     q_python, q_cwd = shlex.quote(python), shlex.quote(cwd)
     return (
