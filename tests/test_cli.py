@@ -45,6 +45,8 @@ def test_tyro_help_shows_the_field_docs() -> None:
     shown = " ".join(out.stdout.replace("│", " ").split())  # tyro draws boxes and wraps lines
     for text in ("--workers-per-host", "counted on each host", "--agent-timeout", "silent"):
         assert text in shown
+    assert "``" not in out.stdout  # plain text: no markup of docstrings in any help
+    assert ":class:" not in out.stdout
 
 
 def parser() -> argparse.ArgumentParser:

@@ -66,25 +66,25 @@ class Launcher:
     """Where and how to run a function as one PyTorch distributed job.
 
     A launcher starts its agents (one per host) at the first run and keeps them for the next;
-    ``close()`` (or a ``with`` block) stops them.
+    close() (or a with block) stops them.
     """
 
     hostnames: list[str] | Literal["auto", "slurm"] = "auto"
-    """Hosts to run on. ``"auto"``: the SLURM allocation's nodes, else ``["localhost"]``."""
+    """Hosts to run on. "auto": the SLURM allocation's nodes, else ["localhost"]."""
     workers_per_host: int | list[int] | Literal["cpu", "gpu", "auto"] = "auto"
-    """Workers per host: a number, one per host, or counted on each host: ``"gpu"``, ``"cpu"``,
-    ``"auto"`` (the GPUs, or 1 without GPUs)."""
+    """Workers per host: a number, one per host, or counted on each host: "gpu", "cpu",
+    "auto" (the GPUs, or 1 without GPUs)."""
     ssh_config_file: str | Path | None = None
-    """SSH config for reaching hosts. By default ``~/.ssh/config``, then ``/etc/ssh/ssh_config``."""
+    """SSH config for reaching hosts. By default ~/.ssh/config, then /etc/ssh/ssh_config."""
     backend: Literal["nccl", "gloo", "mpi", "ucc", "auto"] | None = "auto"
-    """Backend of the workers' process group: ``"auto"`` is NCCL with GPUs, else Gloo. ``None``:
-    no process group (``MASTER_ADDR``/``MASTER_PORT`` are still set)."""
+    """Backend of the workers' process group: "auto" is NCCL with GPUs, else Gloo. None:
+    no process group (MASTER_ADDR/MASTER_PORT are still set)."""
     worker_timeout: int = 600
     """Timeout of the workers' process group, in seconds."""
     agent_timeout: int = 180
     """Seconds an agent may take to start (SSH, its interpreter, its hello) before it is
     declared failed; on its host, how long it waits for a silent launcher before it clears the
-    host. A started agent's silence is ``heartbeat_timeout``'s."""
+    host. A started agent's silence is heartbeat_timeout's."""
     copy_env_vars: tuple[str, ...] = DEFAULT_ENV_VARS_FOR_COPY
     """Launcher environment variables to copy to agents and workers (fnmatch patterns)."""
     extra_env_vars: dict[str, str] | None = None
@@ -92,68 +92,68 @@ class Launcher:
     env_file: str | Path | None = None
     """A file that each agent's shell sources before the agent starts; it has the last word."""
     log_dir: str | Path | None = None
-    """Folder for log files (one folder per run); ``""`` writes none. By default
-    ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``."""
+    """Folder for log files (one folder per run); "" writes none. By default
+    $TORCHRUNX_LOG_DIR, else ./torchrunx_logs."""
     agent_start: Literal["auto", "ssh", "srun"] = "auto"
-    """How agents start on other hosts: ``"ssh"``, or ``"srun"`` (a job step on each node of
-    the SLURM allocation, for clusters without SSH between nodes). ``"auto"``: srun inside an
+    """How agents start on other hosts: "ssh", or "srun" (a job step on each node of
+    the SLURM allocation, for clusters without SSH between nodes). "auto": srun inside an
     allocation when srun is there, else SSH."""
     encrypt: bool = False
     """Encrypt the control plane (CURVE), for networks you do not trust. Authentication is
     always on; encryption costs throughput (results: 0.33 GiB/s instead of 1.33 here)."""
     live_ranks: int | list[int] | Literal["all"] = 0
-    """Ranks whose output is shown live on the terminal: one, a list, or ``"all"``."""
+    """Ranks whose output is shown live on the terminal: one, a list, or "all"."""
     debug_ranks: int | list[int] | Literal["all"] = "all"
-    """Ranks whose ``breakpoint()`` opens pdb in this terminal: one, a list, or ``"all"``. The
+    """Ranks whose breakpoint() opens pdb in this terminal: one, a list, or "all". The
     others skip theirs. Without a terminal (stdin not a TTY) every rank skips them, with a
     warning."""
     post_mortem: bool = False
     """An exception in the function first opens pdb where it was raised, in this terminal."""
     preload: tuple[str, ...] = ()
     """Modules each host imports once, before forking the workers of the first run (e.g.
-    ``("transformers",)``): no run pays for their import."""
+    ("transformers",)): no run pays for their import."""
     learn_preload: bool = True
     """Also preload what earlier runs imported from installed packages, in the background, for
     later runs with the same environment (see "Sweeps" in the README)."""
     sync_dir: bool | str | Path = False
     """Copy a folder to the hosts reached over SSH, for hosts that do not share this one's
-    filesystem: ``True`` for the working directory, or a folder. Agents and workers run in the
-    host's copy, with it first on ``sys.path``; before each run, only what changed is sent."""
+    filesystem: True for the working directory, or a folder. Agents and workers run in the
+    host's copy, with it first on sys.path; before each run, only what changed is sent."""
     sync_exclude: tuple[str, ...] = ()
-    """What of ``sync_dir`` stays here, as gitignore patterns, beside the defaults (``.git``,
-    virtual environments, ``__pycache__``, the log folder, ...; see ``torchrunx.sync``)."""
+    """What of sync_dir stays here, as gitignore patterns, beside the defaults (.git,
+    virtual environments, __pycache__, the log folder, ...; see torchrunx.sync)."""
     python: str | dict[str, str] | None = None
     """The Python that runs agents and workers on hosts reached over SSH (or srun): one path for
-    every host, or one per hostname. ``None``: the launcher's own ``sys.executable``."""
+    every host, or one per hostname. None: the launcher's own sys.executable."""
     preempt_signals: tuple[str, ...] = ("SIGTERM",)
-    """Signals that mean "you are being preempted" (by name, e.g. ``"SIGUSR1"`` for SLURM's
-    ``--signal``), wherever they arrive: this process, an agent, or every process of a host.
-    None of them kills anything: every rank's ``torchrunx.preempted()`` turns True, and the run
-    has ``preempt_grace`` seconds to return. ``()``: signals end processes as they would."""
+    """Signals that mean "you are being preempted" (by name, e.g. "SIGUSR1" for SLURM's
+    --signal), wherever they arrive: this process, an agent, or every process of a host.
+    None of them kills anything: every rank's torchrunx.preempted() turns True, and the run
+    has preempt_grace seconds to return. (): signals end processes as they would."""
     preempt_grace: float = 20.0
     """Seconds the ranks have, after a preemption notice, to reach a checkpoint and return
     before they are torn down; a second signal at the same place ends it at once. 20 s: within
     Kubernetes' default 30 s before SIGKILL, with room to tear down and exit."""
     max_restarts: int = 0
     """Times a failed run is run again on fresh workers (the same agents, warm) when its failure
-    is one of ``restart_on``. Workers find the attempt in ``TORCHRUNX_RESTART_COUNT`` (and
-    ``TORCHELASTIC_RESTART_COUNT``, ``TORCHELASTIC_MAX_RESTARTS``, as torchrun sets them)."""
+    is one of restart_on. Workers find the attempt in TORCHRUNX_RESTART_COUNT (and
+    TORCHELASTIC_RESTART_COUNT, TORCHELASTIC_MAX_RESTARTS, as torchrun sets them)."""
     restart_on: tuple[type[BaseException], ...] = (WorkerFailedError, AgentFailedError)
     """The failures that restart a run: by default a worker's death and an agent's loss. An
     exception raised by the function is a bug that fails the same way again: name its type to
     restart on it anyway. A preemption is never restarted."""
     spares: int = 0
-    """The last ``spares`` of ``hostnames`` are standby hosts: their agents start with the others
+    """The last spares of hostnames are standby hosts: their agents start with the others
     and stay warm, without ranks. When a host is lost (its agent died, went silent, or its
-    connection dropped), the restart (``max_restarts``) gives its ranks to a spare, and the lost
+    connection dropped), the restart (max_restarts) gives its ranks to a spare, and the lost
     host is tried again in the background at each later run: once it answers, it is a spare."""
     heartbeat_timeout: float = 10.0
     """Seconds a started agent may be silent (it sends a heartbeat every second) before its
     host is declared lost: a partitioned host is found within this. Never more than
-    ``agent_timeout``."""
+    agent_timeout."""
     requeue: bool = False
-    """Inside a SLURM job: once a preempted run has ended, requeue the job (``scontrol
-    requeue``), so that a job warned of its time limit (``--signal``) starts again, as one
+    """Inside a SLURM job: once a preempted run has ended, requeue the job (scontrol
+    requeue), so that a job warned of its time limit (--signal) starts again, as one
     preempted by a partition is requeued by SLURM itself."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
