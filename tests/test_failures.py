@@ -198,3 +198,21 @@ def test_agent_that_cannot_start_gives_a_clear_error(tmp_path: object) -> None:
     lau.close()
     assert "localhost" in str(info.value)
     assert str(info.value).strip()
+
+
+def _raises_value_error() -> None:
+    raise ValueError("boom")
+
+
+def test_the_traceback_in_the_launcher_is_the_run_call_and_one_frame_of_ours(
+    launcher: torchrunx.Launcher,
+) -> None:
+    import traceback
+
+    with pytest.raises(ValueError, match="boom") as info:
+        launcher.run(_raises_value_error)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[0].filename == __file__  # the run() line
+    assert len([f for f in frames if f"{os.sep}torchrunx{os.sep}" in f.filename]) <= 1
+    assert "concurrent" not in "".join(f.filename for f in frames)
+    assert 'in _raises_value_error\n    raise ValueError("boom")' in str(info.value.__cause__)

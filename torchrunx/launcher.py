@@ -255,7 +255,13 @@ class Launcher:
             WorkerFailedError: a worker died without a result, or its result cannot be pickled.
             AgentFailedError: an agent died, went silent, or could not start.
         """
-        return _wait(self.submit(func, *args, **kwargs))
+        handle = self.submit(func, *args, **kwargs)
+        try:
+            return _wait(handle)
+        except Exception as e:  # noqa: BLE001 -- raised again, as it is
+            # the user's run() line and this one, not the way the error came here: the
+            # workers' traceback is its __cause__
+            raise e.with_traceback(None)  # noqa: B904 -- the same error, not another
 
     def submit(
         self,
@@ -343,7 +349,13 @@ class LauncherView:
         **kwargs: FunctionP.kwargs,
     ) -> LaunchResult[FunctionR]:
         """As :meth:`Launcher.run`, on this view's hosts."""
-        return _wait(self.submit(func, *args, **kwargs))
+        handle = self.submit(func, *args, **kwargs)
+        try:
+            return _wait(handle)
+        except Exception as e:  # noqa: BLE001 -- raised again, as it is
+            # the user's run() line and this one, not the way the error came here: the
+            # workers' traceback is its __cause__
+            raise e.with_traceback(None)  # noqa: B904 -- the same error, not another
 
     def submit(
         self,
