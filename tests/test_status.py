@@ -60,6 +60,11 @@ def test_status_of_every_rank_while_it_runs_and_after(tmp_path: Path) -> None:
         assert status[1].rss > status[0].rss + (48 << 20)  # the 64 MiB it holds
         assert status[1].cpu_percent > 50  # it spins
         assert status[0].cpu_percent < 50  # it sleeps
+        table = str(status).splitlines()  # readable: one line per rank
+        assert len(table) == 3
+        assert table[1].startswith(f"rank 1 localhost[1] running pid {status[1].pid} ")
+        assert "MiB" in table[1]
+        assert table[1].endswith("% CPU: hello from rank 1")
         go.touch()
         assert handle.result(timeout=60).by_rank() == [0, 64 << 20, 0]
         after = handle.status()

@@ -17,7 +17,7 @@ messages. :class:`RunHandle` is what the user holds: a ``concurrent.futures.Futu
 
 from __future__ import annotations
 
-__all__ = ["CANCEL_TIMEOUT_S", "Run", "RunHandle", "RunOptions"]
+__all__ = ["CANCEL_TIMEOUT_S", "Run", "RunHandle", "RunOptions", "Statuses"]
 
 import concurrent.futures
 import contextlib
@@ -295,6 +295,13 @@ def _earlier(run: Run) -> str:
     )
 
 
+class Statuses(dict[int, "RankStatus"]):
+    """Every rank's :class:`~torchrunx.RankStatus`, by rank; ``str()`` is a table of them."""
+
+    def __str__(self) -> str:
+        return "\n".join(str(s) for _, s in sorted(self.items())) or "(no rank answered)"
+
+
 class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
     """A run started by ``Launcher.submit``, as a ``concurrent.futures.Future``.
 
@@ -310,7 +317,7 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         self._last_status: dict[int, RankStatus] = {}
         self._cancelling = False
 
-    def status(self, timeout: float = 5.0) -> dict[int, RankStatus]:
+    def status(self, timeout: float = 5.0) -> Statuses:
         """How every rank is now, by rank: host, pid, state, memory, CPU, GPU, last output.
 
         ``state`` is ``starting``, ``running``, ``returned`` or ``failed``; once the run has
@@ -320,8 +327,10 @@ class RunHandle(concurrent.futures.Future[LaunchResult[FunctionR]]):
         if not self._run.finished.is_set():
             self._last_status = self._run.status(timeout) or self._last_status
             if not self._run.finished.is_set():
-                return dict(self._last_status)
-        return {r: dataclasses.replace(s, state="cleared") for r, s in self._last_status.items()}
+                return Statuses(self._last_status)
+        return Statuses(
+            {r: dataclasses.replace(s, state="cleared") for r, s in self._last_status.items()}
+        )
 
     def stacks(self, timeout: float = 5.0) -> dict[int, str]:
         """Every live rank's Python stack (all threads), by rank, without stopping the run.

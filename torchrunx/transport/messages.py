@@ -422,6 +422,23 @@ class RankStatus:
     last_line: str
     attempt: int = 0  # the run's restarts before this attempt
 
+    def __str__(self) -> str:
+        """One line: ``rank 1 node2[1] running pid 77 12.0 s 1.2 GiB 99% CPU: its last line``."""
+        gpu = "" if self.gpu_memory is None else f" GPU {_size(self.gpu_memory)}"
+        last = f": {self.last_line}" if self.last_line else ""
+        return (
+            f"rank {self.rank} {self.hostname}[{self.local_rank}] {self.state} pid {self.pid} "
+            f"{self.seconds:.1f} s {_size(self.rss)} {self.cpu_percent:.0f}% CPU{gpu}{last}"
+        )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} GiB"
+
 
 @dataclass(frozen=True)
 class Status(Message):
