@@ -394,3 +394,65 @@ def test_a_hung_rank_on_another_host(cluster: Cluster) -> None:
     assert "in barrier" in on_demand[0]
     assert "torchrunx: last collective #1 gloo:barrier, not completed" in on_demand[0]
     assert "torchrunx: no collective yet" in on_demand[1]  # across hosts: rank 1 is one behind
+
+
+def _dump(*frames: tuple[str, int, str]) -> str:
+    """A faulthandler dump of one thread, innermost frame first."""
+    lines = ["Current thread 0x00007f (most recent call first):"]
+    lines += [f'  File "{path}", line {line} in {function}' for path, line, function in frames]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_rank_is_placed_in_the_users_frames_never_ours_nor_plumbing(tmp_path: Path) -> None:
+    import sysconfig
+
+    from torchrunx.sources import PACKAGE
+    from torchrunx.stack_report import innermost
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+
+    worker = f"{PACKAGE}/worker.py"
+    zmq_socket = f"{sysconfig.get_paths()['purelib']}/zmq/sugar/socket.py"
+    train = str(tmp_path / "train.py")
+    after_return = _dump(
+        (zmq_socket, 813, "recv_multipart"),
+        (worker, 262, "_recv"),
+        (worker, 290, "_send_result"),
+        (worker, 160, "execute"),
+        (worker, 90, "run_worker"),
+    )
+    assert innermost(after_return) == "returned"
+    at_prompt = _dump(
+        (f"{stdlib}/cmd.py", 217, "onecmd"),
+        (f"{stdlib}/pdb.py", 300, "_cmdloop"),
+        (f"{PACKAGE}/debugger.py", 120, "interaction"),
+        (train, 12, "train"),
+        (worker, 150, "execute"),
+        (worker, 90, "run_worker"),
+    )
+    assert innermost(at_prompt) == f"in the debugger at train ({train}:12)"
+    starting = _dump(
+        (zmq_socket, 813, "recv_multipart"),
+        (worker, 262, "_recv"),
+        (worker, 220, "_rendezvous"),
+        (worker, 140, "execute"),
+        (worker, 90, "run_worker"),
+    )
+    assert innermost(starting) == "starting"
+    in_a_lock = _dump(("<frozen abc>", 123, "__subclasscheck__"), (train, 7, "step"))
+    assert innermost(in_a_lock) == f"step ({train}:7)"
+
+
+def test_ranks_that_failed_on_their_own_are_not_called_collateral() -> None:
+    from torchrunx.outcome import Evidence, WorkerRaised, failure_exception
+    from torchrunx.transport.messages import Raised
+
+    same = [
+        Raised("r", r, r, "builtins.ValueError", "bad batch", "tb", unpicklable="x") for r in (0, 1)
+    ]
+    failures = [WorkerRaised("h", m, []) for m in same]
+    exc = failure_exception(failures, {}, ["h"], [2], Evidence())  # type: ignore[arg-type]
+    assert exc.__notes__[-1].splitlines() == [
+        "also in this run:",
+        "  rank 1 (local rank 1) on h raised builtins.ValueError: bad",
+    ]

@@ -216,9 +216,13 @@ def failure_exception(
     causes = (QuitInDebugger, WorkerDied, AgentLost)
     primary = next((f for f in real if isinstance(f, causes)), real[0])
     exc = _exception(primary, hostnames, evidence)
-    others = [_summary(f) for f in real if f is not primary]
-    if others:
-        add_note(exc, "collateral, after it in this run:\n  " + "\n  ".join(others))
+    others = [f for f in real if f is not primary]
+    caused = [_summary(f) for f in others if _caused_by_another(f)]
+    also = [_summary(f) for f in others if not _caused_by_another(f)]
+    if caused:
+        add_note(exc, "collateral, after it in this run:\n  " + "\n  ".join(caused))
+    if also:
+        add_note(exc, "also in this run:\n  " + "\n  ".join(also))
     report = evidence.report()
     if report:
         where = report.replace("\n", "\n  ")
@@ -272,6 +276,27 @@ def preempted_exception(
 
 def _list(ranks: list[int]) -> str:
     return ", ".join(map(str, ranks))
+
+
+_BROKEN_BY_A_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL is aborted",
+    "was aborted",
+)
+"""What a rank raises when another one's end broke a collective under it."""
+
+
+def _caused_by_another(failure: Failure) -> bool:
+    """Collateral: an error a rank raised because another rank or host failed first."""
+    if not isinstance(failure, WorkerRaised):
+        return False
+    e = failure.error
+    return e.type.startswith("torch.distributed.Dist") or any(
+        sign in e.message for sign in _BROKEN_BY_A_PEER
+    )
 
 
 def _ranks_of(failure: Failure, hostnames: list[str], workers_per_host: list[int]) -> list[int]:

@@ -56,12 +56,15 @@ def threads(dump: str) -> list[list[Frame]]:
     return found
 
 
-def main_thread(dump: str) -> list[Frame]:
-    """The frames of the thread that runs the user's function (it started in our worker)."""
+def main_thread(dump: str, *, ours: bool = False) -> list[Frame]:
+    """The frames of the thread that runs the user's function (it started in our worker).
+
+    Without ours (this package's), unless ``ours``.
+    """
     every = threads(dump)
     for frames in every:
         if any(f.path.startswith(PACKAGE) and f.function == "run_worker" for f in frames):
-            return [f for f in frames if not f.path.startswith(PACKAGE)]
+            return frames if ours else [f for f in frames if not f.path.startswith(PACKAGE)]
     return every[0] if every else []
 
 
@@ -81,15 +84,56 @@ def innermost(dump: str) -> str:
 
 
 def _place(dump: str) -> str:
-    frames = main_thread(dump)
+    every = main_thread(dump, ours=True)
+    frames = [f for f in every if not f.path.startswith(PACKAGE) and not _plumbing(f)]
+    debugging = bool(every) and _in_debugger(every)
+    if not any(is_users(f.path) for f in frames):
+        state = _state_of({f.function for f in every if f.path.startswith(PACKAGE)})
+        if state is not None:
+            return state
     if not frames:
         return "no Python frame"
-    first = frames[0]
     mine = next((f for f in frames if is_users(f.path)), None)
+    if debugging:
+        return f"in the debugger at {(mine or frames[0]).where()}"
+    first = frames[0]
     if mine is None or mine is first:
         callers = [f for f in frames[1:] if is_users(f.path)]
         return first.where() + (f" <- {callers[0].where()}" if callers else "")
     return f"{first.where()} <- {mine.where()}"
+
+
+_PLUMBING = ("/zmq/", "<frozen abc>", "/concurrent/futures/", "/selectors.py", "/threading.py")
+_DEBUGGER = ("/pdb.py", "/bdb.py", "/cmd.py")
+_RETURNED = {"_send_result", "_leave", "_report_imports"}  # the worker's, after the function
+_RAISED = {"_send_error", "_send_unpicklable"}
+_STARTING = {"_rendezvous", "_init_process_group", "_set_up", "loads", "_split"}
+
+
+def _plumbing(frame: Frame) -> bool:
+    """A frame of the way messages or locks work (zmq, abc, futures), never a place to show."""
+    return any(part in frame.path for part in _PLUMBING)
+
+
+def _in_debugger(frames: list[Frame]) -> bool:
+    """Whether the rank sits at a debugger prompt (pdb's frames above the user's)."""
+    for f in frames:
+        if is_users(f.path):
+            return False
+        if f.path.endswith(_DEBUGGER) or (f.path.startswith(PACKAGE) and "debugger" in f.path):
+            return True
+    return False
+
+
+def _state_of(functions: set[str]) -> str | None:
+    """Where a rank without a frame of the user's is, from its worker's own frames."""
+    if functions & _RETURNED:
+        return "returned"
+    if functions & _RAISED:
+        return "raised"
+    if functions & _STARTING:
+        return "starting"
+    return None
 
 
 def report(stacks: Mapping[int, str], silent: Iterable[int] = (), died: Iterable[int] = ()) -> str:
