@@ -454,5 +454,5 @@ def test_ranks_that_failed_on_their_own_are_not_called_collateral() -> None:
     exc = failure_exception(failures, {}, ["h"], [2], Evidence())  # type: ignore[arg-type]
     assert exc.__notes__[-1].splitlines() == [
         "also in this run:",
-        "  rank 1 (local rank 1) on h raised builtins.ValueError: bad",
+        "  rank 1 (local rank 1) on h raised builtins.ValueError: bad batch",
     ]
