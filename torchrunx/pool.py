@@ -138,8 +138,8 @@ class AgentPool:
                 self.copies.look(missing)
             failures = self._start(missing, agent_base_env(env))
             agents = [a for i, a in enumerate(self.agents) if a is not None and i not in lost]
-        if not failures:
-            failures = self._await_hello(agents)
+        failed = {h for h, _ in failures}  # the others may fail yet: every failed host is named
+        failures += self._await_hello([a for a in agents if a.hostname not in failed])
         if failures:
             self.stop_agents()
             raise _start_failed(failures)

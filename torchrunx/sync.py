@@ -410,9 +410,9 @@ def _warn_if_large(snapshot: Snapshot) -> None:
     size = sum(f.size for f in snapshot.files)
     if size >= LARGE_FOLDER_BYTES or len(snapshot.files) >= LARGE_FOLDER_FILES:
         log.warning(
-            "sync_dir: %s holds %d files, %.1f GB: each host gets a copy of it (sync_exclude "
+            "sync_dir: %s holds %d files, %.1f GiB: each host gets a copy of it (sync_exclude "
             "leaves folders out)",
             snapshot.folder.root,
             len(snapshot.files),
-            size / 1e9,
+            size / (1 << 30),
         )
