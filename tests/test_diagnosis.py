@@ -456,3 +456,27 @@ def test_ranks_that_failed_on_their_own_are_not_called_collateral() -> None:
         "also in this run:",
         "  rank 1 (local rank 1) on h raised builtins.ValueError: bad batch",
     ]
+
+
+def test_a_second_ctrl_c_keeps_the_report_and_raises_one_keyboard_interrupt(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(CTRL_C_SCRIPT)
+    child = pexpect.spawn(
+        sys.executable, [str(script)], cwd=str(tmp_path), timeout=60, encoding="utf-8"
+    )
+    try:
+        child.expect_exact("stuck now")
+        time.sleep(1)
+        child.sendintr()
+        time.sleep(0.02)
+        child.sendintr()  # 20 ms later, while the run is torn down
+        child.expect_exact("torchrunx: run cancelled; its ranks were at:")
+        child.expect(r"rank 1: stuck_in_user_code \(train.py:\d+\)")
+        child.expect(pexpect.EOF)
+        tail = child.before
+    finally:
+        child.close(force=True)
+    assert tail.count("KeyboardInterrupt") == 1, tail
+    assert "During handling of the above exception" not in tail

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 __all__ = ["Launcher", "launch"]
 
+import contextlib
 import functools
 import logging
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
@@ -38,7 +40,7 @@ from .stacks import STACK_SIGNAL
 from .transport.messages import DebugSettings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from typing import TypeAlias
 
     from typing_extensions import Self
@@ -406,14 +408,32 @@ def _wait(handle: RunHandle[FunctionR]) -> LaunchResult[FunctionR]:
 
 
 def _cancel(handle: RunHandle[Any]) -> None:
-    """Interrupted while waiting (Ctrl-C): the run goes too, saying where its ranks were."""
+    """Interrupted while waiting (Ctrl-C): the run goes too, saying where its ranks were.
+
+    A second Ctrl-C meanwhile changes nothing: the teardown is bounded, and its report is what
+    the first one asked for (the one KeyboardInterrupt raised after it says the rest).
+    """
     if handle.done():
         return
-    handle.cancel()
-    report = handle.autopsy()
-    if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
-        where = report.replace("\n", "\n  ")
-        print(f"torchrunx: run cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
+    with _ctrl_c_held():
+        handle.cancel()
+        report = handle.autopsy()
+        if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
+            where = report.replace("\n", "\n  ")
+            print(f"torchrunx: run cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """SIGINT ignored for the block (from the main thread; elsewhere Python sends none)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def launch(  # noqa: PLR0913 -- the public signature of earlier releases
