@@ -230,7 +230,7 @@ def test_without_a_spare_a_lost_host_is_tried_once_more_then_a_clear_error(
     cluster: Cluster,
 ) -> None:
     hosts = cluster.hostnames[:2]
-    with on_hosts(cluster, hosts, max_restarts=3, heartbeat_timeout=2, agent_timeout=4) as lau:
+    with on_hosts(cluster, hosts, max_restarts=3, heartbeat_timeout=3, agent_timeout=4) as lau:
         handle = lau.submit(sleep_then_host, 30)
         time.sleep(1.0)
         cluster.partition(1)
@@ -282,3 +282,29 @@ def test_spares_with_views_and_lists_of_worker_counts() -> None:
         result = handle.result(timeout=60)
     assert result.by_hostname() == {"127.0.0.1": [1, 1]}  # localhost's two ranks, on the spare
     assert isinstance(result.restarts[0], torchrunx.AgentFailedError)
+
+
+def test_a_restart_forks_from_the_forkserver_its_run_had_learned() -> None:
+    import psutil
+
+    def imports_json_decoder() -> int:
+        import json.decoder  # noqa: F401 -- what the forkserver learns
+
+        if attempt() == 0 and os.environ["RANK"] == "1":
+            os._exit(9)
+        return os.getppid()
+
+    with local(max_restarts=1) as lau:
+        lau.run(imports_json_decoder)  # its ranks' imports are learned, in the background
+        time.sleep(3)
+        parents = set(lau.run(imports_json_decoder).by_rank())  # both attempts: the same setup
+        time.sleep(1)
+        assert lau._pool is not None
+        (agent,) = lau._pool.agents
+        assert agent is not None
+        servers = sorted(
+            psutil.Process(agent.process.pid).children(), key=lambda p: p.create_time()
+        )
+    _base, *learned = [s.pid for s in servers]
+    assert len(learned) == 1  # one learned forkserver, not one more for each attempt
+    assert parents == set(learned)  # the restart forked from it, as the first attempt did

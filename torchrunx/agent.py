@@ -26,6 +26,7 @@ __all__ = ["main"]
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -137,7 +138,9 @@ class Agent:
                 self.warn(f"the launcher was silent for {self.agent_timeout} s: exiting")
                 return
             clearing = any(r.teardown is not None for r in self.runs.values())
-            timeout = self.pump.timeout(5 if clearing else 500, now)  # a rest's end wakes us
+            # the next heartbeat wakes us on time, as does a rest's end
+            until_heartbeat = max(math.ceil((self.next_heartbeat - now) * 1000), 1)
+            timeout = self.pump.timeout(min(5 if clearing else 500, until_heartbeat), now)
             for sock, _ in self.poller.poll(max(timeout, 0)):
                 if not self.on_readable(sock):
                     return

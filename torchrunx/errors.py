@@ -22,7 +22,10 @@ class TorchrunxError(Exception):
 
 
 class AgentFailedError(TorchrunxError):
-    """An agent died, could not start, or its host was silent for longer than ``agent_timeout``."""
+    """An agent died, did not start within ``agent_timeout``, or was silent (heartbeat_timeout).
+
+    Silent once started, its host is lost: a restart gives its ranks to a spare, if any.
+    """
 
     def __init__(self, message: str, *, hostname: str | None = None) -> None:
         super().__init__(message)

@@ -37,7 +37,7 @@ from .pool import AgentPool, AgentsConfig
 from .preemption import UNFIT, signal_numbers
 from .runs import CANCEL_TIMEOUT_S, Run, RunOptions
 from .stacks import STACK_SIGNAL
-from .transport.messages import DebugSettings
+from .transport.messages import HEARTBEAT_INTERVAL_S, DebugSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -472,6 +472,13 @@ def _validate(launcher: Launcher) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             msg = f"{name}={value!r}: use a positive number of seconds"
             raise ValueError(msg)
+    if launcher.heartbeat_timeout < 3 * HEARTBEAT_INTERVAL_S:
+        msg = (
+            f"heartbeat_timeout={launcher.heartbeat_timeout!r}: use {3 * HEARTBEAT_INTERVAL_S:g} "
+            f"s or more (heartbeats come every {HEARTBEAT_INTERVAL_S:g} s: less would lose busy "
+            "hosts that are fine)"
+        )
+        raise ValueError(msg)
     _check_environment(launcher)
     if launcher.agent_start not in ("auto", "ssh", "srun"):
         msg = f'agent_start={launcher.agent_start!r}: use "auto", "ssh" or "srun"'

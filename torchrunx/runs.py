@@ -124,14 +124,13 @@ class Run:
         backend = _backend(options.backend, state.agents)
         traced = trace.folder() is not None
         places = {i: pool.placement(i) for i in indexes}
-        env = {**options.env, **_restart_vars(self.attempt, options.max_restarts)}
         return [
             RunSpec(
                 run=self.id,
                 world_size=offsets[-1],
                 backend=backend,
                 master_addr=pool.host_address(indexes[0]),
-                env=env,
+                env=options.env,
                 cwd=places[i].cwd,
                 sys_path=places[i].sys_path,
                 worker_timeout=options.worker_timeout,
@@ -149,6 +148,7 @@ class Run:
                 copied_from=places[i].copied_from,
                 preempt_signals=pool.config.preempt_signals,
                 attempt=self.attempt,
+                max_restarts=options.max_restarts,
             )
             for g, (i, n) in enumerate(zip(indexes, state.workers_per_host, strict=True))
         ]
@@ -277,15 +277,6 @@ class Run:
         # it will not start again: its frames go now, not with the garbage collector (which
         # cannot clear a memoryview that still exports its buffer to another)
         self.payload = []
-
-
-def _restart_vars(attempt: int, max_restarts: int) -> dict[str, str]:
-    """What a worker finds of its attempt, under our name and torchrun's."""
-    return {
-        "TORCHRUNX_RESTART_COUNT": str(attempt),
-        "TORCHELASTIC_RESTART_COUNT": str(attempt),
-        "TORCHELASTIC_MAX_RESTARTS": str(max_restarts),
-    }
 
 
 def _earlier(run: Run) -> str:

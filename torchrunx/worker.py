@@ -114,6 +114,10 @@ class _Rank:
             "WORLD_SIZE": str(self.world_size),
             "MASTER_ADDR": spec.master_addr,
             "TORCHRUNX_RUN_ID": spec.run,
+            # the attempt, under our name and torchrun's
+            "TORCHRUNX_RESTART_COUNT": str(spec.attempt),
+            "TORCHELASTIC_RESTART_COUNT": str(spec.attempt),
+            "TORCHELASTIC_MAX_RESTARTS": str(spec.max_restarts),
         }
         self.clock = _Clock(self.rank, on=spec.trace)
         self.ctx = zmq.Context()

@@ -292,7 +292,8 @@ class RunSpec:
     copy: str = ""  # this host's copy of sync_dir, if it has one ...
     copied_from: str = ""  # ... and that folder on the launcher's machine
     preempt_signals: tuple[str, ...] = ()  # a worker that gets one takes note, and lives on
-    attempt: int = 0  # restarts of the run before this one
+    attempt: int = 0  # restarts of the run before this one (not in env: see setup_key)
+    max_restarts: int = 0
 
 
 @dataclass(frozen=True)
