@@ -24,6 +24,28 @@ Things to know when writing tests against it:
   owner in their environment, so those of a killed test session are reaped by the next one.
 * slurmctld listens on its own port (from 16817 + 2 * the cluster's slot on), so it runs beside
   other SLURM clusters of this kind or one on the default port 6817.
+* The configuration is written once, by :meth:`SlurmCluster.up` (slurmctld and slurmd read it
+  when they start): a test that needs other settings needs a cluster of its own.
+
+Preemption (``up(..., preemption=True)``): partition priority preemption that requeues, as
+``PreemptType=preempt/partition_prio``, ``PreemptMode=REQUEUE``, ``JobRequeue=1``, with two
+partitions on every node: ``low`` (the default, ``PriorityTier=1``, ``GraceTime`` of
+``grace_time`` s) and ``high`` (``PriorityTier=2``, never preempted). What SLURM (22.05) then does:
+
+* A job of ``high`` that needs the nodes of a running ``low`` job preempts it at once: SLURM sends
+  SIGTERM and SIGCONT to every process of every step of that job on every node (the batch script
+  itself gets nothing: a job without steps of its own hears nothing yet). Nodes have
+  :data:`NODE_CPUS` CPUs and jobs share them: a job must ask for ``--exclusive`` nodes for another
+  to need them.
+* When the grace ends, the steps get SIGTERM again, the batch script gets SIGTERM, and SIGKILL
+  follows ``KillWait`` (5) s later; then the job is requeued.
+* A requeued job (by preemption, or by ``scontrol requeue``) is ``COMPLETING`` with ``Restarts``
+  one higher (:meth:`SlurmCluster.restarts`; its next attempt sees ``SLURM_RESTART_COUNT``), then
+  ``PENDING``, and then held (``Reason=BeginTime``) for about two minutes:
+  :meth:`SlurmCluster.release` starts it now. Submit with ``--open-mode=append`` to keep every
+  attempt's output in one file.
+* ``scancel --signal=USR1`` (:meth:`SlurmCluster.scancel`) reaches the processes of the job's
+  steps, not its batch script; ``scancel --batch --signal=USR1`` the batch script alone.
 """
 
 from __future__ import annotations
@@ -73,6 +95,9 @@ NODE_CPUS = 2
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 CMD_TIMEOUT_S = 30.0
+GRACE_TIME_S = 15  # a preempted job's GraceTime, by default: long enough to stop, short for tests
+LOW_PARTITION = "low"  # with preemption: the default partition, whose jobs are preempted
+HIGH_PARTITION = "high"  # with preemption: the partition whose jobs preempt them
 POLL_S = 0.1
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; munged adds ".lock"
 OWNER_VAR = "TORCHRUNX_TESTS_SLURM_OWNER"  # "pid:start" of the process that started a daemon
@@ -221,11 +246,16 @@ class SlurmCluster:
             state; removed by :meth:`down`.
         port: slurmctld's port on :attr:`cluster.Cluster.head_ip`; slurmd's is ``port + 1``.
         up_seconds: how long :meth:`up` took.
+        partitions: the partitions, the default first: ``["debug"]``, or with preemption
+            ``[LOW_PARTITION, HIGH_PARTITION]``.
+        grace_time: with preemption, the ``GraceTime`` of a preempted job (s); else None.
     """
 
     def __init__(self, cluster: Cluster, state_dir: Path, tools: dict[str, str], port: int) -> None:
         self.cluster = cluster
         self.nodes = list(cluster.hostnames)
+        self.partitions = ["debug"]
+        self.grace_time: int | None = None
         self.state_dir = state_dir
         self.conf = state_dir / "slurm.conf"
         self.port = port
@@ -252,13 +282,26 @@ class SlurmCluster:
     # ---- life cycle ----
 
     @classmethod
-    def up(cls, cluster: Cluster, state_dir: Path, cpus: int = NODE_CPUS) -> Self:
+    def up(  # noqa: PLR0913 -- keyword-only settings of the one configuration
+        cls,
+        cluster: Cluster,
+        state_dir: Path,
+        cpus: int = NODE_CPUS,
+        *,
+        preemption: bool = False,
+        grace_time: int = GRACE_TIME_S,
+        extra: Sequence[str] = (),
+    ) -> Self:
         """Start munged, slurmctld and a slurmd per node; wait until every node is idle.
 
         Args:
             cluster: the nodes; SLURM adds processes to them (slurmd's), nothing else.
             state_dir: made if missing; removed by :meth:`down`.
             cpus: CPUs each node offers to jobs.
+            preemption: partitions ``low`` and ``high`` instead of ``debug``, and preemption of
+                a ``low`` job by a ``high`` one that needs its nodes (see the module docstring).
+            grace_time: with ``preemption``, seconds a preempted job has before it is killed.
+            extra: more slurm.conf lines (``Name=value``), after the others.
 
         Raises:
             SlurmUnavailableError: this machine cannot run SLURM (skip, don't fail).
@@ -271,8 +314,11 @@ class SlurmCluster:
         state_dir.mkdir(parents=True, exist_ok=True)
         state_dir.chmod(0o700)
         slurm = cls(cluster, state_dir, tools, port)
+        if preemption:
+            slurm.partitions = [LOW_PARTITION, HIGH_PARTITION]
+            slurm.grace_time = grace_time
         try:
-            slurm._bring_up(cpus)
+            slurm._bring_up(cpus, extra)
         except BaseException:
             slurm.down()
             raise
@@ -397,13 +443,17 @@ class SlurmCluster:
             self.run([self._tools["scancel"], f"--name={name}"], check=False)
             raise
 
-    def sbatch(self, script: Path, n: int, args: Sequence[str] = ()) -> str:
+    def sbatch(
+        self, script: Path, n: int, args: Sequence[str] = (), script_args: Sequence[str] = ()
+    ) -> str:
         """Submit ``script`` on ``n`` nodes; return the job id.
 
-        The job's working directory is the script's; its output goes to ``slurm-<id>.out`` there
-        unless ``args`` say otherwise.
+        ``args`` are sbatch's options, ``script_args`` the script's own. The job's working
+        directory is the script's; its output goes to ``slurm-<id>.out`` there unless ``args``
+        say otherwise.
         """
         argv = [self._tools["sbatch"], "--parsable", "-N", str(n), *args, str(script)]
+        argv += script_args
         done = run_command(
             argv, check=False, env=self.environ(), cwd=script.parent, error=SlurmError
         )
@@ -416,32 +466,70 @@ class SlurmCluster:
             raise SlurmError(msg)
         return job_id
 
-    def job_state(self, job_id: str) -> str:
-        """The job's state as slurmctld has it (``PENDING``, ``RUNNING``, ``COMPLETED``, ...)."""
+    def job_info(self, job_id: str) -> dict[str, str]:
+        """The job's fields as ``scontrol show job`` has them (``JobState``, ``Reason``, ...).
+
+        Values are single words: a value with spaces (a job name, say) is cut at the first.
+        """
         done = self.run([self._tools["scontrol"], "-o", "show", "job", job_id])
-        m = re.search(r"\bJobState=(\S+)", done.stdout)
-        if m is None:
+        fields = dict(re.findall(r"(?:^|\s)([A-Za-z/:]+)=(\S*)", done.stdout))
+        if "JobState" not in fields:
             msg = f"no JobState for job {job_id} in: {done.stdout.strip()}"
             raise SlurmError(msg)
-        return m.group(1)
+        return fields
+
+    def job_state(self, job_id: str) -> str:
+        """The job's state as slurmctld has it (``PENDING``, ``RUNNING``, ``COMPLETED``, ...)."""
+        return self.job_info(job_id)["JobState"]
+
+    def restarts(self, job_id: str) -> int:
+        """How many times the job was requeued (its next attempt's ``SLURM_RESTART_COUNT``)."""
+        return int(self.job_info(job_id)["Restarts"])
 
     def wait_job(
-        self, job_id: str, timeout: float = 60.0, until: Collection[str] = TERMINAL_STATES
+        self,
+        job_id: str,
+        timeout: float = 60.0,
+        until: Collection[str] = TERMINAL_STATES,
+        restarts: int = 0,
+        reason: str | None = None,
     ) -> str:
         """Poll the job until its state is one of ``until`` (default: it ended); return the state.
+
+        With ``restarts``, also until it was requeued that many times; with ``reason``, until
+        its ``Reason`` is that. ``until={"PENDING"}, restarts=1, reason="BeginTime"`` waits for
+        the job to be requeued and held (:meth:`release` it then); ``restarts=1`` alone for its
+        second attempt to end.
 
         Raises:
             SlurmError: not there within ``timeout`` s (the message has the last state).
         """
         deadline = time.monotonic() + timeout
         while True:
-            state = self.job_state(job_id)
-            if state in until:
+            info = self.job_info(job_id)
+            state, restarted = info["JobState"], int(info.get("Restarts", "0"))
+            if (
+                state in until
+                and restarted >= restarts
+                and (reason is None or info.get("Reason") == reason)
+            ):
                 return state
             if time.monotonic() > deadline:
-                msg = f"job {job_id} still {state} after {timeout} s (waiting for {set(until)})"
+                msg = (
+                    f"job {job_id} still {state} (reason {info.get('Reason')}, restarts "
+                    f"{restarted}) after {timeout} s (waiting for {set(until)}, restarts "
+                    f"{restarts}, reason {reason})"
+                )
                 raise SlurmError(msg)
             time.sleep(POLL_S)
+
+    def release(self, job_id: str) -> None:
+        """Start a requeued job now rather than when its hold ends (``StartTime=now``).
+
+        Only once it is held (``Reason=BeginTime``): a job that is still being requeued gets
+        its hold after this.
+        """
+        self.run([self._tools["scontrol"], "update", f"JobId={job_id}", "StartTime=now"])
 
     def scancel(self, job_id: str, args: Sequence[str] = ()) -> None:
         """Cancel the job (``args`` e.g. ``["--signal=USR1"]``); does not wait for it to end."""
@@ -449,24 +537,35 @@ class SlurmCluster:
 
     # ---- bring-up ----
 
-    def _bring_up(self, cpus: int) -> None:
+    def _bring_up(self, cpus: int, extra: Sequence[str]) -> None:
         (self.state_dir / "ctld").mkdir(exist_ok=True)
         for node in self.nodes:
             (self._spool / node).mkdir(parents=True, exist_ok=True)
         self._munge_socket.parent.mkdir(mode=0o700, exist_ok=True)
-        self._write_conf(cpus)
+        self._write_conf(cpus, extra)
         self._start_munged()
         self._start_slurmctld()
         self._start_slurmds()
         self._wait_idle()
 
-    def _write_conf(self, cpus: int) -> None:
+    def _write_conf(self, cpus: int, extra: Sequence[str]) -> None:
         cl = self.cluster
         nodes = "".join(
             f"NodeName={host} NodeAddr={ip} CPUs={cpus} Boards=1 SocketsPerBoard=1 "
             f"CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory=1000 State=UNKNOWN\n"
             for host, ip in zip(cl.hostnames, cl.ips, strict=True)
         )
+        if self.grace_time is None:
+            partitions = "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
+        else:
+            every = "Nodes=ALL MaxTime=INFINITE State=UP"
+            partitions = (
+                "PreemptType=preempt/partition_prio\nPreemptMode=REQUEUE\nJobRequeue=1\n"
+                f"PartitionName={LOW_PARTITION} {every} Default=YES PriorityTier=1 "
+                f"GraceTime={self.grace_time}\n"
+                f"PartitionName={HIGH_PARTITION} {every} PriorityTier=2 PreemptMode=OFF\n"
+            )
+        more = "".join(f"{line}\n" for line in extra)
         s = self.state_dir
         # no cgroups (plain process tracking, no task binding), no accounting; jobs stay known
         # for MinJobAge s after they end
@@ -509,8 +608,7 @@ InactiveLimit=0
 MinJobAge=300
 KillWait=5
 Waittime=0
-{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""",
+{nodes}{partitions}{more}""",
             encoding="utf-8",
         )
 

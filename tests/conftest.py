@@ -19,9 +19,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 LEFTOVER_WAIT_S = 10.0
-CLUSTER_FIXTURES = {"cluster", "shared_cluster", "cluster_factory", "slurm", "slurm_factory"}
+CLUSTER_FIXTURES = {
+    "cluster",
+    "shared_cluster",
+    "cluster_factory",
+    "slurm",
+    "slurm_factory",
+    "shared_slurm_preemption",
+    "slurm_preemption",
+}
 SHARED_CLUSTER_NODES = 4
 SLURM_NODES = 3
+SLURM_PREEMPTION_NODES = 2
 
 
 def _descendants() -> dict[int, psutil.Process]:
@@ -129,17 +138,18 @@ def cluster(shared_cluster: Cluster) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def slurm_factory(
     cluster_factory: Callable[..., Cluster], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[int], SlurmCluster]]:
-    """`make(n)` starts SLURM on a new cluster of n fake hosts; all are stopped at session end.
+) -> Iterator[Callable[..., SlurmCluster]]:
+    """`make(n, **options)` starts SLURM on a new cluster of n fake hosts (options: of
+    `SlurmCluster.up`, e.g. `preemption=True`); all are stopped at session end.
 
     Skips the test where this machine cannot run one (not root, SLURM not installable).
     """
     made: list[SlurmCluster] = []
 
-    def make(n: int) -> SlurmCluster:
+    def make(n: int, **options: Any) -> SlurmCluster:
         hosts = cluster_factory(n)
         try:
-            sl = SlurmCluster.up(hosts, tmp_path_factory.mktemp("slurm"))
+            sl = SlurmCluster.up(hosts, tmp_path_factory.mktemp("slurm"), **options)
         except SlurmUnavailableError as e:
             pytest.skip(f"no SLURM cluster on this machine: {e}")
         made.append(sl)
@@ -151,10 +161,29 @@ def slurm_factory(
 
 
 @pytest.fixture(scope="session")
-def slurm(slurm_factory: Callable[[int], SlurmCluster]) -> SlurmCluster:
+def slurm(slurm_factory: Callable[..., SlurmCluster]) -> SlurmCluster:
     """SLURM on three fake hosts of its own (node1..node3), for the whole session.
 
     Client commands need `slurm.env`; jobs run as root on the nodes. Tests must not stop its
     daemons; `slurm.reset()` cancels the jobs a test left and kills what they still run.
     """
     return slurm_factory(SLURM_NODES)
+
+
+@pytest.fixture(scope="session")
+def shared_slurm_preemption(slurm_factory: Callable[..., SlurmCluster]) -> SlurmCluster:
+    """SLURM with preemption on two fake hosts of its own, for the whole session: partitions
+    `low` (the default; its jobs are preempted after a GraceTime of `.grace_time` s) and `high`
+    (see testbed/slurm.py). Tests must not stop its daemons."""
+    return slurm_factory(SLURM_PREEMPTION_NODES, preemption=True)
+
+
+@pytest.fixture
+def slurm_preemption(shared_slurm_preemption: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The shared SLURM cluster with preemption, handed back without jobs after the test.
+
+    The test fails if a process of its jobs was still running on a node (which is then killed).
+    """
+    yield shared_slurm_preemption
+    left = shared_slurm_preemption.reset(wait=LEFTOVER_WAIT_S)
+    assert not left, f"job processes left on the nodes: {left}"

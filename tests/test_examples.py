@@ -14,11 +14,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+from testbed.slurm import HIGH_PARTITION, TERMINAL_STATES
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -44,6 +47,8 @@ TESTED = {
     "multihost.py",
     "slurm_batch.sh",
     "slurm_submitit.py",
+    "slurm_preempt.py",
+    "slurm_preempt.sh",
 }
 
 
@@ -268,3 +273,93 @@ def test_slurm_submitit(fresh_slurm: SlurmCluster, tmp_path: Path) -> None:
     assert f"workers per host {{'{first}': 2, '{second}': 2}}" in out.stdout
     assert f"ranks on {[first, first, second, second]}" in out.stdout
     assert "weights: {'weight': [" in out.stdout
+
+
+PREEMPT_STEPS = 60
+
+
+@pytest.mark.parametrize("preemption", ["partition", "scancel"])
+def test_slurm_preempt_stops_at_a_checkpoint_and_resumes_after_the_requeue(
+    slurm_preemption: SlurmCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    preemption: str,
+) -> None:
+    """``sbatch examples/slurm_preempt.sh``, then a job of a higher-priority partition needs its
+    nodes (SLURM sends SIGTERM to the steps, and requeues the job) or ``scancel --signal=USR1``
+    (our agent's step gets SIGUSR1; the launcher requeues the job): the ranks stop at a step,
+    saved; the next attempt resumes there and finishes. Each takes about 15 s."""
+    slurm = slurm_preemption
+    venv_path = f"{Path(sys.executable).parent}{os.pathsep}{slurm.env['PATH']}"
+    monkeypatch.setitem(slurm.env, "PATH", venv_path)  # the job inherits sbatch's environment
+    checkpoint = tmp_path / "preempt.pt"
+    # --exclusive: the nodes' CPUs are all the job's, so that a job of "high" needs them
+    sbatch = ["--exclusive", f"--chdir={REPO}", f"--output={tmp_path / 'slurm-%j.out'}"]
+    steps = ["--steps", str(PREEMPT_STEPS), "--save-every", "10", "--step-time", "0.05"]
+    job = slurm.sbatch(
+        EXAMPLES / "slurm_preempt.sh", 2, sbatch, [*steps, "--checkpoint", str(checkpoint)]
+    )
+    log_file = tmp_path / f"slurm-{job}.out"
+
+    def log() -> str:
+        return log_file.read_text() if log_file.exists() else ""
+
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():  # 10 steps done
+        state = slurm.job_state(job)
+        assert state not in TERMINAL_STATES, f"job {job} {state}:\n{log()}"
+        assert time.monotonic() < deadline, f"no checkpoint in 120 s:\n{log()}"
+        time.sleep(0.1)
+
+    sent = time.monotonic()
+    signal = preempt(slurm, job, preemption, tmp_path)
+    slurm.wait_job(job, timeout=60, until={"PENDING"}, restarts=1, reason="BeginTime")
+    assert slurm.grace_time is not None
+    assert time.monotonic() - sent < slurm.grace_time, log()  # by the notice, not SLURM's kill
+    stop = torch.load(checkpoint, weights_only=True)["step"]
+    assert 10 <= stop < PREEMPT_STEPS
+    first, second = slurm.nodes
+    # the notice came from the agent of the second node (a job step), and the except ran
+    said = rf"attempt 0: preempted \(\{{'{second}': '{signal}'.*\}}\), resumes at {stop}\n"
+    assert re.search(said, log()), log()
+    assert wait_no_job_processes(slurm) == []  # nothing of the first attempt is left
+
+    slurm.release(job)
+    assert slurm.wait_job(job, timeout=120, restarts=1) == "COMPLETED", log()
+    assert slurm.restarts(job) == 1  # requeued once, whoever did
+    text = log()
+    ran = re.findall(rf"\[{first}:0\] attempt (\d): ran \d+ steps \((\d+) to (\d+)\)", text)
+    assert ran == [("0", "0", str(stop)), ("1", str(stop), str(PREEMPT_STEPS))], text
+    assert f"job {job}, attempt 1, on node[1-2]" in text  # the batch script's own line
+    assert f"[{first}:0] attempt 1: starting at step {stop}" in text  # rank 0's SLURM_RESTART_COUNT
+    assert f"attempt 1: all {PREEMPT_STEPS} steps done" in text
+    assert "could not requeue" not in text
+    assert torch.load(checkpoint, weights_only=True)["step"] == PREEMPT_STEPS
+    assert wait_no_job_processes(slurm) == []
+
+
+def preempt(slurm: SlurmCluster, job: str, how: str, folder: Path) -> str:
+    """Preempt the job (``how``: by a job of the high partition, or scancel); the signal's name."""
+    if how == "partition":
+        (folder / "urgent.sh").write_text("#!/bin/sh\nsleep 1\n")
+        urgent = slurm.sbatch(
+            folder / "urgent.sh", 2, [f"--partition={HIGH_PARTITION}", "--exclusive"]
+        )
+        slurm.wait_job(urgent, timeout=60, until={"RUNNING", "COMPLETED"})
+        return "SIGTERM"
+    slurm.scancel(job, ["--signal=USR1"])
+    return "SIGUSR1"
+
+
+def wait_no_job_processes(slurm: SlurmCluster, timeout: float = 10.0) -> list[str]:
+    """Until no process of a job runs on the nodes (bounded); those left."""
+    deadline = time.monotonic() + timeout
+    while slurm.job_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return slurm.job_processes()
+
+
+def test_slurm_preempt_help_lists_its_options(tmp_path: Path) -> None:
+    out = run_example("slurm_preempt.py", "--help", cwd=tmp_path)
+    for option in ("--steps", "--save-every", "--checkpoint", "--workers-per-host"):
+        assert option in out.stdout

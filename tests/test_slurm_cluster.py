@@ -69,6 +69,9 @@ def test_reset_cancels_jobs_and_kills_their_processes(slurm: SlurmCluster, tmp_p
     script.write_text("#!/bin/sh\nsrun sleep 300\n")
     job = slurm.sbatch(script, 1)
     slurm.wait_job(job, timeout=30, until={"RUNNING"})
+    deadline = time.monotonic() + 10  # RUNNING comes before slurmstepd has started the script
+    while not any("sleep 300" in p for p in slurm.job_processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     left = slurm.reset()
     assert any("sleep 300" in p or "left.sh" in p or "slurm_script" in p for p in left), left
     assert slurm.job_pids() == []
@@ -76,7 +79,39 @@ def test_reset_cancels_jobs_and_kills_their_processes(slurm: SlurmCluster, tmp_p
     assert slurm.reset() == []
 
 
-def test_down_stops_every_daemon(slurm_factory: Callable[[int], SlurmCluster]) -> None:
+REQUEUE_ONCE = """#!/bin/sh
+echo "attempt ${SLURM_RESTART_COUNT:-0}"
+if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then
+    scontrol requeue "$SLURM_JOB_ID"
+    srun sleep 300
+fi
+"""
+
+
+def test_a_requeued_job_is_held_until_released_then_runs_again(
+    slurm_preemption: SlurmCluster, tmp_path: Path
+) -> None:
+    slurm = slurm_preemption
+    sinfo = slurm.run(["sinfo", "-h", "-o", "%P %l"]).stdout.split("\n")
+    assert sinfo[:2] == ["low* infinite", "high infinite"]
+    script = tmp_path / "requeue.sh"
+    script.write_text(REQUEUE_ONCE)
+    job = slurm.sbatch(script, 1, ["--requeue", "--open-mode=append"])
+    # held: it would start minutes later
+    held = slurm.wait_job(job, timeout=30, until={"PENDING"}, restarts=1, reason="BeginTime")
+    assert held == "PENDING"
+    deadline = time.monotonic() + 10
+    while slurm.job_pids() and time.monotonic() < deadline:  # the first attempt's are ending
+        time.sleep(0.05)
+    assert slurm.job_processes() == []
+    slurm.release(job)
+    assert slurm.wait_job(job, timeout=30, restarts=1) == "COMPLETED"
+    assert slurm.restarts(job) == 1
+    lines = (tmp_path / f"slurm-{job}.out").read_text().splitlines()
+    assert [line for line in lines if line.startswith("attempt")] == ["attempt 0", "attempt 1"]
+
+
+def test_down_stops_every_daemon(slurm_factory: Callable[..., SlurmCluster]) -> None:
     sl = slurm_factory(1)  # beside the session's cluster: a port of its own
     daemons = sl.daemons()
     assert sorted(daemons) == ["munged", "slurmctld", "slurmd@node1"]
