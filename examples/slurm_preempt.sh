@@ -9,18 +9,15 @@
 #     sbatch --partition=preemptible examples/slurm_preempt.sh --steps 5000
 #     scancel --signal=USR1 <job id>     # the time limit's warning, now: it stops and is requeued
 #
-# SLURM signals the processes of the job's steps (the agents of the other nodes are steps):
-# SIGTERM when a job of a higher-priority partition preempts this one, SIGUSR1 120 s before the
-# time limit (below). Either is the launcher's notice: training stops at a step every rank agrees
-# on, rank 0 saves it, the launcher requeues the job (requeue=True; SLURM would requeue a job it
-# preempted when its GraceTime ends) and the script exits 0. Each attempt appends to
-# slurm-<job id>.out and prints its SLURM_RESTART_COUNT. A requeued job may wait (BeginTime) before its next attempt starts;
-# `scontrol update JobId=<job id> StartTime=now` starts it at once.
-#
-# On one node there is no such step: SLURM's first signals reach no process of ours. There, ask
-# for --signal=B:USR1@120 (B: the batch script, which is the launcher; `scancel --batch
-# --signal=USR1` by hand), and know that a partition's preemption is only seen when its
-# GraceTime ends (SIGTERM to the batch script too).
+# SLURM signals the processes of the job's steps, and every node's agent is one (this node's
+# too: agents start as `srun --overlap` steps inside an allocation): SIGTERM when a job of a
+# higher-priority partition preempts this one, SIGUSR1 120 s before the time limit (below).
+# Either is the launcher's notice: training stops at a step every rank agrees on, rank 0 saves
+# it, the launcher requeues the job (requeue=True; SLURM would requeue a job it preempted when
+# its GraceTime ends) and the script exits 0. The same holds with --nodes=1. Each attempt
+# appends to slurm-<job id>.out and prints its SLURM_RESTART_COUNT. A requeued job may wait
+# (BeginTime) before its next attempt starts; `scontrol update JobId=<job id> StartTime=now`
+# starts it at once.
 #
 #SBATCH --job-name=torchrunx-preempt
 #SBATCH --nodes=2

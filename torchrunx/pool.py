@@ -36,7 +36,7 @@ from . import reaper
 from .controller import Bounds, Controller
 from .environment import agent_base_env
 from .errors import AgentFailedError
-from .hosts import in_slurm_job, is_local, requeue_job, route_to
+from .hosts import in_slurm_job, is_local, requeue_job, route_to, slurm_hostnames
 from .links import AgentHandle
 from .preemption import LauncherSignals
 from .roster import Roster
@@ -158,7 +158,8 @@ class AgentPool:
 
     def _start(self, indexes: list[int], env: dict[str, str]) -> list[tuple[str, str]]:
         """Start agents for ``indexes``: the remote ones all at once; failures as (host, why)."""
-        remote = [i for i in indexes if not is_local(self.hostnames[i])]
+        steps = self._job_steps(indexes)
+        remote = [i for i in indexes if i in steps or not is_local(self.hostnames[i])]
         failures: list[tuple[str, str]] = []
         if remote:
             if self.copies is not None and self._uses_srun():
@@ -191,6 +192,20 @@ class AgentPool:
                 except AgentFailedError as e:
                     failures.append((self.hostnames[i], str(e)))
         return failures
+
+    def _job_steps(self, indexes: list[int]) -> set[int]:
+        """The hosts whose agents start as job steps: with srun, every node of the allocation.
+
+        This node's too: at preemption SLURM signals the processes of job steps only, not the
+        batch script's children, so an agent started here would never hear of it.
+        """
+        if not self._uses_srun():
+            return set()
+        try:
+            nodes = set(slurm_hostnames())
+        except (RuntimeError, OSError, subprocess.SubprocessError):
+            return set()
+        return {i for i in indexes if self.hostnames[i] in nodes}
 
     def _uses_srun(self) -> bool:
         if self.config.agent_start == "auto":
