@@ -178,6 +178,18 @@ def test_an_edit_between_runs_arrives_and_only_it_travels(
         assert sent == {h: len("SCALE = 100\n") + len("5\n") for h in isolated.hostnames}
 
 
+def test_an_edit_of_the_same_size_in_the_same_second_is_seen(
+    isolated: Cluster, project: Path
+) -> None:
+    # CPython trusts a cached .pyc by the source's whole-second mtime and size: the copy drops
+    # the bytecode of a file it rewrites, or such an edit would run the old code
+    config = next(project.glob("pkg_*/config.py"))
+    with launcher_on(isolated) as launcher:
+        for scale in (20, 30, 40, 50, 60):
+            config.write_text(f"SCALE = {scale}\n")  # the same size each time
+            assert launcher.run(entry(project), 1).rank(0)["value"] == scale + 6
+
+
 def test_files_gone_here_go_there_but_what_runs_wrote_stays(
     isolated: Cluster, project: Path
 ) -> None:

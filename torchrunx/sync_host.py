@@ -200,8 +200,21 @@ def _write(copy: _Copy, stale: list[SyncFile], staged: dict[str, Path]) -> None:
             shutil.copyfile(staged[f.sha256], source)
         source.chmod(0o700 if f.executable else 0o600)
         source.replace(target)
+        _drop_bytecode(target)
         st = target.stat()
         copy.index[f.path] = (f.sha256, st.st_size, st.st_mtime_ns)
+
+
+def _drop_bytecode(source: Path) -> None:
+    """Forget the cached bytecode of a module that was just rewritten.
+
+    CPython trusts a ``.pyc`` whose recorded mtime (whole seconds) and size match the source's:
+    an edit that keeps the size, written within the second of the last compile, would run the
+    old code.
+    """
+    if source.suffix == ".py":
+        for cached in source.parent.glob(f"__pycache__/{source.stem}.*.pyc"):
+            cached.unlink(missing_ok=True)
 
 
 def _clear_way(root: Path, target: Path) -> None:
