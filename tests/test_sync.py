@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -200,14 +201,23 @@ def test_files_gone_here_go_there_but_what_runs_wrote_stays(
         Path("outputs").mkdir(exist_ok=True)
         Path("outputs/result.txt").write_text("made on the host")
 
+    def folders() -> list[str]:
+        return sorted(str(p) for p in Path().rglob("*") if p.is_dir())
+
     write(project / "old.py", "")
+    write(project / "gone" / "deep" / "old.txt", "x")
     with launcher_on(isolated) as launcher:
         launcher.run(write_output)
         (project / "old.py").unlink()
+        shutil.rmtree(project / "gone")  # a folder removed here
         files = launcher.run(listing).rank(0)
+        there = launcher.run(folders).rank(0)
     assert "old.py" not in files
     assert "outputs/result.txt" in files
     assert "data/numbers.txt" in files
+    assert "gone" not in there  # removed here, so gone there
+    assert "gone/deep" not in there
+    assert "outputs" in there
 
 
 def test_a_large_file_arrives_intact(isolated: Cluster, project: Path) -> None:

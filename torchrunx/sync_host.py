@@ -234,7 +234,25 @@ def _remove_gone(copy: _Copy, offered: set[str]) -> None:
     for rel in [r for r in copy.index if r not in offered]:
         if copy.intact(rel):
             (copy.path / rel).unlink()
+            _drop_bytecode(copy.path / rel)
+            _remove_emptied(copy.path, (copy.path / rel).parent)
         del copy.index[rel]
+
+
+def _remove_emptied(root: Path, folder: Path) -> None:
+    """Remove ``folder`` and the folders above it (up to ``root``) that hold nothing any more.
+
+    A folder that a run wrote into is not empty, and stays.
+    """
+    while folder != root and folder.is_relative_to(root):
+        pycache = folder / "__pycache__"
+        if pycache.is_dir() and not any(pycache.iterdir()):
+            pycache.rmdir()
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def main() -> None:
