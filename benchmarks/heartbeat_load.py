@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.ranks import wait_running
+
 if TYPE_CHECKING:
     import torchrunx
     from testbed.cluster import Cluster
@@ -199,20 +201,6 @@ def stop_load(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
-
-
-def wait_running(handle: Any, ranks: int, timeout: float) -> None:
-    """Until every rank of ``handle``'s run is in the function."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = handle.status(timeout=2)
-        if len(states) == ranks and all(s.state == "running" for s in states.values()):
-            return
-        if handle.done():
-            handle.result()  # raises what ended it
-        time.sleep(0.05)
-    msg = f"the ranks were not all running after {timeout:g} s"
-    raise TimeoutError(msg)
 
 
 def under_load(cluster: Cluster, opts: argparse.Namespace) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import torchrunx
+from benchmarks.ranks import wait_running
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -101,20 +102,6 @@ def until_preempted(limit: float) -> dict[str, float] | None:
 
 
 # --- the launcher's process (--child) -----------------------------------------------------------
-
-
-def wait_running(handle: torchrunx.RunHandle[Any], ranks: int, timeout: float) -> None:
-    """Until every rank is in the function (its notice handling is in place)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = handle.status(timeout=2)
-        if len(states) == ranks and all(s.state == "running" for s in states.values()):
-            return
-        if handle.done():
-            handle.result()  # raises what ended it
-        time.sleep(0.05)
-    msg = f"the ranks were not all running after {timeout:g} s"
-    raise TimeoutError(msg)
 
 
 def stamping(stamps: dict[str, float], key: str, call: Callable[..., Any]) -> Callable[..., Any]:
