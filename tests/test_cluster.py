@@ -114,13 +114,14 @@ def test_pids_and_kill(cluster: Cluster) -> None:
     try:
         _, out, _ = client.exec_command("sleep 1234")
         deadline = time.monotonic() + 5
-        while not any("sleep 1234" in p for p in cluster.processes(2)):
+        # wait for the sleep itself: a shell that runs it (``sh -c sleep 1234``) may come first
+        while not any(p.split(" ", 1)[1] == "sleep 1234" for p in cluster.processes(2)):
             assert time.monotonic() < deadline, cluster.processes(2)
             time.sleep(0.02)
         assert cluster.processes(1) == []  # other nodes see none of it
-        sleeper = [p for p in cluster.processes(2) if p.endswith(" sleep 1234")]
+        sleeper = [p for p in cluster.processes(2) if "sleep 1234" in p]
         killed = cluster.kill(2, "sleep 1234")
-        assert [int(p.split()[0]) for p in sleeper] == killed
+        assert sorted(int(p.split()[0]) for p in sleeper) == sorted(killed)
         assert out.channel.recv_exit_status() != 0
     finally:
         client.close()
