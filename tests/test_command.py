@@ -187,3 +187,22 @@ def test_a_torchrun_script_on_the_test_hosts(cluster: Cluster, script: Path) -> 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "rank 0/4 argv [] sum 6.0" in done.stdout
+
+
+@pytest.mark.parametrize("script", ["test_ops", "test_script"])
+def test_scripts_of_another_project_run_as_under_torchrun(tmp_path: Path, script: str) -> None:
+    """Hugging Face Accelerate's own distributed checks, which ``accelerate test`` launches."""
+    pytest.importorskip("accelerate")
+    done = torchrunx_command(
+        "--workers-per-host", "2",
+        "--extra-env-vars", "ACCELERATE_USE_CPU=1",  # copy_env_vars leaves ACCELERATE_* out
+        "-m", f"accelerate.test_utils.scripts.{script}",
+        cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (tmp_path / "logs").glob("*/localhost*.log"))
+    assert "Traceback" not in logs
+    if script == "test_ops":
+        assert "testing sending tensors across devices" in logs
+    else:
+        assert "**Test reinstantiated state**" in logs

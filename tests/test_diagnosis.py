@@ -458,6 +458,37 @@ def test_ranks_that_failed_on_their_own_are_not_called_collateral() -> None:
     ]
 
 
+def raise_on_every_rank() -> None:
+    msg = f"bad batch on rank {os.environ['RANK']}"
+    raise ValueError(msg)
+
+
+def test_ranks_that_raised_or_returned_are_never_placed_in_our_worker() -> None:
+    """Dumps taken as ranks raise show the worker's plumbing (runpy, its own frames): the
+    report says what the ranks did instead, whatever moment the dumps were taken."""
+    with torchrunx.Launcher(workers_per_host=2, backend=None) as launcher:
+        for _ in range(3):  # the moment of the dump varies from run to run
+            with pytest.raises(ValueError, match="bad batch") as info:
+                launcher.run(raise_on_every_rank)
+            notes = "\n".join(info.value.__notes__)
+            assert "runpy" not in notes, notes
+            assert "worker.py" not in notes, notes
+            culprit = next(r for r in (0, 1) if f"raised by rank {r} " in notes)
+            other = f"rank {1 - culprit}"
+            raised = f"  {other} (local rank {1 - culprit}) on localhost raised builtins.ValueError"
+            placed = re.search(rf"^  {other}: (.*)$", notes, re.MULTILINE)
+            assert (raised in notes) != bool(placed), notes  # it raised, or where it was
+
+    from torchrunx.outcome import Evidence
+
+    dump = 'Stack (most recent call first):\n  File "<frozen runpy>", line 88 in _run_code\n'
+    evidence = Evidence(stacks={0: dump, 1: dump, 2: dump})
+    assert evidence.report(raised=[0], returned=[1]).splitlines() == [
+        "rank 1: returned",
+        "rank 2: no Python frame",
+    ]
+
+
 def test_a_second_ctrl_c_keeps_the_report_and_raises_one_keyboard_interrupt(
     tmp_path: Path,
 ) -> None:

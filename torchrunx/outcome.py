@@ -27,7 +27,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import stack_report
 from .errors import (
@@ -41,6 +41,9 @@ from .errors import (
 from .result import LaunchResult
 from .transport import serialization
 from .transport.messages import Debug, Died, Raised, Unpicklable
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 @dataclass(frozen=True)
@@ -154,11 +157,19 @@ class Evidence:
         """Every rank's dump; :data:`SILENT` for those that did not answer."""
         return dict(sorted({**self.stacks, **dict.fromkeys(self.silent, SILENT)}.items()))
 
-    def report(self) -> str:
-        """Where the ranks were, grouped, odd ones out first; empty if none was running."""
-        if not self.stacks and not self.silent:
+    def report(self, raised: Iterable[int] = (), returned: Iterable[int] = ()) -> str:
+        """Where the ranks were, grouped, odd ones out first; empty if none was running.
+
+        A rank known to have ``raised`` is left out (its own traceback says where), one that
+        ``returned`` says so: a dump taken as either happened shows the worker's plumbing.
+        """
+        gone = set(raised)
+        stacks = {r: s for r, s in self.stacks.items() if r not in gone}
+        stacks.update((r, stack_report.RETURNED) for r in returned if r in stacks)
+        silent = self.silent - gone
+        if not stacks and not silent:
             return ""
-        return stack_report.report(self.stacks, self.silent, self.died)
+        return stack_report.report(stacks, silent, self.died)
 
     def logs_of(self, hostname: str, local_rank: int | None) -> str:
         """Where a worker's (or, with ``None``, an agent's) output is written, if anywhere."""
@@ -223,7 +234,8 @@ def failure_exception(
         add_note(exc, "collateral, after it in this run:\n  " + "\n  ".join(caused))
     if also:
         add_note(exc, "also in this run:\n  " + "\n  ".join(also))
-    report = evidence.report()
+    raised = [r for f in real if isinstance(f, WorkerRaised) for r in _ranks_of(f, [], [])]
+    report = evidence.report(raised, results)
     if report:
         where = report.replace("\n", "\n  ")
         add_note(exc, f"where the ranks were (full stacks: .stacks):\n  {where}")
@@ -266,7 +278,8 @@ def preempted_exception(
     real = [f for f in failures if not isinstance(f, (RunCancelled, RunPreempted))]
     if real:
         add_note(exc, "failures during the grace:\n  " + "\n  ".join(map(_summary, real)))
-    report = evidence.report()
+    raised = [r for f in real if isinstance(f, WorkerRaised) for r in _ranks_of(f, [], [])]
+    report = evidence.report(raised, results)
     if report:
         where = report.replace("\n", "\n  ")
         add_note(exc, f"where the ranks torn down were (full stacks: .stacks):\n  {where}")

@@ -14,7 +14,7 @@ the worker's line about its last collective (:data:`~torchrunx.stacks.COLLECTIVE
 
 from __future__ import annotations
 
-__all__ = ["Frame", "innermost", "main_thread", "report", "threads"]
+__all__ = ["RETURNED", "Frame", "innermost", "main_thread", "report", "threads"]
 
 import contextlib
 import os
@@ -27,6 +27,8 @@ from .stacks import COLLECTIVE, DEADLINE_S
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
+
+RETURNED = "returned"  # in place of a dump: the rank is known to have returned
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def innermost(dump: str) -> str:
 
     And the last collective it entered, where its dump says.
     """
-    if dump.startswith("("):  # a state, not a dump
+    if dump.startswith("(") or dump == RETURNED:  # a state, not a dump
         return dump
     collective = next(
         (line[len(COLLECTIVE) :] for line in dump.splitlines() if line.startswith(COLLECTIVE)),
@@ -103,7 +105,14 @@ def _place(dump: str) -> str:
     return f"{first.where()} <- {mine.where()}"
 
 
-_PLUMBING = ("/zmq/", "<frozen abc>", "/concurrent/futures/", "/selectors.py", "/threading.py")
+_PLUMBING = (
+    "/zmq/",
+    "<frozen abc>",
+    "<frozen runpy>",
+    "/concurrent/futures/",
+    "/selectors.py",
+    "/threading.py",
+)
 _DEBUGGER = ("/pdb.py", "/bdb.py", "/cmd.py")
 _RETURNED = {"_send_result", "_leave", "_report_imports"}  # the worker's, after the function
 _RAISED = {"_send_error", "_send_unpicklable"}
@@ -128,7 +137,7 @@ def _in_debugger(frames: list[Frame]) -> bool:
 def _state_of(functions: set[str]) -> str | None:
     """Where a rank without a frame of the user's is, from its worker's own frames."""
     if functions & _RETURNED:
-        return "returned"
+        return RETURNED
     if functions & _RAISED:
         return "raised"
     if functions & _STARTING:
