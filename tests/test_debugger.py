@@ -296,3 +296,48 @@ def test_a_rank_on_another_host(
     child.sendline("q")
     child.expect_exact("raised DebuggerQuitError: the run was quit from the debugger of rank 1")
     child.expect(pexpect.EOF)
+
+
+def test_the_prompt_has_history_and_completion_as_pdb_has(
+    script: Path, children: list[pexpect.spawn]
+) -> None:
+    child = spawn(script, "plain", "1")
+    children.append(child)
+    child.expect_exact(prompt(1))
+    assert command(child, "p value * 3").strip().endswith("30")
+    child.send("\x1b[A")  # Up: the line before, to run again
+    assert command(child, "").strip().endswith("30")
+    child.send("p val\t")  # Tab: a name of the rank's frame, completed by the rank
+    child.expect_exact("ue")
+    assert command(child, " + 1").strip().endswith("11")
+    child.send("whe\t")  # a pdb command's name
+    child.expect_exact("re")
+    assert "train()" in command(child, "")
+    child.send("p helper.__na\t")  # an attribute
+    child.expect_exact("me__")
+    assert command(child, "").strip().endswith("'helper'")
+    child.sendline("c")
+    child.expect_exact("results: [0, 10]")
+    child.expect(pexpect.EOF)
+
+
+def test_output_piped_and_stdin_a_terminal_still_stops(
+    script: Path, children: list[pexpect.spawn]
+) -> None:
+    """As plain pdb under ``| tee``: the prompt and the session go to the pipe."""
+    args = [str(script), "plain", "1", str(script.parent), "localhost", "2"]
+    line = " ".join([sys.executable, *args]) + " | cat"
+    child = pexpect.spawn(
+        "bash", ["-c", line], cwd=str(script.parent), timeout=60, encoding="utf-8",
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    children.append(child)
+    child.logfile_read = sys.stdout
+    child.expect_exact(prompt(1))
+    child.sendline("p value + 2")
+    child.expect_exact("12")
+    child.expect_exact(prompt(1))
+    assert "\x1b" not in str(child.before)  # no line editor on a pipe: nothing but text
+    child.sendline("c")
+    child.expect_exact("results: [0, 10]")
+    child.expect(pexpect.EOF)

@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = ["Console", "shared"]
 
 import contextlib
+import functools
 import os
 import select
 import sys
@@ -24,10 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from .line_editor import LineEditor
 from .transport.messages import Debug, DebugInput
 
 POLL_S = 0.1
 """How often a wait for a line looks whether its session is still there."""
+COMPLETE_S = 2.0
+"""How long Tab waits for the rank's completions (a rank busy elsewhere offers none)."""
 IDLE_S = 5.0
 """The console's thread ends after this long without a session (it starts again with the next)."""
 
@@ -48,6 +52,7 @@ class _Session:
     over: bool = False
     quit: str = ""  # how the run was quit from here, if it was
     announced: bool = False
+    completions: list[str] | None = None  # the rank's answer to the last Tab
 
 
 class Console:
@@ -61,6 +66,8 @@ class Console:
         self._thread: threading.Thread | None = None
         self._typed = b""  # read from stdin, not yet handed to a prompt
         self._front: _Session | None = None
+        self._editor: LineEditor | None = None  # made at the first prompt, on a real terminal
+        self._editor_checked = False
 
     def on_debug(
         self,
@@ -85,6 +92,10 @@ class Console:
                     finished, reply,
                 )  # fmt: skip
                 self._sessions.append(session)
+            if message.state == "completions":  # pdb still waits for its line
+                session.completions = message.text.split("\n") if message.text else []
+                self._changed.notify_all()
+                return
             if message.state == "quit":
                 session.quit = message.text
             else:
@@ -121,11 +132,16 @@ class Console:
                 # what it said and what it does now, taken together: nothing slips between
                 text, front.text = "".join(front.text), []
                 over, wants_line = front.over or front.finished.is_set(), front.waiting
+            editor = self._line_editor() if wants_line and not over else None
+            prompt = ""
+            if editor is not None:  # readline shows the prompt, and again as the line is edited
+                text, _, prompt = text.rpartition("\n")
+                text += "\n" if text else ""
             self._show(front, text, waiting)
             if over:
                 self._end(front)
             elif wants_line:
-                self._answer(front)
+                self._answer(front, editor, prompt)
             else:
                 with self._changed:
                     self._changed.wait(POLL_S)
@@ -152,15 +168,38 @@ class Console:
                 f"\n*** torchrunx: rank {session.rank}'s session ended: its run is over ***\n"
             )
 
-    def _answer(self, session: _Session) -> None:
+    def _line_editor(self) -> LineEditor | None:
+        """readline, on the process's own terminal only (not on streams given to the console)."""
+        if not self._editor_checked:
+            self._editor_checked = True
+            mine = self._stdin is None and self._stdout is None
+            self._editor = LineEditor.here() if mine else None
+        return self._editor
+
+    def _answer(self, session: _Session, editor: LineEditor | None, prompt: str) -> None:
         """Read a line for ``session`` and send it; give up if its run ends meanwhile."""
-        line = self._read_line(session)
+        if editor is None:
+            line = self._read_line(session)
+        else:
+            complete = functools.partial(self._complete, session)
+            line = editor.read(prompt, complete, session.finished.is_set, POLL_S)
         if session.finished.is_set():
             return
         with self._changed:
             session.waiting = False
         why = "" if line is not None else "end of input at the prompt"
         session.reply(DebugInput(session.run, session.local_rank, line, why))
+
+    def _complete(self, session: _Session, line: str, begin: int) -> list[str]:
+        """Tab at ``session``'s prompt: what its rank offers for the word at ``begin``."""
+        with self._changed:
+            session.completions = None
+        session.reply(DebugInput(session.run, session.local_rank, line, complete=begin))
+        with self._changed:
+            self._changed.wait_for(
+                lambda: session.completions is not None or session.finished.is_set(), COMPLETE_S
+            )
+            return session.completions or []
 
     def _read_line(self, session: _Session) -> str | None:
         """The next line typed; ``None`` at the end of input (Ctrl-D)."""

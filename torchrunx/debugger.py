@@ -59,6 +59,7 @@ class Channel(io.TextIOBase):
         self.why = ""  # why the session opens; sent with its first message, then cleared
         self.quit_reason = ""  # how the input ended, if it did
         self.open = False  # a session is open in the launcher: its terminal is this rank's
+        self.completer: Callable[[str, int], list[str]] = lambda _line, _begin: []
 
     def write(self, text: str) -> int:
         """Buffer pdb's output: it leaves with the next flush or prompt."""
@@ -74,6 +75,10 @@ class Channel(io.TextIOBase):
         """Ask the launcher for a line (the prompt is out); ``""`` (end of input) if it ended."""
         self.post("prompt")
         answer = self._receive()
+        while answer.complete is not None and answer.line is not None:  # Tab, not a line yet
+            words = self.completer(answer.line, answer.complete)
+            self._send(Debug(self.run, self.rank, self.local_rank, "\n".join(words), "completions"))
+            answer = self._receive()
         if answer.line is None:
             self.quit_reason = answer.why or "end of input at the prompt"
             return ""
@@ -109,6 +114,22 @@ class _RankPdb(pdb.Pdb):
         super().__init__(stdin=stream, stdout=stream, skip=_OUR_MODULES, nosigint=True)
         self.prompt = prompt
         self.channel = channel
+        channel.completer = self.completions
+
+    def completions(self, line: str, begin: int) -> list[str]:
+        """What Tab offers for the word at ``begin`` of ``line``, as pdb's own ``complete`` would.
+
+        The launcher's readline has the line; this rank has the frames the names come from.
+        """
+        text = line[begin:]
+        try:
+            if begin > len(line) - len(line.lstrip()):  # an argument: the command's completer
+                command, _, _ = self.parseline(line.lstrip())
+                complete = getattr(self, f"complete_{command}", None) if command else None
+                return list((complete or self.completedefault)(text, line, begin, len(line)))
+            return list(self.completenames(text, line, begin, len(line)))
+        except Exception:  # noqa: BLE001 -- a completer's bug must not end the session
+            return []
 
     def get_stack(
         self, f: FrameType | None, t: TracebackType | None

@@ -132,7 +132,7 @@ if TYPE_CHECKING:
 
     from .serialization import Buffer
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 """Launcher and agent must speak the same; it travels in ``boot`` and ``hello``."""
 HEARTBEAT_INTERVAL_S = 1.0
 """How often launcher and agent tell each other they are alive (each side's silence is bounded
@@ -146,7 +146,7 @@ AskFor = Literal["stacks", "status"]
 """What a :class:`Dump` asks of a run's live workers."""
 RankState = Literal["starting", "running", "returned", "failed", "cleared"]
 """Where a rank is in its run (``cleared``: the run has ended everywhere)."""
-DebugState = Literal["output", "prompt", "over", "quit", "skipped"]
+DebugState = Literal["output", "prompt", "over", "quit", "skipped", "completions"]
 """What a rank's debugger session does now (see :class:`Debug`)."""
 
 M = TypeVar("M", bound="Message")
@@ -625,7 +625,8 @@ class Debug(Message):
     ``output``: more will come; ``prompt``: pdb waits for a line (:class:`DebugInput`);
     ``over``: the rank goes on (``c``), the terminal is free; ``quit``: the run is to end
     (``text``: how); ``skipped``: a breakpoint was skipped (``text``: the warning, which the
-    agent sends on as its own).
+    agent sends on as its own); ``completions``: the answer to a :class:`DebugInput` that asked
+    for them (``text``: one per line), while pdb still waits for its line.
     ``why``: why the rank stopped (``breakpoint() at train.py:12``), in a session's first message.
     """
 
@@ -640,13 +641,18 @@ class Debug(Message):
 
 @dataclass(frozen=True)
 class DebugInput(Message):
-    """A line typed at a rank's prompt; ``None``: the input ended (EOF at the prompt)."""
+    """A line typed at a rank's prompt; ``None``: the input ended (EOF at the prompt).
+
+    With ``complete`` (where the word to complete begins in ``line``, the line up to the
+    cursor): not a line but Tab, answered by a ``completions`` :class:`Debug`.
+    """
 
     KIND = "debug-input"
     run: str
     local_rank: int
     line: str | None
     why: str = ""  # how the input ended: "Ctrl-C at the prompt"
+    complete: int | None = None
 
 
 # ---- a folder copied to a host (as JSON lines, not over ZeroMQ)
