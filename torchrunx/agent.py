@@ -417,9 +417,8 @@ def _worker_env(spec: RunSpec, env_file_vars: dict[str, str]) -> dict[str, str]:
         # worker passes device_id), overlapping what the function does before its first
         # collective
         env.setdefault("TORCH_NCCL_USE_COMM_NONBLOCKING", "1")
-        if "TORCH_NCCL_TRACE_BUFFER_SIZE" not in env:  # the older name of the same
-            # the flight recorder: which collective each rank is in, in the autopsy
-            env.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+        # the flight recorder's size is set by the worker (worker_stacks.record_collectives):
+        # which name a torch reads, only a process that imports it can tell
     if spec.backend == "gloo" and "GLOO_SOCKET_IFNAME" not in env:
         # gloo binds to what the hostname resolves to, which may be 127.0.0.1 on a cluster
         # node: use the interface of the address the other hosts reach this one at

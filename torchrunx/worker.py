@@ -242,6 +242,7 @@ class _Rank:
         import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
+        worker_stacks.record_collectives()
         extra: dict[str, Any] = {}
         if gpu is not None:
             gpu.join(self.spec.worker_timeout)
@@ -505,20 +506,17 @@ def _master_store(host: str, world_size: int, timeout: dt.timedelta) -> Any:
         listener.bind(("", 0))
         listener.listen(1024)
         port = listener.getsockname()[1]
-        return TCPStore(
-            host,
-            port,
-            world_size,
-            is_master=True,
-            timeout=timeout,
-            wait_for_workers=False,
-            master_listen_fd=listener.fileno(),
-        )
-    except TypeError:  # a torch without master_listen_fd: let it bind
-        listener.close()
-        return TCPStore(
-            host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False
-        )
+        options: dict[str, Any] = {
+            "timeout": timeout,
+            "wait_for_workers": False,
+            "master_listen_fd": listener.fileno(),
+        }
+        try:
+            return TCPStore(host, port, world_size, is_master=True, **options)
+        except NotImplementedError:
+            # torch 2.4 to 2.7: their default server (libuv) refuses a socket it did not bind,
+            # before it takes it; the older server takes it
+            return TCPStore(host, port, world_size, is_master=True, **options, use_libuv=False)
     finally:
         if listener.fileno() >= 0:
             listener.detach()  # the store owns it now

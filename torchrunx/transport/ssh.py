@@ -262,7 +262,9 @@ def _proxy(
         return None, None
     # one hop, named by its own config block (user@host:port forms are not parsed here)
     jump_host = str(jump).split(",")[0]
-    via = open_ssh(jump_host, ssh_config_file, timeout)
+    # one try: a dropped handshake of the jump host is retried by the caller's loop, with the
+    # target's, until the caller's deadline (not just the jump host's ConnectTimeout)
+    via = _open_once(jump_host, ssh_config_file, timeout)
     transport = via.client.get_transport()
     assert transport is not None  # noqa: S101 -- open_ssh() returns connected clients
     try:
