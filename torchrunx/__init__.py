@@ -7,11 +7,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .environment import DEFAULT_ENV_VARS_FOR_COPY
-    from .errors import AgentFailedError, DebuggerQuitError, PreemptedError, WorkerFailedError
+    from .errors import (
+        AgentFailedError,
+        DebuggerQuitError,
+        NotRunError,
+        PreemptedError,
+        WorkerFailedError,
+    )
     from .launcher import Launcher, LauncherView, launch
     from .preemption import preempted
     from .result import LaunchResult
     from .runs import RunHandle
+    from .sweep import Sweep
     from .transport.messages import RankStatus
 
 __version__ = "0.5.0"
@@ -23,9 +30,11 @@ __all__ = [
     "LaunchResult",
     "Launcher",
     "LauncherView",
+    "NotRunError",
     "PreemptedError",
     "RankStatus",
     "RunHandle",
+    "Sweep",
     "WorkerFailedError",
     "__version__",
     "launch",
@@ -38,6 +47,7 @@ _HOMES = {
     "DEFAULT_ENV_VARS_FOR_COPY": "environment",
     "AgentFailedError": "errors",
     "DebuggerQuitError": "errors",
+    "NotRunError": "errors",
     "PreemptedError": "errors",
     "WorkerFailedError": "errors",
     "Launcher": "launcher",
@@ -46,6 +56,7 @@ _HOMES = {
     "preempted": "preemption",
     "LaunchResult": "result",
     "RunHandle": "runs",
+    "Sweep": "sweep",
     "RankStatus": "transport.messages",
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AgentFailedError",
     "DebuggerQuitError",
+    "NotRunError",
     "PreemptedError",
     "RemoteTraceback",
     "TorchrunxError",
@@ -97,3 +98,15 @@ class PreemptedError(TorchrunxError):
         super().__init__(message)
         self.signals = signals
         self.partial_results = partial_results
+
+
+class NotRunError(TorchrunxError):
+    """An item of a sweep that never ran.
+
+    The sweep was closed, cancelled or preempted first, or no host was left to run it on
+    (``reason`` says which).
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

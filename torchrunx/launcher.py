@@ -16,13 +16,11 @@ from __future__ import annotations
 
 __all__ = ["Launcher", "launch"]
 
-import contextlib
 import functools
 import logging
 import os
 import signal
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast
@@ -35,18 +33,20 @@ from .hosts import in_slurm_job, resolve_hostnames, slurm_job_vars
 from .logs import HandlerFactory, default_handlers, log_folder
 from .pool import AgentPool, AgentsConfig
 from .preemption import UNFIT, signal_numbers
-from .runs import CANCEL_TIMEOUT_S, Run, RunOptions
+from .runs import CANCEL_TIMEOUT_S, Run, RunOptions, cancel_reporting, workers_per_host
 from .stacks import STACK_SIGNAL
+from .sweep import Sweep, SweepSlots
 from .transport.messages import HEARTBEAT_INTERVAL_S, DebugSettings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from typing import TypeAlias
 
     from typing_extensions import Self
 
     from .result import LaunchResult
     from .runs import RunHandle
+    from .transport.messages import Devices
 
     _MaybePool: TypeAlias = AgentPool | None
 else:
@@ -56,6 +56,7 @@ else:
 
 FunctionP = ParamSpec("FunctionP")
 FunctionR = TypeVar("FunctionR")
+ItemT = TypeVar("ItemT")
 
 logger = logging.getLogger("torchrunx")
 
@@ -301,12 +302,51 @@ class Launcher:
         _check_hostnames(chosen, workers)
         return LauncherView(self, chosen, workers)
 
-    def _submit(
+    def sweep(
+        self,
+        func: Callable[[ItemT], FunctionR],
+        items: Iterable[ItemT],
+        workers: int = 1,
+        *,
+        progress: bool | None = None,
+    ) -> Sweep[ItemT, FunctionR]:
+        """Run ``func(item)`` for every item, each as a run of ``workers`` ranks, side by side.
+
+        As many runs go at once as the hosts' slots allow (``workers_per_host`` each; a run
+        takes ``workers`` slots of one host), the rest wait in a queue. Each run sees only its
+        own GPUs (``CUDA_VISIBLE_DEVICES``) or, on hosts without, its own cores. Returns at once:
+        iterate the :class:`~torchrunx.Sweep` for ``(item, outcome)`` as runs end, or call its
+        ``outcomes()`` for the items' order; an outcome is the run's ``LaunchResult`` or the
+        exception ``run()`` would raise. ``progress``: a bar (or a line per item without a
+        terminal); ``None``: on.
+        """
+        chosen = list(items)
+        if not chosen:
+            msg = "sweep(items=[]): give one item or more"
+            raise ValueError(msg)
+        pickled_call(func, (chosen[0],), {})  # a wrong signature fails here, before any start
+        pool = self._ensure_agents()
+        hostnames = list(pool.roster.in_use)
+        _, agents = pool.agents_of(hostnames)
+        capacity = dict(
+            zip(hostnames, workers_per_host(self.workers_per_host, agents), strict=True)
+        )
+        _check_sweep_workers(workers, capacity)
+
+        def start(item: ItemT, host: str, devices: Devices, label: str) -> RunHandle[Any]:
+            return self._submit(func, (item,), {}, ([host], workers), devices, label)
+
+        slots = SweepSlots(capacity, start, lambda: pool.controller.preemption is not None)
+        return Sweep(chosen, workers, slots, progress=progress)
+
+    def _submit(  # noqa: PLR0913, PLR0917 -- a view's and a sweep's runs too
         self,
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         view: tuple[list[str], int | list[int] | str] | None,
+        devices: Devices | None = None,
+        label: str = "",
     ) -> RunHandle[Any]:
         payload = pickled_call(func, args, kwargs)  # a wrong call fails here, before any start
         pool = self._ensure_agents()
@@ -323,7 +363,7 @@ class Launcher:
             # not a bound method: the run must not keep this launcher alive (its finalizer
             # stops the agents when the user drops it)
             handlers=functools.partial(
-                _handlers, self.handler_factory, self.live_ranks, self.log_dir
+                _handlers, self.handler_factory, self.live_ranks, self.log_dir, label=label
             ),
             debug=DebugSettings(
                 terminal=_has_terminal(),
@@ -332,6 +372,7 @@ class Launcher:
             ),
             max_restarts=self.max_restarts,
             restart_on=tuple(self.restart_on),
+            devices=devices,
         )
         return Run.submit(pool, payload, options)
 
@@ -370,19 +411,21 @@ class LauncherView:
         return self.launcher._submit(func, args, kwargs, view)  # noqa: SLF001 -- its own view
 
 
-def _handlers(
+def _handlers(  # noqa: PLR0913 -- the launcher's three fields, the run's two, a label
     factory: HandlerFactory | Literal["auto"] | None,
     live_ranks: int | list[int] | Literal["all"],
     log_dir: str | Path | None,
     hostnames: list[str],
     workers: list[int],
+    *,
+    label: str = "",
 ) -> list[logging.Handler]:
     """A run's log handlers: the user's factory, the defaults, or none."""
     if factory is None:
         return []
     if factory == "auto":
         live = None if live_ranks == "all" else _ranks(live_ranks)
-        return default_handlers(hostnames, workers, log_dir, live)
+        return default_handlers(hostnames, workers, log_dir, live, label)
     handlers = factory()
     if not isinstance(handlers, list) or not all(isinstance(h, logging.Handler) for h in handlers):
         msg = f"handler_factory() must return a list of logging.Handler, got {handlers!r}"
@@ -395,45 +438,16 @@ def _wait(handle: RunHandle[FunctionR]) -> LaunchResult[FunctionR]:
         return handle.result()
     except KeyboardInterrupt:
         if handle.done() or not console.shared().quit_at_prompt(handle.run_id):
-            _cancel(handle)
+            cancel_reporting(handle)
             raise
     except BaseException:
-        _cancel(handle)
+        cancel_reporting(handle)
         raise
     # Ctrl-C at a debugger prompt of this run: it ends as a "q" there does
     try:
         return handle.result(timeout=CANCEL_TIMEOUT_S)
     finally:
-        _cancel(handle)
-
-
-def _cancel(handle: RunHandle[Any]) -> None:
-    """Interrupted while waiting (Ctrl-C): the run goes too, saying where its ranks were.
-
-    A second Ctrl-C meanwhile changes nothing: the teardown is bounded, and its report is what
-    the first one asked for (the one KeyboardInterrupt raised after it says the rest).
-    """
-    if handle.done():
-        return
-    with _ctrl_c_held():
-        handle.cancel()
-        report = handle.autopsy()
-        if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
-            where = report.replace("\n", "\n  ")
-            print(f"torchrunx: run cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
-
-
-@contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[None]:
-    """SIGINT ignored for the block (from the main thread; elsewhere Python sends none)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
+        cancel_reporting(handle)
 
 
 def launch(  # noqa: PLR0913 -- the public signature of earlier releases
@@ -709,5 +723,15 @@ def _check_hostnames(hostnames: list[str], workers_per_host: object) -> None:
         msg = (
             f"workers_per_host={list(workers_per_host)!r} has {len(workers_per_host)} "
             f"entries for {len(hostnames)} hosts {hostnames!r}"
+        )
+        raise ValueError(msg)
+
+
+def _check_sweep_workers(workers: object, capacity: dict[str, int]) -> None:
+    most = max(capacity.values())
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= most:
+        msg = (
+            f"sweep(workers={workers!r}): a run of a sweep takes slots of one host, and the "
+            f"hosts have {capacity} (workers_per_host): give a whole number from 1 to {most}"
         )
         raise ValueError(msg)

@@ -75,9 +75,10 @@ class LiveHandler(logging.Handler):
 
     takes_redraws = True
 
-    def __init__(self, ranks: Iterable[int] | None = (0,)) -> None:
+    def __init__(self, ranks: Iterable[int] | None = (0,), label: str = "") -> None:
         super().__init__()
         self.ranks = None if ranks is None else frozenset(ranks)
+        self.label = label + " " if label else ""  # which run of a sweep, before the place
         self.bars: dict[str, str] = {}  # where -> its unfinished line, drawn at the bottom
         self.bar_stream: TextIO | None = None  # the terminal they are drawn on
 
@@ -116,7 +117,7 @@ class LiveHandler(logging.Handler):
                 return None
         elif self.ranks is not None and rank not in self.ranks:
             return None
-        where = hostname + ("" if local_rank is None else f":{local_rank}")
+        where = self.label + hostname + ("" if local_rank is None else f":{local_rank}")
         return (sys.stderr if stream == "stderr" else sys.stdout), where
 
     def _finished(self, stream: TextIO, where: str, text: str) -> None:
@@ -311,12 +312,14 @@ def default_handlers(
     workers_per_host: list[int],
     log_dir: str | os.PathLike[str] | None = None,
     live_ranks: Iterable[int] | None = (0,),
+    label: str = "",
 ) -> list[logging.Handler]:
     """``live_ranks``' output and the agents' warnings live; files unless ``log_dir`` is ``""``.
 
-    ``log_dir=None``: ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``.
+    ``log_dir=None``: ``$TORCHRUNX_LOG_DIR``, else ``./torchrunx_logs``. ``label`` comes first
+    in the live prefix (``[lr=0.1 node1:0]``: a sweep's item).
     """
-    handlers: list[logging.Handler] = [LiveHandler(live_ranks)]
+    handlers: list[logging.Handler] = [LiveHandler(live_ranks, label)]
     log_dir = log_folder(log_dir)
     if str(log_dir) != "":
         handlers += file_handlers(hostnames, workers_per_host, log_dir, log_level_from_env())

@@ -24,6 +24,8 @@ import contextlib
 import dataclasses
 import itertools
 import secrets
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -37,10 +39,11 @@ from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import add_note, resolve
 from .result import LaunchResult
 from .run_state import RunState
-from .transport.messages import DebugInput, DebugSettings, RunSpec, WorkerSlot
+from .transport.messages import DebugInput, DebugSettings, Devices, RunSpec, WorkerSlot
 
 if TYPE_CHECKING:
     import logging
+    from collections.abc import Iterator
 
     from .links import AgentHandle
     from .logs import Chunk
@@ -70,6 +73,7 @@ class RunOptions:
     debug: DebugSettings
     max_restarts: int = 0  # attempts after the first, on fresh workers
     restart_on: tuple[type[BaseException], ...] = ()  # the failures that start one
+    devices: Devices | None = None  # a sweep's run: its share of its (one) host
 
 
 class Run:
@@ -102,7 +106,7 @@ class Run:
     def start(self) -> None:
         """Send the run to its hosts' agents (started already): they fork fresh workers."""
         indexes, agents = self.pool.agents_of(self.hostnames)
-        workers = _workers_per_host(self.options.workers_per_host, agents)
+        workers = workers_per_host(self.options.workers_per_host, agents)
         _check_debug_ranks(self.options.debug, sum(workers))
         self._handlers = self.options.handlers(self.hostnames, workers)
         self._submitted = time.time()
@@ -149,6 +153,7 @@ class Run:
                 preempt_signals=pool.config.preempt_signals,
                 attempt=self.attempt,
                 max_restarts=options.max_restarts,
+                devices=options.devices,
             )
             for g, (i, n) in enumerate(zip(indexes, state.workers_per_host, strict=True))
         ]
@@ -393,7 +398,7 @@ def _check_debug_ranks(debug: DebugSettings, world_size: int) -> None:
         raise ValueError(msg)
 
 
-def _workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:
+def workers_per_host(spec: int | list[int] | str, agents: list[AgentHandle]) -> list[int]:
     if isinstance(spec, int):
         return [spec] * len(agents)
     if isinstance(spec, (list, tuple)):
@@ -415,3 +420,33 @@ def _backend(backend: str | None, agents: list[AgentHandle]) -> str | None:
     if backend != "auto":
         return backend
     return "nccl" if all(a.facts is not None and a.facts.gpus for a in agents) else "gloo"
+
+
+def cancel_reporting(handle: RunHandle[Any]) -> None:
+    """Interrupted while waiting (Ctrl-C): the run goes too, saying where its ranks were.
+
+    A second Ctrl-C meanwhile changes nothing: the teardown is bounded, and its report is what
+    the first one asked for (the one KeyboardInterrupt raised after it says the rest).
+    """
+    if handle.done():
+        return
+    with ctrl_c_held():
+        handle.cancel()
+        report = handle.autopsy()
+        if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
+            where = report.replace("\n", "\n  ")
+            line = f"torchrunx: run cancelled; its ranks were at:\n  {where}"
+            print(line, file=sys.stderr)  # noqa: T201
+
+
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """SIGINT ignored for the block (from the main thread; elsewhere Python sends none)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

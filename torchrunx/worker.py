@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import zmq
 
-from . import debugger, preemption, sources, worker_stacks
+from . import debugger, placement, preemption, sources, worker_stacks
 from .hosts import count_gpus
 from .logs import record_line
 from .reaper import set_parent_death_signal
@@ -168,6 +168,7 @@ class _Rank:
 
     def _set_up(self) -> None:
         enter(self.env, self.spec.cwd, self.spec.sys_path)
+        placement.apply(self.spec.devices, self.spec.local_world_size)  # before CUDA starts
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(AttributeError, ValueError):
                 stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]

@@ -67,6 +67,7 @@ __all__ = [
     "DebugInput",
     "DebugSettings",
     "DebugState",
+    "Devices",
     "Died",
     "DirectResult",
     "Dump",
@@ -268,6 +269,18 @@ class DebugSettings:
 
 
 @dataclass(frozen=True)
+class Devices:
+    """A run's share of its host, in a sweep: slots ``slots`` of the host's ``of``.
+
+    A slot is a GPU on a host that has them, else a group of its cores (see
+    :mod:`torchrunx.placement`).
+    """
+
+    slots: tuple[int, ...]
+    of: int
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """Everything one host's agent and workers need to run their part of a run."""
 
@@ -294,6 +307,7 @@ class RunSpec:
     preempt_signals: tuple[str, ...] = ()  # a worker that gets one takes note, and lives on
     attempt: int = 0  # restarts of the run before this one (not in env: see setup_key)
     max_restarts: int = 0
+    devices: Devices | None = None  # a sweep's run: its own GPUs or cores; None: the host's
 
 
 @dataclass(frozen=True)
