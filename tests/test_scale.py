@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import socket
 import threading
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import torchrunx
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from testbed.cluster import Cluster
@@ -51,25 +52,29 @@ def test_handshakes_a_busy_sshd_drops_are_retried(
     assert not busy.wait_no_processes(timeout=10)
 
 
-def hold_the_startup(cluster: Cluster, i: int) -> socket.socket:
-    """A connection that never logs in: with MaxStartups 1, node i's sshd drops every other."""
+@contextlib.contextmanager
+def startup_held(
+    cluster: Cluster, i: int, seconds: float, until: Callable[[], bool] | None = None
+) -> Iterator[None]:
+    """Node i's sshd (MaxStartups 1) drops every handshake for ``seconds``, or until ``until()``:
+    a connection that never logs in holds its one startup."""
     held = socket.create_connection((cluster.ips[i], cluster.port), timeout=5)
-    assert held.recv(64).startswith(b"SSH-")  # sshd took it: it counts as a startup from now on
-    return held
+    assert held.recv(64).startswith(b"SSH-")  # sshd took it: a startup from now on
+    done = threading.Event()
 
-
-def release_when(held: socket.socket, ready: Callable[[], bool], limit: float) -> threading.Thread:
-    """Close ``held`` once ``ready()`` (or after ``limit`` s), in the background."""
-
-    def wait() -> None:
-        deadline = time.monotonic() + limit
-        while not ready() and time.monotonic() < deadline:
-            time.sleep(0.05)
+    def release() -> None:
+        deadline = time.monotonic() + seconds
+        while not done.wait(0.05) and time.monotonic() < deadline and not (until and until()):
+            pass
         held.close()
 
-    thread = threading.Thread(target=wait, daemon=True)
+    thread = threading.Thread(target=release, daemon=True)
     thread.start()
-    return thread
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_handshakes_a_busy_bastion_drops_are_retried(
@@ -77,25 +82,25 @@ def test_handshakes_a_busy_bastion_drops_are_retried(
 ) -> None:
     busy = cluster_factory(2, max_startups="1")
     names, config = aliases_of(busy, "node2", 4, tmp_path, jump="node1")
-    logs = [busy.state_dir / "nodes" / host / "sshd.log" for host in busy.hostnames]
-    # the bastion drops every handshake for longer than its ConnectTimeout (5 s); then node2
-    # drops those that come through the bastion until it has dropped one
-    releases = [
-        release_when(hold_the_startup(busy, 0), lambda: False, limit=6.0),
-        release_when(
-            hold_the_startup(busy, 1), lambda: "past MaxStartups" in logs[1].read_text(), 30.0
-        ),
-    ]
+    bastion_log, node2_log = (busy.state_dir / "nodes" / h / "sshd.log" for h in busy.hostnames)
+
+    def node2_dropped_one() -> bool:
+        return "past MaxStartups" in node2_log.read_text()
+
     launcher = torchrunx.Launcher(
         hostnames=names, workers_per_host=1, backend=None, ssh_config_file=config, agent_timeout=60
     )
-    with launcher:
+    # the bastion drops every handshake for longer than its ConnectTimeout (5 s); node2 drops
+    # those that come through the bastion until it has dropped one
+    with (
+        startup_held(busy, 0, seconds=6.0),
+        startup_held(busy, 1, seconds=30.0, until=node2_dropped_one),
+        launcher,
+    ):
         result = launcher.run(socket.gethostname)
-    for thread in releases:
-        thread.join()
     assert result.results == {name: ["node2"] for name in names}
-    assert "past MaxStartups" in logs[0].read_text(), "the bastion dropped no handshake"
-    drop = next(line for line in logs[1].read_text().splitlines() if "past MaxStartups" in line)
+    assert "past MaxStartups" in bastion_log.read_text(), "the bastion dropped no handshake"
+    drop = next(line for line in node2_log.read_text().splitlines() if "past MaxStartups" in line)
     assert f"from [{busy.ips[0]}]" in drop, "node2 dropped no handshake that came through node1"
     assert not busy.wait_no_processes(timeout=10)
 

@@ -111,7 +111,8 @@ def open_ssh(
 
     A handshake that the server drops before it starts (what sshd does past its ``MaxStartups``,
     when many launchers or many hosts behind one bastion connect at once) is tried again, with
-    back-off, until ``timeout``; any other failure is final at once.
+    back-off, until ``timeout``: the host's own, or its ProxyJump host's; any other failure is
+    final at once.
     """
     deadline = time.monotonic() + timeout
     pause = _FIRST_RETRY_S
@@ -210,7 +211,8 @@ def _dropped(error: BaseException) -> bool:
     """Whether the server hung up before or during its handshake (busy), not refused us.
 
     paramiko raises its own exception with what happened as its context: a reset or an end of
-    stream is a hang-up; a timeout is not (the host is slow or gone: retrying would only wait).
+    stream is a hang-up (through a ProxyJump channel, a drop reads as an end of stream); a
+    timeout is not (the host is slow or gone: retrying would only wait).
     """
     hang_ups = (ConnectionResetError, EOFError, BrokenPipeError)
     seen: BaseException | None = error
@@ -262,11 +264,11 @@ def _proxy(
         return None, None
     # one hop, named by its own config block (user@host:port forms are not parsed here)
     jump_host = str(jump).split(",")[0]
-    # one try: a dropped handshake of the jump host is retried by the caller's loop, with the
-    # target's, until the caller's deadline (not just the jump host's ConnectTimeout)
+    # one try, its drop raised as a drop: open_ssh's loop retries it until its own deadline, as
+    # it does the host's (a loop of the jump's own gave up for good at the jump's ConnectTimeout)
     via = _open_once(jump_host, ssh_config_file, timeout)
     transport = via.client.get_transport()
-    assert transport is not None  # noqa: S101 -- open_ssh() returns connected clients
+    assert transport is not None  # noqa: S101 -- _open_once() returns a connected client
     try:
         channel = transport.open_channel(
             "direct-tcpip",
