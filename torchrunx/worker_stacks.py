@@ -151,7 +151,7 @@ def _by_counters(status: dict[str, dict[str, int]], groups: bool) -> str:
     if seqs and max(seqs) > 0:
         return f"last collective #{max(seqs)}"
     if not groups:
-        return "last collective unknown (the flight recorder does not see this process group)"
+        return "last collective unknown (the flight recorder keeps no record of this process group)"
     return "no collective yet"
 
 
