@@ -109,9 +109,9 @@ class Sweep(Generic[Item, R]):
             raise StopIteration
         try:
             index = self._next_ended()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             self.cancel()
-            raise
+            raise e.with_traceback(None) from None  # the user's loop, not how we waited
         self._taken += 1
         return self._items[index], self._outcomes[index]
 
@@ -244,7 +244,7 @@ class _Progress:
 
     def __init__(self, total: int, show: bool | None) -> None:
         self.total = total
-        self.done = self.failed = 0
+        self.done = self.failed = self.not_run = 0
         self.show = total > 0 and (show is None or show)
         self.bar: Any = None
         if self.show and sys.stderr.isatty():
@@ -256,10 +256,13 @@ class _Progress:
     def ended(self, outcome: object, flying: int, name: str) -> None:
         with self._lock:
             self.done += 1
-            self.failed += isinstance(outcome, BaseException)
+            stopped = isinstance(outcome, (NotRunError, concurrent.futures.CancelledError))
+            self.not_run += stopped
+            self.failed += isinstance(outcome, BaseException) and not stopped
             if not self.show:
                 return
             summary = f"{self.failed} failed, {flying} running"
+            summary += f", {self.not_run} not run" if self.not_run else ""
             if self.bar is not None:
                 self.bar.set_postfix_str(summary, refresh=False)
                 self.bar.update(1)
