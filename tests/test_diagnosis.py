@@ -3,6 +3,7 @@ file, partial results, the log files; on one host, on the test hosts, and under 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -221,6 +222,34 @@ def test_a_rank_that_cannot_answer_is_named_and_torn_down() -> None:
         assert "rank 0: barrier (" in report
         assert elapsed < 10
         assert lau.run(lambda: 1).by_rank() == [1, 1]  # the stopped rank is gone
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def raise_while_the_others_hold_the_gil() -> None:
+    """Rank 2 raises; the others block in C with the GIL held (they never read the agent's
+    question), as a rank in a long kernel or a C extension's loop does."""
+    if os.environ["RANK"] != "2":
+        libc = ctypes.PyDLL(None)  # a PyDLL call keeps the GIL
+        mutex = ctypes.create_string_buffer(64)  # zeroed: an unlocked glibc mutex
+        libc.pthread_mutex_lock(mutex)
+        until = time.time() + 30
+        libc.pthread_mutex_timedlock(mutex, ctypes.byref(_Timespec(int(until), 0)))
+    time.sleep(0.5)
+    raise ValueError("rank 2 fails while the others hold the GIL")
+
+
+def test_ranks_holding_the_gil_do_not_take_their_agents_down(cluster: Cluster) -> None:
+    """Killed with our question unread, a worker's channel reads as reset: the agents live on."""
+    hosts = cluster.hostnames[:2]
+    config = cluster.ssh_config
+    with torchrunx.Launcher(hostnames=hosts, workers_per_host=2, ssh_config_file=config) as lau:
+        with pytest.raises(ValueError, match="hold the GIL") as info:
+            lau.run(raise_while_the_others_hold_the_gil)
+        assert "ranks 0-1, 3: raise_while_the_others_hold_the_gil (" in info.value.__notes__[-1]
+        assert len(lau.run(os.getpid).by_rank()) == 4  # the same agents, still up
 
 
 CTRL_C_SCRIPT = """

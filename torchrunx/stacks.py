@@ -151,6 +151,8 @@ def _read_all(fd: int) -> bytes:
             chunk = os.read(fd, 1 << 16)
         except BlockingIOError:
             break
+        except OSError:  # reset: a worker killed before it read our question; it is gone
+            break
         if not chunk:
             break
         chunks.append(chunk)
