@@ -217,15 +217,16 @@ def failure_exception(
 ) -> BaseException:
     """The exception of the failure that ended the run, with everything else it can tell.
 
-    A quit from the debugger, a worker's death or an agent's failure comes first: the errors it
-    causes in the other ranks ("connection closed by peer") are consequences, not causes;
-    otherwise the first failure to arrive. The others are listed as collateral, one line each.
+    The first failure to arrive that is not a consequence of another: the errors a quit from
+    the debugger, a worker's death or an agent's failure causes in the other ranks ("connection
+    closed by peer") come after it, whenever they arrive. The others are listed, one line each.
     ``__notes__`` hold where the ranks still running were; ``stacks``, ``partial_results`` and
     ``failures`` the details.
     """
     real = [f for f in failures if not isinstance(f, (RunCancelled, RunPreempted))] or failures
-    causes = (QuitInDebugger, WorkerDied, AgentLost)
-    primary = next((f for f in real if isinstance(f, causes)), real[0])
+    # the first that is no consequence of another: a host lost after a rank raised (the autopsy
+    # could not reach it) leaves the rank's error first
+    primary = next((f for f in real if not _caused_by_another(f)), real[0])
     exc = _exception(primary, hostnames, evidence)
     others = [f for f in real if f is not primary]
     caused = [_summary(f) for f in others if _caused_by_another(f)]
