@@ -487,6 +487,20 @@ def test_ranks_that_failed_on_their_own_are_not_called_collateral() -> None:
     ]
 
 
+def test_a_host_lost_after_a_rank_raised_leaves_the_rank_s_error_first() -> None:
+    from torchrunx.outcome import AgentLost, Evidence, WorkerRaised, failure_exception
+    from torchrunx.transport.messages import Raised
+
+    raised = Raised("r", 2, 0, "builtins.ValueError", "bad batch", "tb", unpicklable="x")
+    lost = AgentLost("b", "the agent on b sent nothing for 10 s")
+    failures = [WorkerRaised("a", raised, []), lost]
+    exc = failure_exception(failures, {}, ["a", "b"], [2, 2], Evidence())  # type: ignore[arg-type]
+    assert "bad batch" in str(exc)
+    assert "the agent on b sent nothing for 10 s" in exc.__notes__[-1]
+    lost_first = failure_exception(failures[::-1], {}, ["a", "b"], [2, 2], Evidence())  # type: ignore[arg-type]
+    assert isinstance(lost_first, torchrunx.AgentFailedError)
+
+
 def raise_on_every_rank() -> None:
     msg = f"bad batch on rank {os.environ['RANK']}"
     raise ValueError(msg)

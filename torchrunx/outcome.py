@@ -383,8 +383,8 @@ def _summary(failure: Failure) -> str:
         d = failure.death
         how = f"signal {d.signal}" if d.signal is not None else f"exit code {d.exitcode}"
         return f"{_where(failure)} died ({how})"
-    if isinstance(failure, AgentLost):
-        return f"the agent on {failure.hostname} failed"
+    if isinstance(failure, AgentLost):  # its reason names it ("the agent on b sent nothing")
+        return (failure.reason.splitlines() or [f"the agent on {failure.hostname} failed"])[0]
     if isinstance(failure, QuitInDebugger):
         return f"quit from the debugger of {_where(failure)}"
     if isinstance(failure, RunPreempted):
