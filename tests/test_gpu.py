@@ -9,6 +9,7 @@ Each test prints what it observed (shown with ``-rA``); benchmarks/gpu/RESULTS.m
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -447,6 +448,50 @@ def test_two_workers_share_one_gpu_with_gloo(log_root: Path) -> None:
     assert [v["local_rank"] for v in values] == [0, 1]
     assert [v["device"] for v in values] == [r % _gpu_count() for r in (0, 1)]
     assert all(v["sum"] == 3.0 for v in values)
+
+
+def sweep_item_on_its_gpu(item: int, gib: float = 4.0) -> dict[str, Any]:
+    """A sweep's run: what it sees of the GPUs, and memory it holds until it returns."""
+    entered = time.time()
+    block = torch.empty(int(gib * GIB), dtype=torch.uint8, device="cuda")
+    block.fill_(item % 256)
+    torch.cuda.synchronize()
+    time.sleep(0.3)
+    return {
+        "item": item,
+        "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "device_count": torch.cuda.device_count(),
+        "local_rank": os.environ["LOCAL_RANK"],
+        "uuid": str(torch.cuda.get_device_properties(0).uuid),
+        "pid": os.getpid(),
+        "entered": entered,
+        "left": time.time(),
+        "ok": bool(block[-1].item() == item % 256),
+    }
+
+
+def test_a_sweep_runs_one_item_per_gpu_and_frees_it_between_runs(log_root: Path) -> None:
+    gpus = _gpu_count()
+    items = list(range(2 * gpus + 1))  # more than the slots: a queue
+    with torchrunx.Launcher(workers_per_host="gpu", log_dir=str(log_root)) as launcher:
+        sweep = launcher.sweep(sweep_item_on_its_gpu, items, progress=False)
+        outcomes = sweep.outcomes()
+        left, waited = wait_gpu_released()
+    values = [o.rank(0) for _, o in outcomes]  # type: ignore[union-attr]
+    print(f"[sweep on {gpus} GPU(s)] {[(v['item'], v['visible']) for v in values]}")
+    print(f"[sweep] most in flight {sweep.most_in_flight}; holders after: {left} ({waited:.2f} s)")
+    assert [v["item"] for v in values] == items
+    assert all(v["ok"] and v["device_count"] == 1 and v["local_rank"] == "0" for v in values)
+    assert {v["visible"] for v in values} == {str(g) for g in range(gpus)}
+    assert sweep.most_in_flight == gpus
+    by_gpu: dict[str, list[dict[str, Any]]] = {}
+    for v in values:
+        by_gpu.setdefault(v["visible"], []).append(v)
+    for runs in by_gpu.values():  # one run at a time on a GPU, each in a fresh process
+        runs.sort(key=lambda v: v["entered"])
+        assert all(a["left"] <= b["entered"] for a, b in itertools.pairwise(runs))
+        assert len({v["pid"] for v in runs}) == len(runs)
+    assert not left, f"GPU memory still held after the sweep: {left}"
 
 
 def test_no_process_reinitialised_cuda_in_a_fork(log_root: Path) -> None:
