@@ -317,3 +317,16 @@ def test_without_a_terminal_a_line_per_item(tmp_path: Path) -> None:
     assert len(lines) == 3, err
     assert lines[-1].startswith("torchrunx sweep: 3/3 done (1 failed, 0 running)")
     assert any("#2 'x' on localhost" in line and "TypeError" in line for line in lines)
+
+
+def test_closing_the_launcher_ends_its_sweeps() -> None:
+    launcher = torchrunx.Launcher(workers_per_host=1, backend=None, log_dir="")
+    sweep = launcher.sweep(sleep_then_return, [5.0, 0.1, 0.1], progress=False)
+    deadline = time.monotonic() + 30
+    while not sweep.status() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    launcher.close()
+    outcomes = [o for _, o in sweep.outcomes()]
+    assert isinstance(outcomes[0], BaseException)  # torn down with the agents
+    assert [type(o) for o in outcomes[1:]] == [torchrunx.NotRunError] * 2
+    assert launcher._pool is None  # no run of the sweep started the agents again

@@ -212,6 +212,8 @@ class Launcher:
     def close(self) -> None:
         """Stop the agents and every process they run. Idempotent."""
         pool, self._pool = self._pool, None
+        for sweep in list(pool.sweeps if pool is not None else ()):  # none may start a run again
+            sweep.close("closed with the launcher")
         if pool is not None:
             pool.close()
 
@@ -337,7 +339,9 @@ class Launcher:
             return self._submit(func, (item,), {}, ([host], workers), devices, label)
 
         slots = SweepSlots(capacity, start, lambda: pool.controller.preemption is not None)
-        return Sweep(chosen, workers, slots, progress=progress)
+        sweep: Sweep[ItemT, FunctionR] = Sweep(chosen, workers, slots, progress=progress)
+        pool.sweeps.add(sweep)
+        return sweep
 
     def _submit(  # noqa: PLR0913, PLR0917 -- a view's and a sweep's runs too
         self,

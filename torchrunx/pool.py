@@ -30,7 +30,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from . import reaper
 from .controller import Bounds, Controller
@@ -105,6 +105,7 @@ class AgentPool:
         self.addresses = ["127.0.0.1"] * len(self.hostnames)  # remote: the peers of SSH sessions
         self.local_address: str | None = None  # ours, as remote hosts see it
         self.runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight (see close)
+        self.sweeps: weakref.WeakSet[Any] = weakref.WeakSet()  # the Sweeps on these agents
         self.roster = Roster(self.hostnames, config.spares)  # who gets ranks; under the lock
         self._reviving: set[int] = set()  # lost hosts whose agent is being tried again
         self.lock = threading.Lock()
