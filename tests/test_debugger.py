@@ -93,11 +93,15 @@ def spawn(
     hosts: str = "localhost",
     workers: int = 2,
     env: dict[str, str] | None = None,
+    piped: bool = False,
 ) -> pexpect.spawn:
-    args = [str(script), mode, stops, str(script.parent), hosts, str(workers)]
+    """The script in a terminal; ``piped``: its stdout through ``| cat`` (stdin the terminal)."""
+    args = [sys.executable, str(script), mode, stops, str(script.parent), hosts, str(workers)]
+    if piped:
+        args = ["bash", "-c", " ".join(args) + " | cat"]
     child = pexpect.spawn(
-        sys.executable,
-        args,
+        args[0],
+        args[1:],
         cwd=str(script.parent),
         timeout=60,
         encoding="utf-8",
@@ -325,14 +329,8 @@ def test_output_piped_and_stdin_a_terminal_still_stops(
     script: Path, children: list[pexpect.spawn]
 ) -> None:
     """As plain pdb under ``| tee``: the prompt and the session go to the pipe."""
-    args = [str(script), "plain", "1", str(script.parent), "localhost", "2"]
-    line = " ".join([sys.executable, *args]) + " | cat"
-    child = pexpect.spawn(
-        "bash", ["-c", line], cwd=str(script.parent), timeout=60, encoding="utf-8",
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    child = spawn(script, "plain", "1", piped=True)
     children.append(child)
-    child.logfile_read = sys.stdout
     child.expect_exact(prompt(1))
     child.sendline("p value + 2")
     child.expect_exact("12")
