@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib
 import json
 import os
@@ -51,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.processes import driving, leftovers
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -167,47 +168,6 @@ def measure_ours(folder: Path, later: int, report: dict[str, Any]) -> None:
 # --- the driver ---------------------------------------------------------------------------------
 
 
-def set_child_subreaper() -> None:
-    """Orphans of what this process starts (agents, workers) become its children: found, reaped."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def leftovers() -> list[str]:
-    """This process's descendants still running after a grace: reported, killed by pid, reaped."""
-    import psutil  # noqa: PLC0415 -- the driver's only
-
-    def alive() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-        return found
-
-    deadline = time.monotonic() + LEFTOVER_GRACE_S
-    left = alive()
-    while left and time.monotonic() < deadline:
-        reap()
-        time.sleep(0.05)
-        left = alive()
-    names = []
-    for proc in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            names.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
-            proc.kill()
-    time.sleep(0.1)
-    reap()
-    return names
-
-
-def reap() -> None:
-    """Reap the orphans that exited (their parent, the subreaper, is this process)."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
 def run_process(
     cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
 ) -> tuple[float, float, int | None]:
@@ -291,7 +251,7 @@ def ours_repetition(scratch: Path, opts: argparse.Namespace) -> dict[str, Any]:
             entry["runs"].append(found)
     except Exception as e:  # noqa: BLE001 -- this repetition's error, in the report
         entry["error"] = f"{type(e).__name__}: {e}"
-    entry["left_running"] = leftovers()
+    entry["left_running"] = leftovers(LEFTOVER_GRACE_S)
     return entry
 
 
@@ -317,7 +277,8 @@ def torchrun_repetition(scratch: Path, opts: argparse.Namespace) -> dict[str, An
             env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if opts.monitor_interval is not None:
         cmd += ["--monitor-interval", str(opts.monitor_interval)]
-    cmd += [str(HERE / "restart_latency.py"), "--torchrun-worker", str(folder)]
+    # as a module, from the repository root: the worker imports benchmarks.processes
+    cmd += ["-m", "benchmarks.restart_latency", "--torchrun-worker", str(folder)]
     started, exited, code = run_process(cmd, scratch / "torchrun.log", opts.timeout, env)
     entry: dict[str, Any] = {"exit_code": code, "process_s": exited - started}
     try:
@@ -329,7 +290,7 @@ def torchrun_repetition(scratch: Path, opts: argparse.Namespace) -> dict[str, An
         entry["runs"] = [found]
     except Exception as e:  # noqa: BLE001 -- this repetition's error, in the report
         entry["error"] = f"{type(e).__name__}: {e}"
-    entry["left_running"] = leftovers()
+    entry["left_running"] = leftovers(LEFTOVER_GRACE_S)
     return entry
 
 
@@ -482,22 +443,8 @@ def main(argv: list[str]) -> None:
     if opts.child:
         child(opts)
         return
-    # a SIGTERM unwinds like an exception: the processes started are killed and reaped
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    set_child_subreaper()
-    scratch = Path(tempfile.mkdtemp(prefix="restart-latency-"))
-    try:
+    with driving("restart-latency-", keep=opts.keep, grace=LEFTOVER_GRACE_S) as scratch:
         reps = measure(opts, scratch)
-    finally:
-        left = leftovers()
-        if left:
-            print(f"left running at the end (killed): {left}", file=sys.stderr)
-        if opts.keep:
-            print(f"scratch folder kept: {scratch}", file=sys.stderr)
-        else:
-            import shutil  # noqa: PLC0415
-
-            shutil.rmtree(scratch, ignore_errors=True)
     keys = ("reps", "later", "monitor_interval", "torchrun_rdzv", "timeout")
     options = {k: vars(opts)[k] for k in keys}
     opts.output.write_text(json.dumps({"reps": reps, "options": options}, indent=1))

@@ -54,11 +54,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import itertools
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -67,6 +65,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.processes import driving, leftovers
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -179,47 +179,6 @@ def measure_ours(opts: argparse.Namespace, report: dict[str, Any]) -> None:
 # --- the driver ---------------------------------------------------------------------------------
 
 
-def set_child_subreaper() -> None:
-    """Orphans of what this process starts (agents, workers) become its children: found, reaped."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
-def reap() -> None:
-    """Reap the orphans that exited (their parent, the subreaper, is this process)."""
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def leftovers() -> list[str]:
-    """This process's descendants still running after a grace: reported, killed by pid, reaped."""
-    import psutil  # noqa: PLC0415 -- the driver's only
-
-    def alive() -> list[psutil.Process]:
-        found = []
-        for proc in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    found.append(proc)
-        return found
-
-    deadline = time.monotonic() + LEFTOVER_GRACE_S
-    left = alive()
-    while left and time.monotonic() < deadline:
-        reap()
-        time.sleep(0.05)
-        left = alive()
-    names = []
-    for proc in left:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            names.append(f"{proc.pid} {' '.join(proc.cmdline())[:120]}")
-            proc.kill()
-    time.sleep(0.1)
-    reap()
-    return names
-
-
 def start_process(
     cmd: list[str], log: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
@@ -265,7 +224,7 @@ def ours_repetition(
         if "error" not in report:
             entry["runs_per_s"] = opts.items / report["wall_s"]
             entry["gaps_s"] = slot_gaps(report["runs"]) if case == "sweep" else loop_gaps(report)
-    entry["left_running"] = leftovers()
+    entry["left_running"] = leftovers(LEFTOVER_GRACE_S)
     return entry
 
 
@@ -295,7 +254,8 @@ def loop_gaps(report: dict[str, Any]) -> list[float]:
 def torchrun_repetition(scratch: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """``--torchrun-items`` torchruns of one item each, ``SLOTS`` at a time."""
     folder = Path(tempfile.mkdtemp(prefix="torchrun-", dir=scratch))
-    script = [str(HERE / "sweep_throughput.py"), "--backend", opts.backend]
+    # as a module, from the repository root: the worker imports benchmarks.processes
+    script = ["-m", "benchmarks.sweep_throughput", "--backend", opts.backend]
     script += ["--torchrun-worker", str(folder)]
     queued = collections.deque(range(opts.torchrun_items))
     running: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
@@ -330,7 +290,7 @@ def torchrun_repetition(scratch: Path, opts: argparse.Namespace) -> dict[str, An
     else:
         entry["runs"] = stamps
         entry["runs_per_s"] = opts.torchrun_items / entry["wall_s"]
-    entry["left_running"] = leftovers()
+    entry["left_running"] = leftovers(LEFTOVER_GRACE_S)
     return entry
 
 
@@ -579,24 +539,12 @@ def main(argv: list[str]) -> None:
     if opts.child:
         child(opts)
         return
-    # a SIGTERM unwinds like an exception: the processes started are killed and reaped
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    set_child_subreaper()
-    scratch = Path(tempfile.mkdtemp(prefix="sweep-throughput-"))
     traced = None
     measured = git_state()
-    try:
+    with driving("sweep-throughput-", keep=opts.keep, grace=LEFTOVER_GRACE_S) as scratch:
         reps = measure(opts, scratch)
         if not opts.no_trace:
             traced = traced_sweep(opts, scratch)
-    finally:
-        left = leftovers()
-        if left:
-            print(f"left running at the end (killed): {left}", file=sys.stderr)
-        if opts.keep:
-            print(f"scratch folder kept: {scratch}", file=sys.stderr)
-        else:
-            shutil.rmtree(scratch, ignore_errors=True)
     keys = ("items", "reps", "torchrun_items", "backend", "timeout")
     options = {k: vars(opts)[k] for k in keys}
     constants = {"slots": SLOTS, "sleep_s": SLEEP_S, "target_gap_s": TARGET_S}
