@@ -382,7 +382,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ref-reps", type=int, default=2, help="0.4.0's later runs")
     parser.add_argument("--timeout", type=float, default=600.0, help="bound of each launcher")
     parser.add_argument("--output", type=Path, default=HERE / "results-many-hosts.json")
-    parser.add_argument("--png", type=Path, default=HERE / "many-hosts.png")
+    parser.add_argument("--png", type=Path, default=REPO / "docs" / "images" / "many-hosts.png")
     parser.add_argument("--draw", action="store_true", help="only redraw --png from --output")
     parser.add_argument(
         "--keep-arp-limits", action="store_true", help="leave the neighbour table's limits alone"

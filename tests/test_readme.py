@@ -1,9 +1,9 @@
-"""Every ```python block of README.md runs.
+"""Every ```python block of README.md and of the documentation (docs/) runs.
 
 Each block runs in a subprocess of its own, after a prelude that defines stand-ins for the names
-the README leaves to the reader (``train``, ``evaluate``, ``serve_model``, ``evaluate_against``
-and a ``launcher``), and its tracebacks name README.md and the README's line numbers. A comment
-``<!-- test: ... -->`` on the line before a block says how to run it:
+the pages leave to the reader (``train``, ``evaluate``, ``serve_model``, ``evaluate_against``
+and a ``launcher``), and its tracebacks name its page (README.md, docs/...) and line numbers. A
+comment ``<!-- test: ... -->`` on the line before a block says how to run it:
 
 * ``<!-- test: hosts -->``: the block runs on the test hosts (node1, node2, ... of
   testbed/cluster.py), with the cluster's ssh config as ``~/.ssh/config`` (a HOME of its own),
@@ -30,7 +30,9 @@ import pytest
 if TYPE_CHECKING:
     from testbed.cluster import Cluster
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").rglob("*.md"))]
 TIMEOUT_S = 120
 MARKER = re.compile(r"<!--\s*test:\s*(?P<kind>hosts|skip)\s*(?:,\s*(?P<reason>.*?))?\s*-->")
 EXPECTED_PRINT = re.compile(r"^\s*print\(.*\)\s+#\s+(?P<expected>.+)$")
@@ -93,7 +95,8 @@ print("README-TEST-RESULTS", __import__("json").dumps({
 
 @dataclass
 class Block:
-    line: int  # of the block's first code line in README.md
+    page: str  # README.md, docs/...
+    line: int  # of the block's first code line in its page
     code: str
     kind: str | None  # "hosts", "skip" or None (runs here)
     reason: str | None
@@ -102,23 +105,30 @@ class Block:
     @property
     def id(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.section.lower()).strip("-")
-        return f"L{self.line}-{slug}"
+        page = "" if self.page == "README.md" else self.page.removeprefix("docs/")[:-3] + "-"
+        return f"{page}L{self.line}-{slug}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line} ({self.section})"
 
 
-def python_blocks(text: str) -> list[Block]:
+def python_blocks(path: Path) -> list[Block]:
     blocks: list[Block] = []
-    lines = text.splitlines()
+    page = path.relative_to(REPO).as_posix()
+    lines = path.read_text(encoding="utf-8").splitlines()
     section, previous, i = "top", "", 0
     while i < len(lines):
         line = lines[i]
-        if line.startswith("## "):
-            section = line[3:]
+        if line.startswith(("# ", "## ")):
+            section = line.split(" ", 1)[1]
         if line.strip() == "```python":
             start = i + 1
             end = lines.index("```", start)
             marker = MARKER.fullmatch(previous.strip())
             blocks.append(
                 Block(
+                    page=page,
                     line=start + 1,
                     code="\n".join(lines[start:end]) + "\n",
                     kind=marker["kind"] if marker else None,
@@ -133,13 +143,13 @@ def python_blocks(text: str) -> list[Block]:
     return blocks
 
 
-BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = [block for path in PAGES for block in python_blocks(path)]
 
 
 def script_for(block: Block) -> str:
-    """Prelude, the block compiled as README.md at its own line numbers, then a summary line."""
+    """Prelude, the block compiled as its page at its own line numbers, then a summary line."""
     padded = "\n" * (block.line - 1) + block.code
-    run = f"exec(compile({padded!r}, 'README.md', 'exec'), globals())\n"
+    run = f"exec(compile({padded!r}, {block.page!r}, 'exec'), globals())\n"
     return textwrap.dedent(PRELUDE) + run + POSTLUDE
 
 
@@ -156,7 +166,7 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.Comple
         timeout=TIMEOUT_S,
         check=False,
     )
-    where = f"README.md line {block.line} ({block.section})"
+    where = block.where
     assert out.returncode == 0, f"{where} failed:\n{out.stdout}\n{out.stderr}"
     for line in block.code.splitlines():
         m = EXPECTED_PRINT.match(line)
@@ -178,16 +188,19 @@ def environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
 
 
-def test_the_readme_has_blocks_and_every_marker_is_understood() -> None:
+def test_the_pages_have_blocks_and_every_marker_is_understood() -> None:
     assert len(BLOCKS) >= 8
-    text = README.read_text(encoding="utf-8")
-    markers = re.findall(r"^<!--\s*test:", text, flags=re.MULTILINE)
-    assert len(markers) == sum(b.kind is not None for b in BLOCKS)
+    assert any(b.page == "README.md" for b in BLOCKS)
+    for path in PAGES:
+        text = path.read_text(encoding="utf-8")
+        markers = re.findall(r"^<!--\s*test:", text, flags=re.MULTILINE)
+        page = path.relative_to(REPO).as_posix()
+        assert len(markers) == sum(b.kind is not None for b in BLOCKS if b.page == page), page
     for block in BLOCKS:
         if block.kind == "skip":
-            assert block.reason, f"README.md line {block.line}: say why the block is skipped"
+            assert block.reason, f"{block.where}: say why the block is skipped"
         if USES_TEST_HOSTS.search(block.code):
-            assert block.kind == "hosts", f"README.md line {block.line} needs <!-- test: hosts -->"
+            assert block.kind == "hosts", f"{block.where} needs <!-- test: hosts -->"
 
 
 LOCAL_BLOCKS = [
@@ -209,7 +222,7 @@ def test_block_runs_on_the_test_hosts(block: Block, cluster: Cluster, tmp_path: 
     (home / ".ssh" / "config").write_text(cluster.ssh_config.read_text())
     out = run_block(block, tmp_path, {**environ(), "HOME": str(home)})
     results = launch_results(out)
-    assert results, f"README.md line {block.line} left no LaunchResult to check"
+    assert results, f"{block.where} left no LaunchResult to check"
     for name, hosts in results.items():
         assert hosts, name
         assert set(hosts) <= set(cluster.hostnames[:2]), (name, hosts)

@@ -255,13 +255,13 @@ def test_a_launcher_of_another_version_is_refused_by_the_agent(
     assert f"speaks {PROTOCOL_VERSION}" in str(info.value)
 
 
-def test_the_readme_table_names_every_kind_and_module() -> None:
+def test_the_architecture_page_names_every_kind_and_module() -> None:
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Architecture") : readme.index("## Several hosts")]
+    page = Path(__file__).resolve().parents[1] / "docs" / "how-it-works.md"
+    section = page.read_text()
     for cls in Message.__subclasses__():
-        assert f"| `{cls.KIND}` |" in section, f"{cls.KIND} is not in the README's table"
+        assert f"| `{cls.KIND}` |" in section, f"{cls.KIND} is not in how-it-works.md's table"
     package = Path(torchrunx.__file__).parent
     for module in package.rglob("*.py"):
         name = module.relative_to(package).as_posix()

@@ -1,4 +1,4 @@
-"""``python -m torchrunx``: the ``torchrunx`` command (see :mod:`torchrunx.command`)."""
+"""``python -m torchrunx``: the ``torchrunx`` command (see ``torchrunx.command``)."""
 
 import sys
 

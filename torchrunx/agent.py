@@ -11,13 +11,13 @@ tears every run down to the last process. Its stdin is its lifeline: EOF (the la
 whatever killed it) ends the agent and everything under it. So does silence from the launcher
 for longer than ``agent_timeout``.
 
-:class:`Agent` is the event loop, and coordinates the agent's parts:
+``Agent`` is the event loop, and coordinates the agent's parts:
 
-- :mod:`torchrunx.agent_runs`: each run on this host, and each of its worker processes;
-- :mod:`torchrunx.agent_output`: the output pump (the workers' pipes, lines, flow control);
-- :mod:`torchrunx.agent_forkservers`: the forkservers (the base one, the learned one);
-- :mod:`torchrunx.agent_diagnosis`: stacks and status of a run's workers, the report of a death;
-- :mod:`torchrunx.reaper`: every kill, and the teardown of what the workers left.
+- ``torchrunx.agent_runs``: each run on this host, and each of its worker processes;
+- ``torchrunx.agent_output``: the output pump (the workers' pipes, lines, flow control);
+- ``torchrunx.agent_forkservers``: the forkservers (the base one, the learned one);
+- ``torchrunx.agent_diagnosis``: stacks and status of a run's workers, the report of a death;
+- ``torchrunx.reaper``: every kill, and the teardown of what the workers left.
 """
 
 from __future__ import annotations

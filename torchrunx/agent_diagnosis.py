@@ -7,7 +7,7 @@
        └──── Stacks, Status, Died ────────┤
                                           └── psutil, NVML: a worker's memory, CPU, GPU
 
-Each worker has a stack channel (see :mod:`torchrunx.stacks`): the agent asks for a dump through
+Each worker has a stack channel (see ``torchrunx.stacks``): the agent asks for a dump through
 it and reads it from it, and reads a worker's last dump once it has died of a signal. Dumps are
 sent with the files named as the launcher has them (a host's copy of ``sync_dir`` renamed).
 """

@@ -23,7 +23,7 @@ The rules, so that a run from a learned forkserver behaves as one from a fresh p
   imported it says so and exits (forking a process with more threads is not safe).
 
 A forkserver no longer needed is killed, not asked to leave, and waited for within a deadline
-(:func:`torchrunx.reaper.end`).
+(``torchrunx.reaper.end()``).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Forkservers:
                 self._stop(server)
 
     def imported(self, modules: tuple[str, ...], spec: RunSpec, key: str) -> None:
-        """A run of ``spec`` (``key``: its :func:`setup_key`) imported ``modules``: learn them."""
+        """A run of ``spec`` (``key``: its ``setup_key()``) imported ``modules``: learn them."""
         if not self.learn_enabled:
             return
         self.wanted.update(dict.fromkeys(m for m in modules if m not in self.never))
@@ -148,7 +148,7 @@ class Forkservers:
             self._retire(learned)
 
     def on_message(self, server: Forkserver, message: Message) -> None:
-        """A forkserver's answer to a :class:`Preload`."""
+        """A forkserver's answer to a ``Preload``."""
         if not isinstance(message, Preloaded):
             return
         self.never.update(message.failed)

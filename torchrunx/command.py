@@ -6,7 +6,7 @@
     torchrunx [options] -m module [args ...]
     torchrunx [options] -- script [args ...]     (a script whose name does not end in .py)
 
-Every ``Launcher`` field is an option (:mod:`torchrunx.integrations.cli`). The script runs as
+Every ``Launcher`` field is an option (``torchrunx.integrations.cli``). The script runs as
 ``__main__`` on every rank with its own ``sys.argv``; no process group is made unless
 ``--backend`` asks for one (a torchrun script calls ``init_process_group`` itself, reading
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` as usual). Output, logs, failure

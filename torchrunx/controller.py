@@ -7,13 +7,13 @@
       ▲                                   │  results, errors, deaths, output, heartbeats
       └──── RunState.done, RunEvents ◄────┘  (agent processes watched: links.AgentWatch)
 
-All state below is touched only by the controller thread (a :class:`~torchrunx.serving.
-ServingThread`); user threads hand it functions through ``on_thread`` and wait on events. A
+All state below is touched only by the controller thread (a ``
+ServingThread``); user threads hand it functions through ``on_thread`` and wait on events. A
 preemption signal (from an agent's ``signalled``, or the launcher's own) becomes one notice,
 told to every agent; its grace ends for every run in flight at its deadline or a second signal.
 Payloads and results stay opaque bytes here: the user's thread unpickles them. What a run
-gathers is its :class:`RunState`; what it does with its output, debugger sessions and end is its
-own (:class:`RunEvents`).
+gathers is its ``RunState``; what it does with its output, debugger sessions and end is its
+own (``RunEvents``).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Bounds:
 
 
 class Controller(ServingThread):
-    """Owns the ROUTER socket and the thread that serves agents and runs until :meth:`stop`."""
+    """Owns the ROUTER socket and the thread that serves agents and runs until ``stop()``."""
 
     def __init__(self, secret: str, bounds: Bounds, *, encrypt: bool = False) -> None:
         super().__init__("torchrunx-controller")
@@ -215,7 +215,7 @@ class Controller(ServingThread):
         return {} if dump is None else dict(sorted(dump.statuses.items()))
 
     def _ask(self, run_id: str, what: AskFor, timeout: float) -> Inquiry | None:
-        """Ask every agent of the run (``what``: see :class:`Dump`); wait up to ``timeout``."""
+        """Ask every agent of the run (``what``: see ``Dump``); wait up to ``timeout``."""
         asked = self.call_and_wait(self._inquire, run_id, what)
         if asked is not None:
             asked.done.wait(timeout)
@@ -310,7 +310,7 @@ class Controller(ServingThread):
         self._find_silent(now)
 
     def _find_silent(self, now: float) -> None:
-        """Fail the agents silent past their bound (see :class:`Bounds`)."""
+        """Fail the agents silent past their bound (see ``Bounds``)."""
         gap, self._last_tick = now - self._last_tick, now
         if gap > 2 * HEARTBEAT_INTERVAL_S:  # this thread did not run: nobody could be heard
             for agent in self.agents.values():

@@ -7,9 +7,9 @@
                      ▲                                              reads a line
                      └─────────── debug-input {line} ◄── ◄─────────┘
 
-pdb's stdin and stdout here are the worker's control-plane socket (:class:`Channel`): no port, no
+pdb's stdin and stdout here are the worker's control-plane socket (``Channel``): no port, no
 tunnel. A session ends with ``c`` (the rank goes on) or ``q`` / end of input / Ctrl-C in the
-launcher (the run ends, as a failure does, with :class:`~torchrunx.errors.DebuggerQuitError`).
+launcher (the run ends, as a failure does, with ``DebuggerQuitError``).
 Without a terminal at the launcher a ``breakpoint()`` is skipped with one warning line, so that a
 batch job never waits for a person who is not there.
 """
@@ -89,7 +89,7 @@ class Channel(io.TextIOBase):
         return False
 
     def post(self, state: DebugState) -> None:
-        """Send what is pending with ``state`` (see :class:`Debug`)."""
+        """Send what is pending with ``state`` (see ``Debug``)."""
         text, self._pending = "".join(self._pending), []
         why, self.why = self.why, ""
         self.open = state in ("output", "prompt")
@@ -107,7 +107,7 @@ class Channel(io.TextIOBase):
 
 
 class _RankPdb(pdb.Pdb):
-    """pdb on a :class:`Channel`; ``c`` frees the launcher's terminal, ``q`` ends the run."""
+    """pdb on a ``Channel``; ``c`` frees the launcher's terminal, ``q`` ends the run."""
 
     def __init__(self, channel: Channel, prompt: str) -> None:
         stream = cast("IO[str]", channel)  # pdb needs only write, flush and readline

@@ -1,8 +1,8 @@
 """The errors a run raises when a worker or an agent fails, and remote tracebacks.
 
 An exception raised by the user's function is re-raised in the launcher as its own type, with the
-worker's formatted traceback chained as ``__cause__`` (a :class:`RemoteTraceback`) and the host and
-rank in ``__notes__``: the pattern of :mod:`concurrent.futures.process`.
+worker's formatted traceback chained as ``__cause__`` (a ``RemoteTraceback``) and the host and
+rank in ``__notes__``: the pattern of ``concurrent.futures.process``.
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ and it reports each exit to the agent the moment ``SIGCHLD`` arrives. It dies wi
 
 It never does anything slow once it forks: more modules (a ``preload``, what earlier runs
 imported) are imported by a *new* forkserver, before its first fork, while this one goes on
-serving; the agent then sends runs there (see :mod:`torchrunx.agent_forkservers`). A module
+serving; the agent then sends runs there (see ``torchrunx.agent_forkservers``). A module
 whose import starts a thread or initialises CUDA leaves a forkserver unsafe to fork: that
 forkserver says so and is not used.
 
 Its workers' OpenMP threads give up the CPU sooner than in a process started alone (see
-:func:`_sharing_cores`): the workers of a host share its cores.
+``_sharing_cores()``): the workers of a host share its cores.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def serve(sock: socket.socket) -> None:
 
 
 def _fork_run(sock: socket.socket, fork: Fork, payload: memoryview, fds: list[int]) -> None:
-    """A worker per slot; ``fds`` holds each one's :data:`PIPES_PER_WORKER` pipes, in order."""
+    """A worker per slot; ``fds`` holds each one's ``PIPES_PER_WORKER`` pipes, in order."""
     for i, slot in enumerate(fork.spec.workers):
         mine = fds[PIPES_PER_WORKER * i : PIPES_PER_WORKER * (i + 1)]
         pid = _fork_worker(fork, slot, payload, mine)
@@ -201,7 +201,7 @@ def main() -> None:
 
     The signals (the launcher's ``preempt_signals``) are ignored: SLURM sends them to every
     process of a step, and a forkserver must outlive them. Its workers inherit that until they
-    take the signals themselves (:func:`torchrunx.preemption.take_signals`).
+    take the signals themselves (``torchrunx.preemption.take_signals()``).
     """
     set_parent_death_signal()
     set_child_subreaper()

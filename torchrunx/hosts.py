@@ -1,6 +1,6 @@
 """Hosts and their facts: hostnames, SLURM, local addresses, GPU and CPU counts.
 
-The addresses that connect us and a host (:func:`route_to`) are the transport's: they are
+The addresses that connect us and a host (``route_to()``) are the transport's: they are
 named here beside the other facts.
 
 GPUs are counted from the driver's files, never through CUDA: a process that initialised CUDA
@@ -54,7 +54,7 @@ REQUEUED_ALREADY = "Job is pending execution"  # scontrol's words: SLURM requeue
 
 
 def slurm_job_vars() -> dict[str, str]:
-    """The launcher's :data:`SLURM_JOB_VARS` that are set (none outside a job)."""
+    """The launcher's ``SLURM_JOB_VARS`` that are set (none outside a job)."""
     return {k: os.environ[k] for k in SLURM_JOB_VARS if k in os.environ}
 
 

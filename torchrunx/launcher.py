@@ -117,7 +117,7 @@ class Launcher:
     ("transformers",)): no run pays for their import."""
     learn_preload: bool = True
     """Also preload what earlier runs imported from installed packages, in the background, for
-    later runs with the same environment (see "Sweeps" in the README)."""
+    later runs with the same environment (see the guide "Sweeps")."""
     sync_dir: bool | str | Path = False
     """Copy a folder to the hosts reached over SSH, for hosts that do not share this one's
     filesystem: True for the working directory, or a folder. Agents and workers run in the
@@ -228,7 +228,7 @@ class Launcher:
     ) -> Self:
         """Replace the default handlers of worker and agent output.
 
-        ``handler_factory()`` is called at each run and returns :class:`logging.Handler` objects;
+        ``handler_factory()`` is called at each run and returns ``logging.Handler`` objects;
         records carry ``hostname`` and ``local_rank`` (``None`` for agents). ``None``: no output
         is handled. ``"auto"``: the defaults.
         """
@@ -276,7 +276,7 @@ class Launcher:
     ) -> RunHandle[FunctionR]:
         """Start ``func(*args, **kwargs)`` on every worker and return at once.
 
-        The handle is a ``concurrent.futures.Future`` of the :class:`LaunchResult`. Runs of one
+        The handle is a ``concurrent.futures.Future`` of the ``LaunchResult``. Runs of one
         launcher run side by side, each with its own process group; ``cancel()`` ends one.
         """
         return self._submit(func, args, kwargs, None)
@@ -317,7 +317,7 @@ class Launcher:
         As many runs go at once as the hosts' slots allow (``workers_per_host`` each; a run
         takes ``workers`` slots of one host), the rest wait in a queue. Each run sees only its
         own GPUs (``CUDA_VISIBLE_DEVICES``) or, on hosts without, its own cores. Returns at once:
-        iterate the :class:`~torchrunx.Sweep` for ``(item, outcome)`` as runs end, or call its
+        iterate the ``Sweep`` for ``(item, outcome)`` as runs end, or call its
         ``outcomes()`` for the items' order; an outcome is the run's ``LaunchResult`` or the
         exception ``run()`` would raise. ``progress``: a bar (or a line per item without a
         terminal); ``None``: on.
@@ -395,7 +395,7 @@ class LauncherView:
         *args: FunctionP.args,
         **kwargs: FunctionP.kwargs,
     ) -> LaunchResult[FunctionR]:
-        """As :meth:`Launcher.run`, on this view's hosts."""
+        """As ``Launcher.run()``, on this view's hosts."""
         handle = self.submit(func, *args, **kwargs)
         try:
             return _wait(handle)
@@ -410,7 +410,7 @@ class LauncherView:
         *args: FunctionP.args,
         **kwargs: FunctionP.kwargs,
     ) -> RunHandle[FunctionR]:
-        """As :meth:`Launcher.submit`, on this view's hosts."""
+        """As ``Launcher.submit()``, on this view's hosts."""
         view = (self.hostnames, self.workers_per_host)
         return self.launcher._submit(func, args, kwargs, view)  # noqa: SLF001 -- its own view
 
@@ -464,7 +464,7 @@ def launch(  # noqa: PLR0913 -- the public signature of earlier releases
     handler_factory: HandlerFactory | Literal["auto"] | None = "auto",
     **launcher_fields: Any,
 ) -> LaunchResult[FunctionR]:
-    """One call: make a :class:`Launcher` from ``launcher_fields``, run ``func`` once, close.
+    """One call: make a ``Launcher`` from ``launcher_fields``, run ``func`` once, close.
 
     ``logs`` and ``env_vars`` are the older names of ``log_dir`` and ``copy_env_vars``.
     """

@@ -3,7 +3,7 @@
 ``input()`` would block until a line comes, but the console must let a session go the moment its
 run ends. readline's callback interface takes one key at a time: the console waits for keys with
 ``select`` in short polls, as without readline, and hands each to readline. What Tab offers comes
-from the rank (its frames hold the names), through the ``complete`` function given to :meth:`read`.
+from the rank (its frames hold the names), through the ``complete`` function given to ``read()``.
 
 Only where plain ``input()`` would use readline: stdin and stdout both a terminal, and a readline
 with the callback interface (GNU readline or libedit).

@@ -1,4 +1,4 @@
-"""The launcher's links to its agents: :class:`AgentHandle`, and the watch on their processes.
+"""The launcher's links to its agents: ``AgentHandle``, and the watch on their processes.
 
 ::
 
@@ -6,7 +6,7 @@
       ├─ pidfd of each agent that is our child (local, or srun here) ─► exited: why, in words
       └─ stderr of each agent (an SSH agent's reaches EOF when it has exited) ─► its last lines
 
-:class:`AgentWatch` turns an agent's exit into a reason (``killed by SIGKILL``, ``its SSH
+``AgentWatch`` turns an agent's exit into a reason (``killed by SIGKILL``, ``its SSH
 session ended``) handed to the controller, which fails the agent's runs. It is touched only by
 the controller thread.
 """

@@ -1,11 +1,11 @@
 """Worker and agent output in the launcher: live on the terminal and in one folder per run.
 
-Every line becomes a :class:`logging.LogRecord` of logger ``torchrunx.<hostname>`` (agent) or
+Every line becomes a ``logging.LogRecord`` of logger ``torchrunx.<hostname>`` (agent) or
 ``torchrunx.<hostname>.<local_rank>`` (worker), with ``hostname``, ``local_rank``, ``rank`` and
 ``stream`` attributes, and goes to the run's handlers: by default rank 0's lines and the agents'
 warnings on the terminal, and one file per agent and per worker under ``$TORCHRUNX_LOG_DIR``.
 
-A worker's ``logging`` records travel as lines of its stderr (:func:`record_line`), so they stay
+A worker's ``logging`` records travel as lines of its stderr (``record_line()``), so they stay
 in order with what it prints, and arrive with their own logger name and level.
 """
 
@@ -68,7 +68,7 @@ class LiveHandler(logging.Handler):
     """Writes to the launcher's stdout or stderr (as the worker did), prefixed ``[host:rank]``.
 
     Shows the workers of ``ranks`` (global ranks; ``None``: all) and agents' warnings. Lines are
-    flushed once per batch (see :func:`emit_batch`), not once per line. Lines that workers
+    flushed once per batch (see ``emit_batch()``), not once per line. Lines that workers
     redraw with carriage returns (progress bars) stay at the bottom of a terminal, one line per
     rank, each redrawn in place under its prefix; finished lines are written above them.
     """
@@ -101,7 +101,7 @@ class LiveHandler(logging.Handler):
             self._finished(stream, where, "".join(f"[{where}] {line}\n" for line in lines))
 
     def handle_chunk(self, chunk: Chunk) -> None:
-        """Write a plain chunk, each line prefixed (as :meth:`emit` would, at C speed)."""
+        """Write a plain chunk, each line prefixed (as ``emit()`` would, at C speed)."""
         c = chunk
         target = self._target(c.hostname, c.local_rank, c.rank, c.stream, c.levelno)
         if target is not None:
@@ -292,7 +292,7 @@ def file_handlers(
     log_dir: str | os.PathLike[str] = "torchrunx_logs",
     log_level: int = logging.NOTSET,
 ) -> list[logging.Handler]:
-    """The run's files (:class:`RunFilesHandler`) in a new folder under ``log_dir``.
+    """The run's files (``RunFilesHandler``) in a new folder under ``log_dir``.
 
     The folder is named by the time of the run's start; records below ``log_level`` are left out.
     """

@@ -1,6 +1,6 @@
 """A run's outcome as what ``run()`` returns or raises: the one module that decides it.
 
-The controller collects typed :data:`Failure` values and the pickled results; :func:`resolve`
+The controller collects typed ``Failure`` values and the pickled results; ``resolve()``
 runs in the thread that concludes the run's handle (never the controller's), since it unpickles.
 """
 
@@ -154,7 +154,7 @@ class Evidence:
     log_folder: Path | None = None
 
     def all_stacks(self) -> dict[int, str]:
-        """Every rank's dump; :data:`SILENT` for those that did not answer."""
+        """Every rank's dump; ``SILENT`` for those that did not answer."""
         return dict(sorted({**self.stacks, **dict.fromkeys(self.silent, SILENT)}.items()))
 
     def report(self, raised: Iterable[int] = (), returned: Iterable[int] = ()) -> str:
@@ -192,7 +192,7 @@ def resolve(  # noqa: PLR0913 -- one per part of what a run came back with
 ) -> LaunchResult[Any]:
     """Every rank's return value; or raise the failure that ended the run, explained.
 
-    A run that had a preemption notice while in flight raises :class:`PreemptedError`, whether
+    A run that had a preemption notice while in flight raises ``PreemptedError``, whether
     its ranks all returned within the grace or not.
     """
     if preemption is not None:
@@ -257,7 +257,7 @@ def preempted_exception(
     workers_per_host: list[int],
     evidence: Evidence,
 ) -> PreemptedError:
-    """The :class:`PreemptedError` of a run that had a notice: what returned, what did not."""
+    """The ``PreemptedError`` of a run that had a notice: what returned, what did not."""
     world = sum(workers_per_host)
     returned = sorted(results)
     torn = [r for r in range(world) if r not in results]

@@ -7,10 +7,10 @@
                            ├─ SSH agent: paramiko channel (sync_dir copied first, sync.Copies)
                            └─ srun agent: a job step of the allocation
 
-An :class:`AgentPool` owns the controller thread and one agent per host, described by
-:class:`AgentsConfig` (where and how the agents run). It starts the agents that are missing
-before each run, tells a run (:class:`torchrunx.runs.Run`) which agents serve its hosts and
-where their workers start, and stops them all (bounded, through :mod:`torchrunx.reaper`).
+An ``AgentPool`` owns the controller thread and one agent per host, described by
+``AgentsConfig`` (where and how the agents run). It starts the agents that are missing
+before each run, tells a run (``torchrunx.runs.Run``) which agents serve its hosts and
+where their workers start, and stops them all (bounded, through ``torchrunx.reaper``).
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ class AgentPool:
     def replace_lost(self, hostnames: list[str]) -> list[str]:
         """``hostnames`` (a run's) with a spare in the place of each lost one, where one is left.
 
-        A lost host without a spare for it stays, to be tried once more by :meth:`ensure_agents`.
+        A lost host without a spare for it stays, to be tried once more by ``ensure_agents()``.
         """
         with self.lock:
             chosen = list(hostnames)

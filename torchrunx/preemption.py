@@ -1,4 +1,4 @@
-"""Preemption signals and the notice they become; :func:`preempted`, as a rank reads it.
+"""Preemption signals and the notice they become; ``preempted()``, as a rank reads it.
 
 ::
 
@@ -7,9 +7,9 @@
             stack channel ─► its listening thread (worker_stacks) ─► notice() ─► preempted()
 
 No process dies of a preemption signal: the launcher's process takes it with
-:class:`LauncherSignals`, the agent and the forkserver with handlers of their own, each worker
-with :func:`take_signals`. A rank's notice is a flag set once, by a message or by the signal
-itself, never polled over the network: calling :func:`preempted` every step costs a function
+``LauncherSignals``, the agent and the forkserver with handlers of their own, each worker
+with ``take_signals()``. A rank's notice is a flag set once, by a message or by the signal
+itself, never polled over the network: calling ``preempted()`` every step costs a function
 call. Ranks learn of the notice at slightly
 different moments; ``preempted(agree=True)`` is the collective that makes every rank of the
 default process group stop at the same step.
@@ -39,7 +39,7 @@ def preempted(*, agree: bool = False) -> bool:
     In a worker: whether a preemption signal reached the launcher, one of its agents, or this
     rank's host (False outside a worker). The run then has ``Launcher.preempt_grace`` seconds
     to return, after which it is torn down; either way ``run()`` raises
-    :class:`~torchrunx.PreemptedError`.
+    ``PreemptedError``.
 
     ``agree=True`` (in a worker, with a process group): whether the notice has reached *any*
     rank of the default process group, as an all-reduce of every rank's flag. It is a
@@ -107,7 +107,7 @@ class LauncherSignals:
 
     Installed while a launcher has agents, from the main thread only (Python runs handlers
     there); a handler that was there before is called after ours, and is put back by
-    :meth:`restore`. Not installed from another thread: the agents still take the notice.
+    ``restore()``. Not installed from another thread: the agents still take the notice.
     """
 
     def __init__(self, names: Iterable[str], on_signal: Callable[[str], None]) -> None:

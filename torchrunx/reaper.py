@@ -3,12 +3,12 @@
 This module owns "end these processes and everything they started, within this deadline"; every
 kill in the package goes through it, and every wait after one is bounded:
 
-- :class:`Teardown` signals a set of pids, gives it a grace period, escalates to SIGKILL and
+- ``Teardown`` signals a set of pids, gives it a grace period, escalates to SIGKILL and
   gives up at a deadline, either polled from an event loop (a run's leftovers) or waited for (an
-  agent's own shutdown). :func:`run_processes` finds what a run's workers started.
-- :func:`end` does the same for child processes we hold a handle of (``subprocess.Popen``, an
+  agent's own shutdown). ``run_processes()`` finds what a run's workers started.
+- ``end()`` does the same for child processes we hold a handle of (``subprocess.Popen``, an
   agent behind SSH): agents told to leave by their cut lifeline, forkservers killed at once.
-- :func:`kill_now` and :func:`kill_groups` are the immediate kills of a cancelled run.
+- ``kill_now()`` and ``kill_groups()`` are the immediate kills of a cancelled run.
 
 A process is gone only once it has been reaped: an exiting process or a zombie may still hold
 memory (a GPU's among it), so a teardown waits for those too (the forkserver, their subreaper,
@@ -159,7 +159,7 @@ def existing(pids: Iterable[int]) -> list[int]:
 class Teardown:
     """Ends ``pids``: ``first`` now, SIGKILL after ``grace`` s, given up on after ``deadline`` s.
 
-    Poll :meth:`done` from an event loop, or block in :meth:`wait`. ``reaped``: wait until the
+    Poll ``done()`` from an event loop, or block in ``wait()``. ``reaped``: wait until the
     processes are reaped (by a subreaper of ours); else only until they are dead (processes that
     were orphaned to an init that may never reap them).
     """
@@ -194,7 +194,7 @@ class Teardown:
         return not self.remaining or waited >= self.deadline
 
     def wait(self, interval: float = 0.01) -> list[int]:
-        """Block until :meth:`done`; the processes that outlived the deadline."""
+        """Block until ``done()``; the processes that outlived the deadline."""
         while not self.done():
             time.sleep(interval)
         return self.remaining

@@ -1,13 +1,13 @@
-"""What the controller thread gathers of a run in flight: :class:`RunState`, :class:`Inquiry`.
+"""What the controller thread gathers of a run in flight: ``RunState``, ``Inquiry``.
 
 ::
 
     agents ─► controller thread ─► RunState: results, failures, the autopsy, phases, who cleared
                                      └─► RunEvents (the run, runs.Run): output, debugger, ended
 
-A :class:`RunState` is written by the controller thread only; the user's thread reads it once
+A ``RunState`` is written by the controller thread only; the user's thread reads it once
 ``done`` is set. What the run does with its output, its debugger sessions and its end is the
-run's own business (:class:`RunEvents`, implemented by :class:`torchrunx.runs.Run`).
+run's own business (``RunEvents``, implemented by ``torchrunx.runs.Run``).
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@
                        _conclude(), on a thread of its own: handlers closed, trace written,
                        outcome.resolve(): a LaunchResult or the exception ─► RunHandle
 
-A :class:`Run` is the one home of a run: its options (:class:`RunOptions`), the function and
+A ``Run`` is the one home of a run: its options (``RunOptions``), the function and
 arguments pickled once, its handle, and what the controller thread gathers of it (a
-:class:`~torchrunx.controller.RunState`). The pool only starts agents; the controller only moves
-messages. :class:`RunHandle` is what the user holds: a ``concurrent.futures.Future`` of the
+``RunState``). The pool only starts agents; the controller only moves
+messages. ``RunHandle`` is what the user holds: a ``concurrent.futures.Future`` of the
 ``LaunchResult`` that asks its run for stacks, status and cancellation.
 """
 
@@ -96,7 +96,7 @@ class Run:
 
     @classmethod
     def submit(cls, pool: AgentPool, payload: list[Any], options: RunOptions) -> RunHandle[Any]:
-        """Start the call ``payload`` holds (see :mod:`torchrunx.call`); don't wait."""
+        """Start the call ``payload`` holds (see ``torchrunx.call``); don't wait."""
         run = cls(pool, options, payload)
         run.start()
         return run.handle
@@ -190,7 +190,7 @@ class Run:
         return self.state.done
 
     def cancel(self, reason: str = "cancelled in the launcher") -> None:
-        """Tear the run down everywhere (soon; wait on :attr:`finished`); it starts no more."""
+        """Tear the run down everywhere (soon; wait on ``finished``); it starts no more."""
         self._cancelled = True
         self.pool.controller.on_thread(self.pool.controller.cancel_run, self.id, reason)
 
@@ -292,7 +292,7 @@ def _earlier(run: Run) -> str:
 
 
 class Statuses(dict[int, "RankStatus"]):
-    """Every rank's :class:`~torchrunx.RankStatus`, by rank; ``str()`` is a table of them."""
+    """Every rank's ``RankStatus``, by rank; ``str()`` is a table of them."""
 
     def __str__(self) -> str:
         return "\n".join(str(s) for _, s in sorted(self.items())) or "(no rank answered)"

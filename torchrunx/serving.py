@@ -1,4 +1,4 @@
-"""A thread that owns a poller and runs the calls other threads hand it: :class:`ServingThread`.
+"""A thread that owns a poller and runs the calls other threads hand it: ``ServingThread``.
 
 ::
 
@@ -79,14 +79,14 @@ class ServingThread:
         return cast("T", value)
 
     def stop(self) -> None:
-        """End the thread (after the current iteration); :meth:`closing` runs on it."""
+        """End the thread (after the current iteration); ``closing()`` runs on it."""
         self._stopping = True
         self.on_thread(_nothing)
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(timeout=5)
 
     def tick(self) -> None:
-        """Called on the thread before each poll (at least every :data:`POLL_MS`)."""
+        """Called on the thread before each poll (at least every ``POLL_MS``)."""
 
     def on_readable(self, sock: Any) -> None:
         """A socket or fd of the poller (not the wake pipe) is readable."""

@@ -7,7 +7,7 @@ A frame or a module's file is one of three kinds::
     the user's  anything else: their script, their project
 
 A host's copy of ``sync_dir`` holds the user's files under another path:
-:func:`in_launchers_terms` names them as the launcher has them, in a traceback or a stack dump.
+``in_launchers_terms()`` names them as the launcher has them, in a traceback or a stack dump.
 Standard library only: every process (worker, agent, launcher) may import this.
 """
 

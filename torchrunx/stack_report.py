@@ -1,6 +1,6 @@
 """Stack dumps of live workers, the launcher's side: reading them, and the grouped report.
 
-:func:`report` groups ranks whose innermost frames are the same and puts the odd ones out
+``report()`` groups ranks whose innermost frames are the same and puts the odd ones out
 first::
 
     rank 1: stuck_in_user_code (train.py:17) <- train (train.py:25) · last collective #4 \
@@ -8,8 +8,8 @@ nccl:all_reduce, completed
     ranks 0, 2-7: barrier (torch/distributed/distributed_c10d.py:4857) <- train (train.py:30) \
 · last collective #5 nccl:all_reduce, not completed
 
-A dump is faulthandler's text, as the agent reads it (:mod:`torchrunx.stacks`), perhaps ended by
-the worker's line about its last collective (:data:`~torchrunx.stacks.COLLECTIVE`).
+A dump is faulthandler's text, as the agent reads it (``torchrunx.stacks``), perhaps ended by
+the worker's line about its last collective (``COLLECTIVE``).
 """
 
 from __future__ import annotations

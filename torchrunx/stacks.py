@@ -6,16 +6,16 @@
       ▲                                                         │
       └──────────────── the worker's stack pipe ◄───────────────┘
 
-The signal handler is faulthandler's, written in C (:mod:`torchrunx.worker_stacks` installs it):
+The signal handler is faulthandler's, written in C (``torchrunx.worker_stacks`` installs it):
 a worker answers even when its main thread is blocked in C (a collective, a ``time.sleep``),
 holding the GIL or not. A worker that is stopped or stuck in the kernel does not answer;
-:func:`collect` names it silent at its deadline, and never waits longer.
+``collect()`` names it silent at its deadline, and never waits longer.
 
 The stack channel is a socket pair, so it also carries a question the other way: once the dumps
 are in, a worker of a run with a process group is asked for its last collective (a byte), and a
-thread of the worker answers with one line (:data:`COLLECTIVE`), read from torch's flight
+thread of the worker answers with one line (``COLLECTIVE``), read from torch's flight
 recorder. That thread needs the GIL, which collectives release; a rank that holds it keeps its
-line. The launcher summarises the dumps (:mod:`torchrunx.stack_report`).
+line. The launcher summarises the dumps (``torchrunx.stack_report``).
 
 This module also holds what the worker's side and the launcher's side share with it (the signal,
 the channel's fd, the line's mark, the deadline); it imports only the standard library.
@@ -86,8 +86,8 @@ def collect(
     Returns the dumps by pid, and the pids that wrote nothing within ``deadline`` seconds (a
     process that exits meanwhile is in neither). With ``ask``, each dump ends with the line its
     worker gives about its last collective, where it gives one (see
-    :func:`torchrunx.worker_stacks.answer_asks`).
-    Bounded: at most ``deadline`` plus one quiet period, plus :data:`ASK_S` with ``ask``.
+    ``torchrunx.worker_stacks.answer_asks()``).
+    Bounded: at most ``deadline`` plus one quiet period, plus ``ASK_S`` with ``ask``.
     """
     dumps, silent = _dumps(pipes, deadline)
     if ask:
@@ -126,7 +126,7 @@ def _dumps(pipes: Mapping[int, int], deadline: float) -> tuple[dict[int, bytes],
 
 
 def _ask(channels: Mapping[int, int]) -> dict[int, bytes]:
-    """Each worker's line about its last collective: those that give one within :data:`ASK_S`."""
+    """Each worker's line about its last collective: those that give one within ``ASK_S``."""
     by_fd: dict[int, int] = {}
     for pid, fd in channels.items():
         with contextlib.suppress(OSError):  # gone, or a channel that is full: no answer

@@ -7,7 +7,7 @@
         a run's end (its done-callback) ─► its outcome, its slots free ─► the next item
 
 A host has as many slots as the launcher's ``workers_per_host`` there; a run takes ``workers``
-slots of one host and sees only their GPUs (or cores, see :mod:`torchrunx.placement`). A run is
+slots of one host and sees only their GPUs (or cores, see ``torchrunx.placement``). A run is
 placed on the host with the most free slots: a sweep's runs are independent, and what slows them
 down is what they share on a host (the cores that feed the GPUs, memory bandwidth, disk), so
 they are spread, not packed; packing would only free whole hosts, which a sweep never hands back.
@@ -72,12 +72,12 @@ class SweepRun:
 
 
 class Sweep(Generic[Item, R]):
-    """The runs of :meth:`Launcher.sweep <torchrunx.Launcher.sweep>`, as they finish.
+    """The runs of ``Launcher.sweep()``, as they finish.
 
     Iterate for ``(item, outcome)`` in the order the runs end; ``outcome`` is the run's
-    :class:`~torchrunx.LaunchResult`, or the exception ``run()`` would have raised (one item's
-    error does not stop the others). :meth:`outcomes` gives them in the items' order. Ctrl-C
-    while iterating cancels the sweep; :meth:`close` lets what runs finish and runs no more.
+    ``LaunchResult``, or the exception ``run()`` would have raised (one item's
+    error does not stop the others). ``outcomes()`` gives them in the items' order. Ctrl-C
+    while iterating cancels the sweep; ``close()`` lets what runs finish and runs no more.
     """
 
     def __init__(
@@ -132,7 +132,7 @@ class Sweep(Generic[Item, R]):
             return [run for run, _ in self._flight.values()]
 
     def close(self, reason: str = "closed") -> None:
-        """Start no more runs: the queued end as :class:`NotRunError`; those in flight finish."""
+        """Start no more runs: the queued end as ``NotRunError``; those in flight finish."""
         with self._changed:
             if not self._stopped:
                 self._stopped = reason

@@ -15,10 +15,10 @@ that copy is never sent again, and a file that did not change is not rewritten. 
 wrote into the copy themselves is left alone: only files of earlier offers are replaced or
 removed. Hashes are remembered by (size, mtime, inode), so an unchanged folder costs one walk.
 
-This module owns the folder and its snapshots (:class:`Folder`, :class:`Snapshot`), sending one
-(:func:`push`, :func:`copy_over_ssh`), and what the launcher knows of each host's copy
-(:class:`Copies`, :class:`Placement`). The host's end is :mod:`torchrunx.sync_host`, which also
-holds what both ends share (:class:`SyncError`, the frames of a content).
+This module owns the folder and its snapshots (``Folder``, ``Snapshot``), sending one
+(``push()``, ``copy_over_ssh()``), and what the launcher knows of each host's copy
+(``Copies``, ``Placement``). The host's end is ``torchrunx.sync_host``, which also
+holds what both ends share (``SyncError``, the frames of a content).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ M = TypeVar("M", bound=Message)
 log = logging.getLogger("torchrunx.sync")
 
 LARGE_FOLDER_BYTES = 1 << 30
-"""A folder this large (or with :data:`LARGE_FOLDER_FILES` files) is named in a warning."""
+"""A folder this large (or with ``LARGE_FOLDER_FILES`` files) is named in a warning."""
 LARGE_FOLDER_FILES = 20_000
 WINDOW = 64
 """Hosts copied to at once."""
@@ -246,7 +246,7 @@ def push(snapshot: Snapshot, stream: Stream) -> SyncDone:
 
 
 class _Batched:
-    """Writes gathered into about :data:`CHUNK` bytes each.
+    """Writes gathered into about ``CHUNK`` bytes each.
 
     Thousands of small files then cost a few large channel writes, not thousands of small ones.
     """
@@ -276,7 +276,7 @@ def copy_over_ssh(
     snapshot: Snapshot,
     timeout: float,
 ) -> SyncDone:
-    """:func:`push` to the host's ``python -m torchrunx.sync_host``, in a channel of its own."""
+    """``push()`` to the host's ``python -m torchrunx.sync_host``, in a channel of its own."""
     command = agent_command(python.path, ".", module="torchrunx.sync_host")
     remote = RemoteCommand(connection, command, timeout)
     try:

@@ -12,7 +12,7 @@ The host keeps one copy per launcher machine and folder under ``~/.cache/torchru
 (private to its user), each with an index of what earlier offers wrote (``<copy>.index``): what
 the runs wrote into the copy themselves is left alone, and a file is replaced atomically. One
 offer at a time per copy (a lock file beside it). This module also owns what both ends share:
-:class:`SyncError` and the frames a content travels in (:data:`CHUNK_HEAD`). It imports none of
+``SyncError`` and the frames a content travels in (``CHUNK_HEAD``). It imports none of
 the launcher's side: a host receiving a copy loads this, the messages, and the standard library.
 """
 
@@ -98,7 +98,7 @@ class _Copy:
 
 
 def receive(stdin: BinaryIO, stdout: BinaryIO) -> None:
-    """Answer one offer on ``stdin``/``stdout``: the host's end of :func:`push`."""
+    """Answer one offer on ``stdin``/``stdout``: the host's end of ``push()``."""
     offer = parse(SyncOffer, stdin.readline())
     files = [_checked_path(f) for f in offer.files]
     copies = cache_folder() / "copies"

@@ -452,7 +452,7 @@ class _RecordsToStderr(logging.Handler):
     """Writes each record as one marked line of stderr, in order with what the worker prints."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write ``record`` (see :func:`torchrunx.logs.record_line`), unless it is written."""
+        """Write ``record`` (see ``torchrunx.logs.record_line()``), unless it is written."""
         try:
             if _on_the_terminal_already(record):
                 return

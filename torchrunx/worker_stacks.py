@@ -6,10 +6,10 @@
     agent ── "?" on fd 3 ───────► listen's thread: "torchrunx: last collective ..." ──────► fd 3
     agent ── "!" on fd 3 ───────► listen's thread: the preemption notice (preempted() True)
 
-:func:`enable_dumps` installs faulthandler's handler, written in C: the worker answers even when
-its main thread is blocked in C. :func:`listen` starts a thread that takes the notice and
-answers each question with one line from torch's flight recorder (:func:`last_collective`).
-What the agent does with them is in :mod:`torchrunx.stacks`, which owns the signal and the
+``enable_dumps()`` installs faulthandler's handler, written in C: the worker answers even when
+its main thread is blocked in C. ``listen()`` starts a thread that takes the notice and
+answers each question with one line from torch's flight recorder (``last_collective()``).
+What the agent does with them is in ``torchrunx.stacks``, which owns the signal and the
 channel's fd.
 """
 
@@ -30,7 +30,7 @@ from .stacks import ASK, COLLECTIVE, NOTICE, STACK_FD, STACK_SIGNAL
 
 
 def enable_dumps() -> None:
-    """In a worker: dump every thread's stack to :data:`STACK_FD` on :data:`STACK_SIGNAL`.
+    """In a worker: dump every thread's stack to ``STACK_FD`` on ``STACK_SIGNAL``.
 
     And as it dies of a fatal signal (a segfault, an abort such as NCCL's watchdog's): the
     agent reads that last dump when the worker is gone, so a death says where it happened.
@@ -42,7 +42,7 @@ def enable_dumps() -> None:
 def record_collectives() -> None:
     """Before the process group is made: torch's flight recorder keeps the last 2000 collectives.
 
-    What :func:`last_collective` reads; the agent, which never imports torch, cannot tell which
+    What ``last_collective()`` reads; the agent, which never imports torch, cannot tell which
     name this torch reads. A torch whose recorder serves every backend (it has
     ``_dump_fr_trace``) reads ``TORCH_FR_BUFFER_SIZE`` and warns that the older name is
     deprecated; an older one reads ``TORCH_NCCL_TRACE_BUFFER_SIZE`` alone. It is read once, as
@@ -57,10 +57,10 @@ def record_collectives() -> None:
 
 
 def listen() -> None:
-    """In a worker: take the agent's bytes on :data:`STACK_FD`, in a thread of its own.
+    """In a worker: take the agent's bytes on ``STACK_FD``, in a thread of its own.
 
-    :data:`NOTICE` is the preemption notice (``torchrunx.preempted()`` turns True);
-    :data:`ASK` is answered with a line (:data:`COLLECTIVE`) naming the last collective the
+    ``NOTICE`` is the preemption notice (``torchrunx.preempted()`` turns True);
+    ``ASK`` is answered with a line (``COLLECTIVE``) naming the last collective the
     worker entered, read from torch's flight recorder when the agent asks, so it costs nothing
     until then. A notice already waiting (a run started after it) is taken before this returns.
     """

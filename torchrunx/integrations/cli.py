@@ -8,7 +8,7 @@
 
 The one source of the options: each field's type says how it is written on a command line (a
 number, words, ``NAME=VALUE`` pairs, ...) and its docstring is its help, so a new field has its
-option without anyone writing it. The ``torchrunx`` command (:mod:`torchrunx.command`) and this
+option without anyone writing it. The ``torchrunx`` command (``torchrunx.command``) and this
 group are the same options. (With tyro, ``tyro.cli(torchrunx.Launcher)`` reads the same
 docstrings.)
 """
@@ -68,7 +68,7 @@ def field_help() -> dict[str, str]:
 
 
 def plain(text: str) -> str:
-    """Docstring markup as plain text: ``x`` and :class:`~a.B` become x and B, on one line."""
+    """Docstring markup as plain text: ``x`` and ``B`` become x and B, on one line."""
     text = re.sub(r":[a-z]+:`~?(?:[\w.]+\.)?([^`]+)`", r"\1", text)
     return " ".join(text.replace("``", "").split())
 
@@ -96,7 +96,7 @@ def add_torchrunx_argument_group(parser: argparse.ArgumentParser) -> argparse._A
 
 
 def launcher_from_args(args: argparse.Namespace, **overrides: Any) -> Launcher:
-    """The :class:`Launcher` the options describe; bad values raise as the Launcher does."""
+    """The ``Launcher`` the options describe; bad values raise as the Launcher does."""
     values = dict(overrides)
     for f in fields():
         dest = f"torchrunx_{f.name}"

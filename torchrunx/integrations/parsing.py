@@ -1,4 +1,4 @@
-"""torchrunx 0.4's documented path to :mod:`torchrunx.integrations.cli` (the same module).
+"""torchrunx 0.4's documented path to ``torchrunx.integrations.cli`` (the same module).
 
 ::
 

@@ -4,8 +4,8 @@ A message is a frozen dataclass whose class names its ``KIND``. On a ZeroMQ sock
 ``[kind, header, *buffers]``: ``header`` is the JSON of its fields (plain data, never a pickle: a
 header is read before anything is trusted) and ``buffers`` are opaque bytes (pickles and their
 out-of-band buffers) that only the launcher and the workers unpickle. Between agent and
-forkserver the same header rides a local socket (:mod:`.unix`). Decoding checks every field's
-type; a message that does not fit raises :class:`WireError` and is dropped by its reader.
+forkserver the same header rides a local socket (``.unix``). Decoding checks every field's
+type; a message that does not fit raises ``WireError`` and is dropped by its reader.
 
 =============  ==========================  ====================================================
 kind           sent                        carries
@@ -48,7 +48,7 @@ sync-done      host → launcher             where its copy of the folder is, wh
 =============  ==========================  ====================================================
 
 The ``sync-*`` messages travel as JSON lines over an SSH channel of their own, before the agent
-starts and again before a run whose folder changed (:mod:`torchrunx.sync`).
+starts and again before a run whose folder changed (``torchrunx.sync``).
 """
 
 from __future__ import annotations
@@ -144,11 +144,11 @@ Stream = Literal["stdout", "stderr"]
 Level = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 """A ``logging`` level, by name."""
 AskFor = Literal["stacks", "status"]
-"""What a :class:`Dump` asks of a run's live workers."""
+"""What a ``Dump`` asks of a run's live workers."""
 RankState = Literal["starting", "running", "returned", "failed", "cleared"]
 """Where a rank is in its run (``cleared``: the run has ended everywhere)."""
 DebugState = Literal["output", "prompt", "over", "quit", "skipped", "completions"]
-"""What a rank's debugger session does now (see :class:`Debug`)."""
+"""What a rank's debugger session does now (see ``Debug``)."""
 
 M = TypeVar("M", bound="Message")
 T = TypeVar("T")
@@ -261,7 +261,7 @@ class WorkerSlot:
 
 @dataclass(frozen=True)
 class DebugSettings:
-    """What a ``breakpoint()`` in a worker does (see :mod:`torchrunx.debugger`)."""
+    """What a ``breakpoint()`` in a worker does (see ``torchrunx.debugger``)."""
 
     terminal: bool  # the launcher's stdin is a terminal: a session opens there; else it is skipped
     ranks: tuple[int, ...] | None  # the ranks that may stop; None: every rank
@@ -273,7 +273,7 @@ class Devices:
     """A run's share of its host, in a sweep: slots ``slots`` of the host's ``of``.
 
     A slot is a GPU on a host that has them, else a group of its cores (see
-    :mod:`torchrunx.placement`).
+    ``torchrunx.placement``).
     """
 
     slots: tuple[int, ...]
@@ -301,7 +301,7 @@ class RunSpec:
     local_world_size: int
     workers: tuple[WorkerSlot, ...]
     debug: DebugSettings
-    trace: bool = False  # its workers and agent time their phases (:class:`Phases`)
+    trace: bool = False  # its workers and agent time their phases (``Phases``)
     copy: str = ""  # this host's copy of sync_dir, if it has one ...
     copied_from: str = ""  # ... and that folder on the launcher's machine
     preempt_signals: tuple[str, ...] = ()  # a worker that gets one takes note, and lives on
@@ -402,7 +402,7 @@ class Died(Message):
 class Dump(Message):
     """Dump the stacks of the run's live workers, or (``what="status"``) say how each is.
 
-    ``request`` names the answer (:class:`Stacks` or :class:`Status`).
+    ``request`` names the answer (``Stacks`` or ``Status``).
     """
 
     KIND = "dump"
@@ -457,7 +457,7 @@ def _size(n: int) -> str:
 
 @dataclass(frozen=True)
 class Status(Message):
-    """The status of the run's ranks on one host, for a :class:`Dump` with ``what="status"``."""
+    """The status of the run's ranks on one host, for a ``Dump`` with ``what="status"``."""
 
     KIND = "status"
     run: str
@@ -469,7 +469,7 @@ class Status(Message):
 class Stacks(Message):
     """The stacks of the run's live workers on one host; ``silent``: ranks that did not answer.
 
-    Sent for a :class:`Dump` (its ``request``), and unasked (``request=None``) when the run
+    Sent for a ``Dump`` (its ``request``), and unasked (``request=None``) when the run
     fails or is cancelled, before its processes are killed: the autopsy.
     """
 
@@ -508,7 +508,7 @@ class Preload(Message):
 
 @dataclass(frozen=True)
 class Preloaded(Message):
-    """What a :class:`Preload` did; ``unsafe``: the module after which forking is not safe."""
+    """What a ``Preload`` did; ``unsafe``: the module after which forking is not safe."""
 
     KIND = "preloaded"
     imported: tuple[str, ...]
@@ -535,7 +535,7 @@ class Fork(Message):
     endpoint: str  # the agent's socket for its workers
     launcher: str  # the launcher's socket, for direct results
     payload_sizes: tuple[int, ...]
-    learn: bool = False  # rank 0 of the host says what it imported (:class:`Imported`)
+    learn: bool = False  # rank 0 of the host says what it imported (``Imported``)
 
 
 @dataclass(frozen=True)
@@ -636,10 +636,10 @@ class Ack(Message):
 class Debug(Message):
     """A rank's debugger session: what pdb wrote since, and what it does now (``state``).
 
-    ``output``: more will come; ``prompt``: pdb waits for a line (:class:`DebugInput`);
+    ``output``: more will come; ``prompt``: pdb waits for a line (``DebugInput``);
     ``over``: the rank goes on (``c``), the terminal is free; ``quit``: the run is to end
     (``text``: how); ``skipped``: a breakpoint was skipped (``text``: the warning, which the
-    agent sends on as its own); ``completions``: the answer to a :class:`DebugInput` that asked
+    agent sends on as its own); ``completions``: the answer to a ``DebugInput`` that asked
     for them (``text``: one per line), while pdb still waits for its line.
     ``why``: why the rank stopped (``breakpoint() at train.py:12``), in a session's first message.
     """
@@ -658,7 +658,7 @@ class DebugInput(Message):
     """A line typed at a rank's prompt; ``None``: the input ended (EOF at the prompt).
 
     With ``complete`` (where the word to complete begins in ``line``, the line up to the
-    cursor): not a line but Tab, answered by a ``completions`` :class:`Debug`.
+    cursor): not a line but Tab, answered by a ``completions`` ``Debug``.
     """
 
     KIND = "debug-input"
@@ -745,7 +745,7 @@ def encode(message: Message, *buffers: Buffer) -> list[Buffer]:
 
 
 def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Message, list[zmq.Frame | bytes]]:
-    """The message in ``frames`` and its buffers; raises :class:`WireError` if it does not fit."""
+    """The message in ``frames`` and its buffers; raises ``WireError`` if it does not fit."""
     if len(frames) < 2:
         msg = f"a message has at least 2 frames, got {len(frames)}"
         raise WireError(msg)
@@ -851,7 +851,7 @@ def _container(tp: Any, origin: type) -> Converter:
 def json_line(message: Message) -> bytes:
     """``message`` as one line of JSON: how it travels on a byte stream (stdin, an SSH channel).
 
-    :func:`parse` reads it back.
+    ``parse()`` reads it back.
     """
     return json.dumps(to_json(message), separators=(",", ":")).encode() + b"\n"
 
@@ -862,7 +862,7 @@ def worker_identity(run: str, local_rank: int) -> bytes:
 
 
 def parse_worker_identity(identity: bytes) -> tuple[str, int]:
-    """The run and local rank of a :func:`worker_identity`; :class:`WireError` if not one."""
+    """The run and local rank of a ``worker_identity()``; ``WireError`` if not one."""
     run, _, local_rank = identity.decode(errors="replace").rpartition(":")
     if not run or not local_rank.isdigit():
         msg = f"not a worker's identity: {identity!r}"

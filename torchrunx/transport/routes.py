@@ -1,7 +1,7 @@
 """Which addresses connect this machine and a host, from the routing table (nothing is sent).
 
 The launcher needs both ends: the host's agent reaches the launcher at ours, and the launcher
-names the host's address to the others. :mod:`torchrunx.transport.ssh` asks it for connections
+names the host's address to the others. ``torchrunx.transport.ssh`` asks it for connections
 through a proxy (whose socket says neither), the pool for hosts reached with srun.
 """
 

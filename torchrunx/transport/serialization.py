@@ -132,5 +132,5 @@ def dumps(obj: object) -> list[Buffer]:
 
 
 def loads(frames: Sequence[Buffer]) -> Any:
-    """Inverse of :func:`dumps`; ``frames[1:]`` become the out-of-band buffers."""
+    """Inverse of ``dumps()``; ``frames[1:]`` become the out-of-band buffers."""
     return pickle.loads(frames[0], buffers=frames[1:])  # noqa: S301 -- authenticated peers only

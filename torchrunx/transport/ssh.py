@@ -308,7 +308,7 @@ class Interpreter:
 
 
 def explain_exit(hostname: str, code: int, interpreter: Interpreter, cwd: str) -> str | None:
-    """What the exit code of :func:`agent_command` means, for the codes it defines."""
+    """What the exit code of ``agent_command()`` means, for the codes it defines."""
     python = interpreter.path
     if code == _NO_DIRECTORY:
         return (

@@ -1,7 +1,7 @@
 """Messages over a local stream socket (agent <-> forkserver), with file descriptors attached.
 
 On the wire: ``!III`` (kind, header and payload lengths), the kind, the JSON header of a typed
-message (:mod:`.messages`) and a payload. File descriptors ride with the first bytes
+message (``.messages``) and a payload. File descriptors ride with the first bytes
 (``SCM_RIGHTS``). Both ends are our own processes on one host, connected by ``socketpair``:
 nobody else can speak here.
 """

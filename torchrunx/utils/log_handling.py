@@ -1,4 +1,4 @@
-"""torchrunx 0.4's path to the logging helpers; they live in :mod:`torchrunx.logs`.
+"""torchrunx 0.4's path to the logging helpers; they live in ``torchrunx.logs``.
 
 ::
 
