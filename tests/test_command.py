@@ -206,3 +206,18 @@ def test_scripts_of_another_project_run_as_under_torchrun(tmp_path: Path, script
         assert "testing sending tensors across devices" in logs
     else:
         assert "**Test reinstantiated state**" in logs
+
+
+def test_a_script_of_another_project_on_the_test_hosts(cluster: Cluster, tmp_path: Path) -> None:
+    done = torchrunx_command(
+        "--hostnames", *cluster.hostnames[:2],
+        "--workers-per-host", "1",
+        "--ssh-config-file", str(cluster.ssh_config),
+        "--extra-env-vars", "ACCELERATE_USE_CPU=1",
+        "-m", "accelerate.test_utils.scripts.test_ops",
+        cwd=tmp_path, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (folder,) = (tmp_path / "logs").iterdir()
+    for host in cluster.hostnames[:2]:
+        assert "testing sending tensors across devices" in (folder / f"{host}[0].log").read_text()
