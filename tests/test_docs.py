@@ -95,6 +95,12 @@ def test_the_api_page_has_every_public_name_and_field(site: str, browser: Browse
             assert f"torchrunx.Launcher.{field.name}" in anchors, field.name
     for method in ("run", "submit", "view", "sweep", "close"):
         assert f"torchrunx.Launcher.{method}" in anchors, method
+    for error, attribute in [
+        ("WorkerFailedError", "signal_name"), ("WorkerFailedError", "last_lines"),
+        ("AgentFailedError", "hostname"), ("PreemptedError", "partial_results"),
+        ("NotRunError", "reason"), ("DebuggerQuitError", "rank"),
+    ]:  # fmt: skip
+        assert f"torchrunx.{error}.{attribute}" in anchors, (error, attribute)
     text = article_text(browser)
     assert "Seconds an agent may take to start" in text  # agent_timeout's docstring
     assert ":class:" not in text  # no reST markup leaks into the page

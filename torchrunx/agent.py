@@ -60,6 +60,7 @@ from .transport.messages import (
     Exited,
     Fork,
     Forked,
+    Go,
     Heartbeat,
     Hello,
     Imported,
@@ -181,6 +182,11 @@ class Agent:
             self.pump.on_credit(message.bytes)
         elif isinstance(message, Notice):
             self.on_notice()
+        elif isinstance(message, Go) and (run := self.runs.get(message.run)) is not None:
+            # to the workers connected now, the others as they connect; as buffers: sent again
+            run.go = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
+            for local_rank in run.connected:
+                self.to_worker(run, local_rank, message, *run.go)
         elif isinstance(message, (Rendezvous, Cancel, Dump, DebugInput)):
             run = self.runs.get(message.run)
             if run is not None:
@@ -299,6 +305,8 @@ class Agent:
             run.connected.add(worker.slot.local_rank)
             if run.rendezvous is not None:
                 self.to_worker(run, worker.slot.local_rank, run.rendezvous)
+            if run.go is not None:
+                self.to_worker(run, worker.slot.local_rank, Go(run.id), *run.go)
         elif isinstance(message, Port):
             self.send(Port(run=run.id, port=message.port))
         elif isinstance(message, (Result, Raised, Unpicklable)):
@@ -341,9 +349,10 @@ class Agent:
             self.cancel(run)
         self.to_worker(run, slot.local_rank, Ack())
 
-    def to_worker(self, run: HostRun, local_rank: int, message: Message) -> None:
+    def to_worker(self, run: HostRun, local_rank: int, message: Message, *frames: Any) -> None:
         with contextlib.suppress(zmq.ZMQError):
-            self.workers.send_multipart([worker_identity(run.id, local_rank), *encode(message)])
+            identity = worker_identity(run.id, local_rank)
+            self.workers.send_multipart([identity, *encode(message, *frames)], copy=False)
 
     # ---- teardown
 

@@ -134,6 +134,8 @@ def _state(run: HostRun, worker: WorkerProcess) -> RankState:
         return worker.outcome or "failed"
     if worker.pid is None or worker.slot.local_rank not in run.connected:
         return "starting"
+    if run.spec is not None and run.spec.standby and run.go is None:
+        return "standby"  # ready, its function not come yet
     return "running"
 
 

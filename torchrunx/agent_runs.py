@@ -17,6 +17,7 @@ __all__ = ["HostRun", "WorkerProcess"]
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -67,6 +68,7 @@ class HostRun:
     key: str = ""  # its setup (see agent_forkservers.setup_key)
     fork_sent: float = 0.0  # seconds since 1970, for its trace
     forkserver_pid: int = 0  # the parent of its workers
+    go: list[Any] | None = None  # a standby run's function, once it came: for each worker
 
     def phases(self) -> tuple[Phase, ...]:
         """Each worker's fork and teardown, as this agent saw them (for the run's trace)."""

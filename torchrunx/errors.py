@@ -31,6 +31,7 @@ class AgentFailedError(TorchrunxError):
     def __init__(self, message: str, *, hostname: str | None = None) -> None:
         super().__init__(message)
         self.hostname = hostname
+        """The host whose agent failed (``None`` where no one host is to blame)."""
 
 
 class WorkerFailedError(TorchrunxError):
@@ -52,11 +53,17 @@ class WorkerFailedError(TorchrunxError):
     ) -> None:
         super().__init__(message)
         self.hostname = hostname
+        """The worker's host."""
         self.rank = rank
+        """The worker's global rank."""
         self.local_rank = local_rank
+        """Its rank on its host."""
         self.exitcode = exitcode
+        """Its exit status, if it exited (``sys.exit``, ``os._exit``)."""
         self.signal_name = signal_name
+        """The signal that killed it (``"SIGKILL"``, ``"SIGSEGV"``), if one did."""
         self.last_lines = last_lines
+        """The last lines it wrote to stdout and stderr."""
 
 
 class DebuggerQuitError(TorchrunxError):
@@ -65,7 +72,9 @@ class DebuggerQuitError(TorchrunxError):
     def __init__(self, message: str, *, hostname: str, rank: int) -> None:
         super().__init__(message)
         self.hostname = hostname
+        """The host of the rank whose prompt ended the run."""
         self.rank = rank
+        """That rank."""
 
 
 class RemoteTraceback(Exception):  # noqa: N818 -- named as in concurrent.futures.process
@@ -97,7 +106,9 @@ class PreemptedError(TorchrunxError):
     ) -> None:
         super().__init__(message)
         self.signals = signals
+        """Which signal reached which host (``"launcher"``: this process)."""
         self.partial_results = partial_results
+        """What the ranks that returned within the grace returned, by rank."""
 
 
 class NotRunError(TorchrunxError):
@@ -110,3 +121,4 @@ class NotRunError(TorchrunxError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+        """``"closed"``, ``"cancelled"``, ``"preempted"``, or why no host was left."""

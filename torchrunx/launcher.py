@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from .result import LaunchResult
-    from .runs import RunHandle
+    from .runs import RunHandle, Statuses
     from .transport.messages import Devices
 
     _MaybePool: TypeAlias = AgentPool | None
@@ -158,6 +158,11 @@ class Launcher:
     """Inside a SLURM job: once a preempted run has ended, requeue the job (scontrol
     requeue), so that a job warned of its time limit (--signal) starts again, as one
     preempted by a partition is requeued by SLURM itself."""
+    standby: bool = True
+    """Once a run has ended, fork the next run's workers and make their process group, so
+    that a later run of the same hosts, workers and environment only sends its function. They
+    are fresh processes no run has touched; they use no CPU while they wait, and hold their
+    memory (and, with GPUs, a CUDA context each). False: every run forks its workers."""
 
     handler_factory: HandlerFactory | Literal["auto"] | None = field(
         default="auto", init=False, repr=False
@@ -377,8 +382,17 @@ class Launcher:
             max_restarts=self.max_restarts,
             restart_on=tuple(self.restart_on),
             devices=devices,
+            keep_standby=self.standby and view is None and devices is None,
         )
-        return Run.submit(pool, payload, options)
+        ready = pool.standby.take(options, payload) if options.keep_standby else None
+        return ready or Run.submit(pool, payload, options)
+
+    def standby_status(self, timeout: float = 5.0) -> Statuses | None:
+        """The standby workers (see ``standby``): their hosts, pids, memory, GPU memory.
+
+        Their ``state`` is ``"standby"`` once ready. None: there are none now.
+        """
+        return None if self._pool is None else self._pool.standby.status(timeout)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .hosts import in_slurm_job, is_local, requeue_job, route_to, slurm_hostname
 from .links import AgentHandle
 from .preemption import LauncherSignals
 from .roster import Roster
+from .standby import Standby
 from .sync import Copies, Folder, Placement, Reach, SyncError
 from .transport.messages import PROTOCOL_VERSION, Boot, json_line
 from .transport.ssh import (
@@ -106,6 +107,7 @@ class AgentPool:
         self.local_address: str | None = None  # ours, as remote hosts see it
         self.runs: weakref.WeakSet[Run] = weakref.WeakSet()  # in flight (see close)
         self.sweeps: weakref.WeakSet[Any] = weakref.WeakSet()  # the Sweeps on these agents
+        self.standby = Standby(self)  # the next run's workers, ready (Launcher.standby)
         self.roster = Roster(self.hostnames, config.spares)  # who gets ranks; under the lock
         self._reviving: set[int] = set()  # lost hosts whose agent is being tried again
         self.lock = threading.Lock()
@@ -441,6 +443,7 @@ class AgentPool:
 
     def close(self) -> None:
         """Cancel the runs in flight, stop every agent and the controller."""
+        self.standby.close()  # first: no run's end may make another
         for run in list(self.runs):
             run.handle.cancel()
         self._finalizer()

@@ -39,7 +39,7 @@ from .logs import RunFilesHandler, emit_batch, log_level_from_env
 from .outcome import add_note, resolve
 from .result import LaunchResult
 from .run_state import RunState
-from .transport.messages import DebugInput, DebugSettings, Devices, RunSpec, WorkerSlot
+from .transport.messages import DebugInput, DebugSettings, Devices, Go, RunSpec, WorkerSlot
 
 if TYPE_CHECKING:
     import logging
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
 FunctionR = TypeVar("FunctionR")
 
+_EARLY_CHUNKS = 1000  # what standby workers may write before their run: kept until it comes
 CANCEL_TIMEOUT_S = 15.0
 """How long ``cancel()`` waits for the run's processes to be gone everywhere."""
 
@@ -74,13 +75,29 @@ class RunOptions:
     max_restarts: int = 0  # attempts after the first, on fresh workers
     restart_on: tuple[type[BaseException], ...] = ()  # the failures that start one
     devices: Devices | None = None  # a sweep's run: its share of its (one) host
+    keep_standby: bool = False  # once it has ended, the next run's workers are made ready
+
+    def alike(self, other: RunOptions) -> bool:
+        """Whether a run of ``other`` would be made as one of these (log handlers aside)."""
+        mine = dataclasses.replace(self, handlers=_no_handlers)
+        return mine == dataclasses.replace(other, handlers=_no_handlers)
+
+
+def _no_handlers(_hostnames: list[str], _workers: list[int]) -> list[logging.Handler]:
+    return []
 
 
 class Run:
     """One run of a function on a pool's agents, from ``submit`` to its value or exception."""
 
-    def __init__(self, pool: AgentPool, options: RunOptions, payload: list[Any]) -> None:
+    def __init__(
+        self, pool: AgentPool, options: RunOptions, payload: list[Any], *, standby: bool = False
+    ) -> None:
         self.id = uuid.uuid4().hex[:12]
+        self.waiting = standby  # standby workers, their function not given yet (see standby.py)
+        self.from_standby = standby
+        self._early: list[Chunk] = []  # what standby workers wrote before their function came
+        self._basis: tuple[Any, ...] = ()  # what its specs were made of, beside its options
         self.pool = pool
         self.options = options
         self.payload = payload  # (function, args, kwargs), pickled once: frames for every host
@@ -108,7 +125,7 @@ class Run:
         indexes, agents = self.pool.agents_of(self.hostnames)
         workers = workers_per_host(self.options.workers_per_host, agents)
         _check_debug_ranks(self.options.debug, sum(workers))
-        self._handlers = self.options.handlers(self.hostnames, workers)
+        self._handlers = [] if self.waiting else self.options.handlers(self.hostnames, workers)
         self._submitted = time.time()
         self._agent_starts = self.pool.starts_for_run(agents)
         self.state = state = RunState(self.id, agents, workers, secrets.token_hex(16), self)
@@ -128,6 +145,7 @@ class Run:
         backend = _backend(options.backend, state.agents)
         traced = trace.folder() is not None
         places = {i: pool.placement(i) for i in indexes}
+        self._basis = (traced, log_level_from_env(), tuple(places.values()))
         return [
             RunSpec(
                 run=self.id,
@@ -154,6 +172,7 @@ class Run:
                 attempt=self.attempt,
                 max_restarts=options.max_restarts,
                 devices=options.devices,
+                standby=self.waiting,
             )
             for g, (i, n) in enumerate(zip(indexes, state.workers_per_host, strict=True))
         ]
@@ -161,8 +180,37 @@ class Run:
     # ---- while it runs (controller thread: see controller.RunEvents)
 
     def output(self, chunk: Chunk) -> None:
-        """Output of the run's workers: to its handlers."""
-        emit_batch(self._handlers, chunk)
+        """Output of the run's workers: to its handlers (standby: once it has them)."""
+        if self.waiting:
+            self._early = [*self._early[-_EARLY_CHUNKS:], chunk]
+        else:
+            emit_batch(self._handlers, chunk)
+
+    # ---- a standby run (see standby.py)
+
+    def activate(self, payload: list[Any], options: RunOptions) -> bool:
+        """Give standby workers their function, if a run of ``options`` would be this one."""
+        state = self.state
+        indexes, _ = self.pool.agents_of(self.hostnames)
+        basis = (trace.folder() is not None, log_level_from_env())
+        places = tuple(self.pool.placement(i) for i in indexes)
+        if state is None or not options.alike(self.options) or (*basis, places) != self._basis:
+            return False
+        self.payload, self.options = payload, options
+        self._handlers = options.handlers(self.hostnames, state.workers_per_host)
+        self._submitted = time.time()
+        self.pool.controller.on_thread(self._go, state)
+        return True
+
+    def _go(self, state: RunState) -> None:
+        """(controller thread) The function to every host; what came before it, to the logs."""
+        self.waiting = False
+        early, self._early = self._early, []
+        for chunk in early:
+            emit_batch(self._handlers, chunk)
+        for agent in state.agents:
+            if agent.failure is None:
+                self.pool.controller.send(agent, Go(self.id), *self.payload)
 
     def debug(self, agent: AgentHandle, message: Debug) -> None:
         """A rank's debugger output goes to the terminal; the lines typed there go back to it."""
@@ -208,6 +256,10 @@ class Run:
         state = self.state
         assert state is not None  # noqa: S101 -- only a started run ends
         self._close_attempt(state)
+        if self.waiting:  # standby workers that never had a function: nobody waits on it
+            self.pool.standby.lost(self, cancelled=self._cancelled)
+            self.handle.conclude(error=RuntimeError("standby workers ended before their run"))
+            return
         try:
             value = resolve(
                 state.failures,
@@ -223,6 +275,13 @@ class Run:
             value.restarts = list(self.restarts)
             self._over()
             self.handle.conclude(value)
+
+    def _over(self) -> None:
+        # it will not start again: its frames go now, not with the garbage collector (which
+        # cannot clear a memoryview that still exports its buffer to another)
+        self.payload = []
+        if self.options.keep_standby and not self._cancelled:  # the next run's workers, now
+            self.pool.standby.prepare(self.options)
 
     def _close_attempt(self, state: RunState) -> None:
         """Its processes are gone everywhere: its logs closed, its trace written."""
@@ -240,6 +299,7 @@ class Run:
             span=(min([self._submitted, *began]), time.time()),
             agents=self._agent_starts,
             attempt=self.attempt,
+            path="standby" if self.from_standby and not self.attempt else "fresh",
         )
 
     def _failed(self, error: BaseException) -> None:
@@ -278,10 +338,6 @@ class Run:
             and not isinstance(error, PreemptedError)
         )
 
-    def _over(self) -> None:
-        # it will not start again: its frames go now, not with the garbage collector (which
-        # cannot clear a memoryview that still exports its buffer to another)
-        self.payload = []
 
 
 def _earlier(run: Run) -> str:

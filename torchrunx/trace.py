@@ -41,11 +41,13 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     span: tuple[float, float],
     agents: list[tuple[float, float]],
     attempt: int = 0,
+    path: str = "fresh",
 ) -> Path | None:
     """Write the run's trace; its path (None without ``TORCHRUNX_TRACE``, or if it failed).
 
     ``agents``: each host's agent start (spawned, said hello), if it started for this run.
     ``attempt``: restarts before this one (``<run id>.attemptN.json`` after the first).
+    ``path``: how its workers came: ``"fresh"`` (forked for it) or ``"standby"`` (ready before).
     """
     where = folder()
     if where is None:
@@ -55,6 +57,7 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     _hosts(timeline, hostnames, agents, host_of)
     launcher = len(hostnames)
     title = f"launcher, attempt {attempt + 1}" if attempt else "launcher"
+    title += f" ({path} workers)"
     timeline.name("process_name", launcher, None, title)
     timeline.span("run", (launcher, 0), span)
     last_end: dict[int, float] = {}
@@ -69,11 +72,12 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     events = timeline.events
     try:
         where.mkdir(parents=True, exist_ok=True)
-        path = where / (f"{run_id}.json" if not attempt else f"{run_id}.attempt{attempt + 1}.json")
-        path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+        name = f"{run_id}.json" if not attempt else f"{run_id}.attempt{attempt + 1}.json"
+        content = {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"path": path}}
+        (where / name).write_text(json.dumps(content))
     except OSError:
         return None
-    return path
+    return where / name
 
 
 def _hosts(

@@ -48,6 +48,7 @@ from .transport.messages import (
     DebugInput,
     DirectResult,
     Fork,
+    Go,
     Imported,
     Message,
     Phase,
@@ -124,6 +125,7 @@ class _Rank:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, _ACK_TIMEOUT_MS)
         self.sock.setsockopt(zmq.IDENTITY, worker_identity(spec.run, self.local_rank))
+        self._go: list[Any] | None = None  # a standby run's function, once it came
 
     def execute(self, payload: memoryview) -> int:
         """Set up, call the function, send back its outcome; the process's exit code."""
@@ -139,11 +141,18 @@ class _Rank:
         try:
             with clock.phase("rendezvous"):
                 store = self._rendezvous()
-            with clock.phase("unpickle"):
-                fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
-            if self.spec.backend is not None:
-                with clock.phase("process group"):
-                    self._init_process_group(store, gpu)
+            if self.spec.standby:  # ready first; the function comes when the run is asked for
+                self._get_ready(store, gpu)
+                with clock.phase("standby"):
+                    frames = self._wait_for_go()
+                with clock.phase("unpickle"):
+                    fn, args, kwargs = serialization.loads(frames)
+            else:
+                with clock.phase("unpickle"):
+                    fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
+                if self.spec.backend is not None:
+                    with clock.phase("process group"):
+                        self._init_process_group(store, gpu)
             with clock.phase("function"):
                 value = fn(*args, **kwargs)
             self._report_imports()
@@ -263,11 +272,35 @@ class _Rank:
             **extra,
         )
 
+    def _get_ready(self, store: Any, gpu: _GpuWarmUp | None) -> None:
+        """A standby worker's set-up: its process group, and NCCL's communicator made now."""
+        if self.spec.backend is None:
+            return
+        with self.clock.phase("process group"):
+            self._init_process_group(store, gpu)
+        if self.spec.backend == "nccl":  # its communicator is made at the first collective
+            import torch  # noqa: PLC0415
+            import torch.distributed as dist  # noqa: PLC0415
+
+            with self.clock.phase("warm-up"):
+                dist.all_reduce(torch.zeros(1, device=f"cuda:{self.local_rank}"))
+                torch.cuda.synchronize()
+
+    def _wait_for_go(self) -> list[Any]:
+        """The function, pickled, when the launcher hands this standby worker its run."""
+        while self._go is None:
+            self._recv(Go)
+        return self._go
+
     def _recv(self, expected: type[M]) -> M:
         while True:
-            message, _ = decode(self.sock.recv_multipart())
+            message, frames = decode(self.sock.recv_multipart(copy=False))
+            if isinstance(message, Go):  # may come before the rendezvous: kept for later
+                self._go = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
             if isinstance(message, expected):
                 return message
+            if isinstance(message, Go):
+                continue
             if not isinstance(message, Rendezvous):  # rank 0 hears of its own port: no news
                 msg = f"worker expected {expected.KIND!r} from its agent, got {message.KIND!r}"
                 raise TypeError(msg)

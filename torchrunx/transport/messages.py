@@ -74,6 +74,7 @@ __all__ = [
     "Exited",
     "Fork",
     "Forked",
+    "Go",
     "Heartbeat",
     "Hello",
     "HostFacts",
@@ -145,7 +146,7 @@ Level = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 """A ``logging`` level, by name."""
 AskFor = Literal["stacks", "status"]
 """What a ``Dump`` asks of a run's live workers."""
-RankState = Literal["starting", "running", "returned", "failed", "cleared"]
+RankState = Literal["starting", "standby", "running", "returned", "failed", "cleared"]
 """Where a rank is in its run (``cleared``: the run has ended everywhere)."""
 DebugState = Literal["output", "prompt", "over", "quit", "skipped", "completions"]
 """What a rank's debugger session does now (see ``Debug``)."""
@@ -308,6 +309,7 @@ class RunSpec:
     attempt: int = 0  # restarts of the run before this one (not in env: see setup_key)
     max_restarts: int = 0
     devices: Devices | None = None  # a sweep's run: its own GPUs or cores; None: the host's
+    standby: bool = False  # forked ahead of its run: the function comes later, with Go
 
 
 @dataclass(frozen=True)
@@ -324,6 +326,18 @@ class Credit(Message):
 
     KIND = "credit"
     bytes: int
+
+
+@dataclass(frozen=True)
+class Go(Message):
+    """A standby run's function: call it now; buffers: the pickled ``(fn, args, kwargs)``.
+
+    Launcher → agent → each of the run's workers, which wait for it with their process group
+    made (see ``RunSpec.standby``).
+    """
+
+    KIND = "go"
+    run: str
 
 
 @dataclass(frozen=True)
