@@ -70,6 +70,7 @@ EXAMPLES: list[Message] = [
     messages.Notice(),
     Run(SPEC),
     messages.Credit(4096),
+    messages.Go("r1"),
     messages.Cancel("r1"),
     messages.Rendezvous("r1", 29500),
     messages.Cleared("r1"),
