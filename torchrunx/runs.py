@@ -285,10 +285,12 @@ class Run:
 
     def _close_attempt(self, state: RunState) -> None:
         """Its processes are gone everywhere: its logs closed, its trace written."""
-        if state.preemption is not None:
+        if state.preemption is not None and not self.waiting:  # (a standby set is no run)
             self.pool.requeue()  # the job may go
         for handler in self._handlers:
             handler.close()
+        if self.waiting:  # standby workers that never had a function: no run to picture
+            return
         began = [s for s, _ in self._agent_starts if s]
         trace.write(
             self.id,

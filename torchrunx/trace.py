@@ -57,7 +57,6 @@ def write(  # noqa: PLR0913 -- one per part of the picture
     _hosts(timeline, hostnames, agents, host_of)
     launcher = len(hostnames)
     title = f"launcher, attempt {attempt + 1}" if attempt else "launcher"
-    title += f" ({path} workers)"
     timeline.name("process_name", launcher, None, title)
     timeline.span("run", (launcher, 0), span)
     last_end: dict[int, float] = {}

@@ -141,18 +141,7 @@ class _Rank:
         try:
             with clock.phase("rendezvous"):
                 store = self._rendezvous()
-            if self.spec.standby:  # ready first; the function comes when the run is asked for
-                self._get_ready(store, gpu)
-                with clock.phase("standby"):
-                    frames = self._wait_for_go()
-                with clock.phase("unpickle"):
-                    fn, args, kwargs = serialization.loads(frames)
-            else:
-                with clock.phase("unpickle"):
-                    fn, args, kwargs = serialization.loads(_split(payload, self.fork.payload_sizes))
-                if self.spec.backend is not None:
-                    with clock.phase("process group"):
-                        self._init_process_group(store, gpu)
+            fn, args, kwargs = self._call_and_group(store, gpu, payload)
             with clock.phase("function"):
                 value = fn(*args, **kwargs)
             self._report_imports()
@@ -271,6 +260,25 @@ class _Rank:
             timeout=dt.timedelta(seconds=self.spec.worker_timeout),
             **extra,
         )
+
+    def _call_and_group(
+        self, store: Any, gpu: _GpuWarmUp | None, payload: memoryview
+    ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """The call to make, and the process group made: a standby worker's in that order."""
+        clock = self.clock
+        if self.spec.standby:  # ready first; the function comes when the run is asked for
+            self._get_ready(store, gpu)
+            with clock.phase("standby"):
+                frames = self._wait_for_go()
+            with clock.phase("unpickle"):
+                call: tuple[Any, tuple[Any, ...], dict[str, Any]] = serialization.loads(frames)
+            return call
+        with clock.phase("unpickle"):
+            call = serialization.loads(_split(payload, self.fork.payload_sizes))
+        if self.spec.backend is not None:
+            with clock.phase("process group"):
+                self._init_process_group(store, gpu)
+        return call
 
     def _get_ready(self, store: Any, gpu: _GpuWarmUp | None) -> None:
         """A standby worker's set-up: its process group, and NCCL's communicator made now."""
