@@ -275,13 +275,17 @@ class Run:
             value.restarts = list(self.restarts)
             self._over()
             self.handle.conclude(value)
+        self._next_standby()
 
     def _over(self) -> None:
         # it will not start again: its frames go now, not with the garbage collector (which
         # cannot clear a memoryview that still exports its buffer to another)
         self.payload = []
-        if self.options.keep_standby and not self._cancelled:  # the next run's workers, now
-            self.pool.standby.prepare(self.options)
+
+    def _next_standby(self) -> None:
+        """After the handle has its value (its caller goes on at once): the next run's workers."""
+        if self.options.keep_standby and not self._cancelled and self.handle.done():
+            self.pool.standby.prepare(self.options)  # (not while its next attempt runs)
 
     def _close_attempt(self, state: RunState) -> None:
         """Its processes are gone everywhere: its logs closed, its trace written."""
