@@ -345,7 +345,6 @@ class Run:
         )
 
 
-
 def _earlier(run: Run) -> str:
     return "; ".join(
         f"attempt {i + 1}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
