@@ -133,8 +133,12 @@ def log_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gpu_launcher(log_root: Path) -> Iterator[torchrunx.Launcher]:
-    """``Launcher()`` with its defaults (hosts, workers and backend "auto"), agents kept warm."""
-    with torchrunx.Launcher(log_dir=str(log_root)) as launcher:
+    """``Launcher()`` with its defaults (hosts, workers and backend "auto"), agents kept warm.
+
+    Without standby workers: the tests that use it check that no process holds GPU memory
+    between runs (a standby set would: the next run's; see the standby test).
+    """
+    with torchrunx.Launcher(log_dir=str(log_root), standby=False) as launcher:
         yield launcher
 
 
@@ -492,6 +496,44 @@ def test_a_sweep_runs_one_item_per_gpu_and_frees_it_between_runs(log_root: Path)
         assert all(a["left"] <= b["entered"] for a, b in itertools.pairwise(runs))
         assert len({v["pid"] for v in runs}) == len(runs)
     assert not left, f"GPU memory still held after the sweep: {left}"
+
+
+def timed_all_reduce() -> dict[str, Any]:
+    """A run's first collective on its GPU, timed: fast where the communicator is ready."""
+    import torch.distributed as dist
+
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    t = torch.ones(1 << 20, device="cuda")
+    start = time.perf_counter()
+    dist.all_reduce(t)
+    torch.cuda.synchronize()
+    return {"pid": os.getpid(), "first_collective_s": time.perf_counter() - start}
+
+
+def test_standby_workers_have_their_communicator_ready(log_root: Path) -> None:
+    with torchrunx.Launcher(log_dir=str(log_root)) as launcher:
+        launcher.run(timed_all_reduce)
+        deadline = time.monotonic() + 60
+        status = launcher.standby_status()
+        while time.monotonic() < deadline and not (
+            status and all(s.state == "standby" for s in status.values())
+        ):
+            time.sleep(0.1)
+            status = launcher.standby_status()
+        assert status is not None
+        ready = {s.pid for s in status.values()}
+        held = {pid: mib for pid, mib in gpu_holders() if pid in ready}
+        print(f"[standby] {dict(status)}; GPU memory held while waiting (MiB): {held}")
+        assert set(held) == ready  # each holds its CUDA context and communicator, and says so
+        assert all(s.gpu_memory for s in status.values())
+        start = time.monotonic()
+        values = launcher.run(timed_all_reduce).by_rank()
+        elapsed = time.monotonic() - start
+    left, _ = wait_gpu_released()  # the launcher closed: its next standby set too
+    print(f"[standby run] {elapsed * 1e3:.0f} ms, first collective {values}; after: {left}")
+    assert {v["pid"] for v in values} == ready  # the standby path
+    assert max(v["first_collective_s"] for v in values) < 0.5  # no communicator made here
+    assert not left, f"GPU memory still held after close: {left}"
 
 
 def test_no_process_reinitialised_cuda_in_a_fork(log_root: Path) -> None:
