@@ -142,3 +142,16 @@ def test_standby_off_and_close_leave_no_standby_process() -> None:
     ready = standby_pids(on)
     on.close()
     assert gone(ready)
+
+
+def test_a_run_of_another_launcher_ends_this_one_s_standby_set(
+    launcher: torchrunx.Launcher,
+) -> None:
+    launcher.run(me)
+    ready = standby_pids(launcher)
+    with torchrunx.Launcher(workers_per_host=1, backend="gloo", log_dir="") as other:
+        other.run(me)  # a second stage on the same devices: the first's set is in its way
+        assert gone(ready)
+        assert launcher.standby_status() is None
+    launcher.run(me)
+    assert not set(standby_pids(launcher)) & set(ready)  # made again after its own next run

@@ -384,6 +384,7 @@ class Launcher:
             devices=devices,
             keep_standby=self.standby and view is None and devices is None,
         )
+        pool.standby.others_yield()  # another launcher's standby workers hold memory: not now
         ready = pool.standby.take(options, payload) if options.keep_standby else None
         return ready or Run.submit(pool, payload, options)
 

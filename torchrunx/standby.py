@@ -14,7 +14,9 @@ hosts and workers, the same environment variables as they are at ``run()``, work
 ``sys.path``, backend, timeouts and debugger settings. Anything else (a changed variable, a view,
 a sweep) gets fresh workers, and the set is replaced after that run. A standby set that fails
 while idle (a worker died, a host was lost, a preemption notice) is never handed a run; it is
-replaced once.
+replaced once. A run of another launcher of this process first ends every other launcher's
+standby set: a pipeline of two launchers on the same GPUs never has one stage's CUDA contexts
+in the way of the other's memory (a set is made again after its launcher's next run).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 __all__ = ["Standby"]
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .runs import Run
@@ -29,6 +32,9 @@ from .runs import Run
 if TYPE_CHECKING:
     from .pool import AgentPool
     from .runs import RunHandle, RunOptions, Statuses
+
+
+_EVERY: weakref.WeakSet[Standby] = weakref.WeakSet()  # of this process's launchers
 
 
 class Standby:
@@ -40,18 +46,43 @@ class Standby:
         self._lock = threading.Lock()
         self._closed = False
         self._replaced = False  # a set that failed idle was replaced: not again until a run
+        self._making = False  # a set is being made (outside the lock)
+        self._drops = 0  # how many times a set was dropped: one being made then is too late
+        _EVERY.add(self)
+
+    def others_yield(self) -> None:
+        """A run of this launcher starts: other launchers' standby sets go (their memory)."""
+        for other in list(_EVERY):
+            if other is not self:
+                other.drop("another launcher of this process runs")
+
+    def drop(self, reason: str) -> None:
+        """End the standby set there is, if any (the next run of ours makes one again)."""
+        with self._lock:
+            run, self._run = self._run, None
+            self._drops += 1
+        if run is not None:
+            run.cancel(reason)
 
     def prepare(self, options: RunOptions) -> None:
         """Fork the next run's workers now (a run of ``options`` has just ended)."""
         with self._lock:
-            if self._closed or self._run is not None:
+            if self._closed or self._run is not None or self._making:
                 return
-            run = self._run = Run(self._pool, options, [], standby=True)
+            self._making, drops = True, self._drops
+        made = Run(self._pool, options, [], standby=True)
+        run: Run | None = made
         try:
-            run.start()
+            made.start()  # published only once started: its state is there for every caller
         except Exception:  # noqa: BLE001 -- no standby then: the next run starts as before
-            with self._lock:
-                self._run = None
+            run = None
+        with self._lock:
+            self._making = False
+            late = self._closed or self._drops != drops  # dropped while it was being made
+            if not late:
+                self._run = run
+        if late and run is not None:
+            run.cancel("dropped while it was being made")
 
     def take(self, options: RunOptions, payload: list[Any]) -> RunHandle[Any] | None:
         """The standby run, given ``payload``, if it is what a run of ``options`` would be."""
@@ -86,6 +117,4 @@ class Standby:
         """No standby set any more (the pool closes): the one there goes."""
         with self._lock:
             self._closed = True
-            run, self._run = self._run, None
-        if run is not None:
-            run.cancel("the launcher closed")
+        self.drop("the launcher closed")
