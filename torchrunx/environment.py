@@ -9,13 +9,15 @@ from __future__ import annotations
 __all__ = ["DEFAULT_ENV_VARS_FOR_COPY", "agent_base_env", "copied_env", "source_env_file"]
 
 import fnmatch
+import functools
 import os
+import re
 import shutil
 import subprocess
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
 DEFAULT_ENV_VARS_FOR_COPY: tuple[str, ...] = (
     "PATH",
@@ -48,10 +50,17 @@ ENV_FILE_TIMEOUT_S = 60.0
 
 def copied_env(patterns: Iterable[str], extra: Mapping[str, str] | None) -> dict[str, str]:
     """Launcher variables matching ``patterns``, then ``extra`` on top."""
-    patterns = tuple(patterns)
-    env = {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    matches = _matcher(tuple(patterns))
+    env = {k: v for k, v in os.environ.items() if matches(k)}
     env.update(extra or {})
     return env
+
+
+@functools.lru_cache(maxsize=16)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], object]:
+    """One compiled test for all of ``patterns`` (fnmatch's, case-sensitive): every run asks."""
+    either = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns) or "(?!)"
+    return re.compile(either).match
 
 
 def agent_base_env(copied: Mapping[str, str]) -> dict[str, str]:
