@@ -198,7 +198,7 @@ class Sweep(Generic[Item, R]):
         except Exception as e:  # noqa: BLE001 -- the item's outcome: the others go on
             self._finished(run, e)
             return
-        with self._changed:
+        with self._changed:  # before the callback, which may run at once: it takes it out
             self._flight[run.index] = (run, handle)
         handle.add_done_callback(lambda done: self._finished(run, _outcome(done)))
 
