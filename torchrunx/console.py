@@ -121,6 +121,7 @@ class Console:
     # ---- the console's thread
 
     def _serve(self) -> None:
+        editing = self._line_editor() is not None
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._sessions), IDLE_S)
@@ -132,16 +133,16 @@ class Console:
                 # what it said and what it does now, taken together: nothing slips between
                 text, front.text = "".join(front.text), []
                 over, wants_line = front.over or front.finished.is_set(), front.waiting
-            editor = self._line_editor() if wants_line and not over else None
-            prompt = ""
-            if editor is not None:  # readline shows the prompt, and again as the line is edited
-                text, _, prompt = text.rpartition("\n")
-                text += "\n" if text else ""
+                prompt = ""
+                if editing and not over:  # readline shows the prompt (pdb's unfinished line)
+                    text, prompt = _last_line(text)
+                    if not wants_line:  # its prompt may come first, as output: it waits
+                        front.text, prompt = [prompt] if prompt else [], ""
             self._show(front, text, waiting)
             if over:
                 self._end(front)
             elif wants_line:
-                self._answer(front, editor, prompt)
+                self._answer(front, self._editor if editing else None, prompt)
             else:
                 with self._changed:
                     self._changed.wait(POLL_S)
@@ -227,6 +228,12 @@ class Console:
         with contextlib.suppress(OSError, ValueError):  # a closed terminal: nothing to show on
             stdout.write(text)
             stdout.flush()
+
+
+def _last_line(text: str) -> tuple[str, str]:
+    """``text`` up to its last newline (included), and what follows it."""
+    done, newline, rest = text.rpartition("\n")
+    return done + newline, rest
 
 
 _shared: Console | None = None
