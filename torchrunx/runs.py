@@ -493,11 +493,15 @@ def cancel_reporting(handle: RunHandle[Any]) -> None:
         return
     with ctrl_c_held():
         handle.cancel()
-        report = handle.autopsy()
-        if report:  # before the KeyboardInterrupt's own traceback, where its ranks were
-            where = report.replace("\n", "\n  ")
-            line = f"torchrunx: run cancelled; its ranks were at:\n  {where}"
-            print(line, file=sys.stderr)  # noqa: T201
+        say_where_it_was(handle, "run")
+
+
+def say_where_it_was(handle: RunHandle[Any], name: str) -> None:
+    """On stderr, where a cancelled run's ranks were (before the KeyboardInterrupt's traceback)."""
+    report = handle.autopsy()
+    if report:
+        where = report.replace("\n", "\n  ")
+        print(f"torchrunx: {name} cancelled; its ranks were at:\n  {where}", file=sys.stderr)  # noqa: T201
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .errors import AgentFailedError, NotRunError, PreemptedError
-from .runs import CANCEL_TIMEOUT_S, RunHandle, ctrl_c_held
+from .runs import CANCEL_TIMEOUT_S, RunHandle, ctrl_c_held, say_where_it_was
 from .transport.messages import Devices
 
 if TYPE_CHECKING:
@@ -154,12 +154,8 @@ class Sweep(Generic[Item, R]):
                 flying = [(run, h) for run, h in self._flight.values() if h is not None]
             with concurrent.futures.ThreadPoolExecutor(max(1, len(flying))) as pool:
                 list(pool.map(lambda f: f[1].cancel(), flying, timeout=CANCEL_TIMEOUT_S + 5))
-            for run, handle in flying:
-                report = handle.autopsy()
-                if report:
-                    where = report.replace("\n", "\n  ")
-                    line = f"torchrunx: {run} cancelled; its ranks were at:\n  {where}"
-                    print(line, file=sys.stderr)  # noqa: T201
+            for run, handle in flying:  # all torn down at once above, then each one's report
+                say_where_it_was(handle, str(run))
 
     # ---- the scheduler's thread
 
